@@ -1,0 +1,521 @@
+//! How frames travel on transports: delimiting them on byte streams, and one per datagram.
+//!
+//! # Stream transports (TCP, TLS)
+//!
+//! Each direction starts with the 4-byte [`PREFACE`] (`"SFS"` and the [`VERSION`] byte), so a
+//! peer that speaks something else, or another version, is caught on its first bytes. Then each
+//! frame follows as a [varint] length and that many frame bytes:
+//!
+//! | bytes | content |
+//! |-------|---------|
+//! | 4 | `S F S` [`VERSION`], once per direction |
+//! | 1–8 | frame length `n` (varint, `1 <= n <= max_frame_size`) |
+//! | `n` | one [frame](crate::frame) |
+//! | … | more length + frame pairs |
+//!
+//! # Datagram transports (UDP)
+//!
+//! One frame per datagram, after the [`VERSION`] byte: `VERSION`, frame. There is no length: the
+//! datagram delimits the frame.
+//!
+//! ```
+//! use steadfast_core::frame::{DecodeLimits, Frame};
+//! use steadfast_core::framing::{self, StreamDecoder};
+//!
+//! let mut wire = Vec::new();
+//! framing::encode_preface(&mut wire);
+//! framing::encode_stream_data_frame(0, 1, None, b"hello", &mut wire);
+//! framing::encode_stream_frame(&Frame::Ping { id: 9 }, &mut wire);
+//!
+//! let mut decoder = StreamDecoder::new(DecodeLimits::default());
+//! decoder.feed(&wire);
+//! let Some(Frame::Data(data)) = decoder.next_frame()? else { panic!("expected data") };
+//! assert_eq!(&data.payload[..], b"hello");
+//! assert_eq!(decoder.next_frame()?, Some(Frame::Ping { id: 9 }));
+//! assert_eq!(decoder.next_frame()?, None); // needs more bytes
+//! # Ok::<(), steadfast_core::frame::DecodeError>(())
+//! ```
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::Seq;
+use crate::frame::{DataFrame, DecodeError, DecodeLimits, Frame};
+use crate::varint;
+
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+
+/// Sent once at the start of a stream connection, in each direction.
+pub const PREFACE: [u8; 4] = [b'S', b'F', b'S', VERSION];
+
+/// A length as a wire value; lengths of real buffers always fit.
+fn len_u64(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+/// Writes the [`PREFACE`]; do it once, before the first frame of a stream connection.
+pub fn encode_preface<B: BufMut>(buf: &mut B) {
+    buf.put_slice(&PREFACE);
+}
+
+/// Writes `frame` for a stream transport: its length, then the frame.
+///
+/// The peer rejects frames longer than its [`DecodeLimits::max_frame_size`]; keep payloads within
+/// the limit both ends agreed on.
+pub fn encode_stream_frame<B: BufMut>(frame: &Frame, buf: &mut B) {
+    varint::encode(len_u64(frame.encoded_len()), buf);
+    frame.encode(buf);
+}
+
+/// The total bytes [`encode_stream_data_frame`] writes, length prefix included.
+///
+/// ```
+/// use steadfast_core::framing;
+///
+/// // A 64-byte message on the default stream: 2-byte length, 3-byte header, payload.
+/// assert_eq!(framing::stream_data_frame_len(0, 1000, None, 64), 2 + 3 + 64);
+/// ```
+#[must_use]
+pub fn stream_data_frame_len(stream: u64, seq: Seq, ack: Option<Seq>, payload_len: usize) -> usize {
+    let frame_len = DataFrame::header_len(stream, seq, ack) + payload_len;
+    varint::encoded_len(len_u64(frame_len)) + frame_len
+}
+
+/// Writes a data frame for a stream transport straight from a payload slice: the hot path, with no
+/// [`Frame`] built and nothing cloned. Writes exactly [`stream_data_frame_len`] bytes.
+pub fn encode_stream_data_frame<B: BufMut>(
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    payload: &[u8],
+    buf: &mut B,
+) {
+    let frame_len = DataFrame::header_len(stream, seq, ack) + payload.len();
+    varint::encode(len_u64(frame_len), buf);
+    DataFrame::encode_header(stream, seq, ack, buf);
+    buf.put_slice(payload);
+}
+
+/// Cuts a byte stream from a stream transport into frames.
+///
+/// Feed it whatever the socket returned, then call [`StreamDecoder::next_frame`] until it returns
+/// `Ok(None)`. Decoded frames are zero-copy: their payloads share the decoder's buffer, so a payload
+/// the application holds keeps its part of that buffer alive (the session's receive window bounds
+/// how many it may hold).
+///
+/// Memory is bounded: a length prefix above [`DecodeLimits::max_frame_size`] is rejected before any
+/// of the body is buffered, so once `next_frame` has returned `Ok(None)` the decoder holds less than
+/// `max_frame_size + 8` bytes, and at most one `feed` more on top of that.
+///
+/// After an error the decoder is poisoned: it drops its buffer, ignores further input and returns
+/// the same error from every call. The connection must be closed.
+///
+/// ```
+/// use steadfast_core::frame::{DecodeError, DecodeLimits};
+/// use steadfast_core::framing::StreamDecoder;
+///
+/// let mut decoder = StreamDecoder::new(DecodeLimits::default());
+/// decoder.feed(b"GET / HTTP/1.1\r\n");
+/// assert_eq!(decoder.next_frame(), Err(DecodeError::BadPreface));
+/// assert_eq!(decoder.next_frame(), Err(DecodeError::BadPreface));
+/// ```
+#[derive(Debug)]
+pub struct StreamDecoder {
+    /// Bytes received and not yet returned as frames.
+    buf: BytesMut,
+    /// Whether the preface has been received and checked.
+    preface_done: bool,
+    limits: DecodeLimits,
+    /// Set on the first error; every later call returns it.
+    poisoned: Option<DecodeError>,
+}
+
+impl StreamDecoder {
+    /// A decoder at the start of a connection, expecting the [`PREFACE`] first.
+    #[must_use]
+    pub fn new(limits: DecodeLimits) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            preface_done: false,
+            limits,
+            poisoned: None,
+        }
+    }
+
+    /// Appends bytes received from the transport. Ignored once the decoder is poisoned.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.poisoned.is_none() {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or the error that poisoned
+    /// the decoder.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if let Some(e) = self.poisoned {
+            return Err(e);
+        }
+        let result = self.decode_next();
+        if let Err(e) = result {
+            self.poisoned = Some(e);
+            self.buf = BytesMut::new();
+        }
+        result
+    }
+
+    /// How many received bytes are held, waiting to complete a frame.
+    #[must_use]
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if !self.preface_done {
+            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
+            for (i, (&got, &want)) in self.buf.iter().zip(PREFACE.iter()).enumerate() {
+                if got != want {
+                    return Err(if i + 1 == PREFACE.len() {
+                        DecodeError::UnsupportedVersion(got)
+                    } else {
+                        DecodeError::BadPreface
+                    });
+                }
+            }
+            if self.buf.len() < PREFACE.len() {
+                return Ok(None);
+            }
+            self.buf.advance(PREFACE.len());
+            self.preface_done = true;
+        }
+
+        // Peek at the length without consuming it: it may be incomplete.
+        let mut rest: &[u8] = &self.buf;
+        let len = match varint::decode(&mut rest) {
+            Ok(len) => len,
+            Err(DecodeError::Truncated) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let prefix_len = self.buf.len() - rest.len();
+        if len == 0 {
+            return Err(DecodeError::Empty);
+        }
+        let max = self.limits.max_frame_size;
+        if len > len_u64(max) {
+            return Err(DecodeError::FrameTooLarge { len, max });
+        }
+        let len = usize::try_from(len).map_err(|_| DecodeError::ValueTooLarge)?;
+        if rest.len() < len {
+            return Ok(None);
+        }
+        self.buf.advance(prefix_len);
+        let frame = self.buf.split_to(len).freeze();
+        Frame::decode(frame, &self.limits).map(Some)
+    }
+}
+
+/// Writes `frame` as a datagram: the [`VERSION`] byte, then the frame.
+pub fn encode_datagram<B: BufMut>(frame: &Frame, buf: &mut B) {
+    buf.put_u8(VERSION);
+    frame.encode(buf);
+}
+
+/// Writes a data frame as a datagram straight from a payload slice, with no [`Frame`] built.
+/// Writes exactly `1 + DataFrame::header_len(stream, seq, ack) + payload.len()` bytes.
+pub fn encode_datagram_data_frame<B: BufMut>(
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    payload: &[u8],
+    buf: &mut B,
+) {
+    buf.put_u8(VERSION);
+    DataFrame::encode_header(stream, seq, ack, buf);
+    buf.put_slice(payload);
+}
+
+/// Decodes one datagram. Never panics and never allocates; a payload shares `datagram`'s memory.
+///
+/// The size limit applies to the frame, not counting the version byte.
+///
+/// ```
+/// use bytes::Bytes;
+/// use steadfast_core::frame::{DecodeError, DecodeLimits, Frame};
+/// use steadfast_core::framing;
+///
+/// let mut buf = Vec::new();
+/// framing::encode_datagram(&Frame::Pong { id: 3 }, &mut buf);
+/// let limits = DecodeLimits::default();
+/// assert_eq!(framing::decode_datagram(Bytes::from(buf), &limits), Ok(Frame::Pong { id: 3 }));
+/// assert_eq!(
+///     framing::decode_datagram(Bytes::from_static(&[2, 0x30, 3]), &limits),
+///     Err(DecodeError::UnsupportedVersion(2))
+/// );
+/// ```
+pub fn decode_datagram(mut datagram: Bytes, limits: &DecodeLimits) -> Result<Frame, DecodeError> {
+    let Ok(version) = datagram.try_get_u8() else {
+        return Err(DecodeError::Empty);
+    };
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    Frame::decode(datagram, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{AckFrame, CloseFrame};
+    use alloc::vec::Vec;
+
+    fn sample_frames() -> Vec<Frame> {
+        Vec::from([
+            Frame::Data(DataFrame {
+                stream: 0,
+                seq: 1,
+                ack: None,
+                payload: Bytes::from_static(b"first"),
+            }),
+            Frame::Ack(AckFrame {
+                cumulative: 5,
+                delay_micros: 100,
+                ranges: [7..9, 20..21].into_iter().collect(),
+            }),
+            Frame::Data(DataFrame {
+                stream: 4,
+                seq: 70_000,
+                ack: Some(3),
+                payload: Bytes::from(alloc::vec![7; 300]),
+            }),
+            Frame::Ping { id: 1 },
+            Frame::Pong { id: 1 },
+            Frame::Close(CloseFrame {
+                code: 2,
+                reason: Bytes::from_static(b"done"),
+            }),
+        ])
+    }
+
+    fn stream_bytes(frames: &[Frame]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        encode_preface(&mut wire);
+        for f in frames {
+            encode_stream_frame(f, &mut wire);
+        }
+        wire
+    }
+
+    fn drain(decoder: &mut StreamDecoder, out: &mut Vec<Frame>) {
+        while let Some(frame) = decoder.next_frame().expect("valid stream") {
+            out.push(frame);
+        }
+    }
+
+    #[test]
+    fn frames_fed_at_once_decode_in_order() {
+        let frames = sample_frames();
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&stream_bytes(&frames));
+        let mut out = Vec::new();
+        drain(&mut decoder, &mut out);
+        assert_eq!(out, frames);
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn frames_fed_one_byte_at_a_time_decode_identically() {
+        let frames = sample_frames();
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        let mut out = Vec::new();
+        for byte in stream_bytes(&frames) {
+            decoder.feed(&[byte]);
+            drain(&mut decoder, &mut out);
+        }
+        assert_eq!(out, frames);
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn a_small_data_frame_costs_a_few_bytes_of_overhead() {
+        let payload = [0x55; 64];
+        let mut wire = Vec::new();
+        encode_stream_data_frame(0, (1 << 14) - 1, None, &payload, &mut wire);
+        assert_eq!(
+            wire.len(),
+            stream_data_frame_len(0, (1 << 14) - 1, None, 64)
+        );
+        // 2-byte length prefix (67 > 63), then a header of at most 4 bytes.
+        assert!(wire.len() <= 2 + 4 + 64, "{} bytes", wire.len());
+    }
+
+    #[test]
+    fn the_data_frame_hot_path_matches_the_generic_encoding() {
+        let frame = Frame::Data(DataFrame {
+            stream: 3,
+            seq: 1 << 20,
+            ack: Some(1 << 19),
+            payload: Bytes::from_static(b"same bytes"),
+        });
+        let mut generic = Vec::new();
+        encode_stream_frame(&frame, &mut generic);
+        let mut hot = Vec::new();
+        encode_stream_data_frame(3, 1 << 20, Some(1 << 19), b"same bytes", &mut hot);
+        assert_eq!(hot, generic);
+
+        let mut generic = Vec::new();
+        encode_datagram(&frame, &mut generic);
+        let mut hot = Vec::new();
+        encode_datagram_data_frame(3, 1 << 20, Some(1 << 19), b"same bytes", &mut hot);
+        assert_eq!(hot, generic);
+    }
+
+    #[test]
+    fn a_single_stream_frame_decodes_with_its_payload() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&stream_bytes(&sample_frames()[..1]));
+        let Ok(Some(Frame::Data(d))) = decoder.next_frame() else {
+            panic!("expected a data frame");
+        };
+        assert_eq!(&d.payload[..], b"first");
+    }
+
+    #[test]
+    fn a_partial_preface_waits_for_more_bytes() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(b"SF");
+        assert_eq!(decoder.next_frame(), Ok(None));
+        decoder.feed(b"S");
+        assert_eq!(decoder.next_frame(), Ok(None));
+        decoder.feed(&[VERSION]);
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn a_wrong_first_byte_is_a_bad_preface_at_once() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(b"X");
+        assert_eq!(decoder.next_frame(), Err(DecodeError::BadPreface));
+    }
+
+    #[test]
+    fn another_version_in_the_preface_is_unsupported() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(b"SFS\x02");
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+    }
+
+    #[test]
+    fn a_poisoned_decoder_keeps_its_error_and_drops_input() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(b"SFT");
+        assert_eq!(decoder.next_frame(), Err(DecodeError::BadPreface));
+        decoder.feed(&stream_bytes(&sample_frames()));
+        assert_eq!(decoder.buffered(), 0);
+        assert_eq!(decoder.next_frame(), Err(DecodeError::BadPreface));
+    }
+
+    #[test]
+    fn an_oversized_length_prefix_is_rejected_before_the_body_arrives() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::new(1000));
+        let mut wire = Vec::from(PREFACE);
+        varint::encode(1001, &mut wire);
+        decoder.feed(&wire);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::FrameTooLarge {
+                len: 1001,
+                max: 1000
+            })
+        );
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn a_frame_of_exactly_the_size_limit_is_accepted() {
+        let payload = [1; 997];
+        let mut wire = Vec::from(PREFACE);
+        encode_stream_data_frame(0, 1, None, &payload, &mut wire);
+        let mut decoder = StreamDecoder::new(DecodeLimits::new(1000));
+        decoder.feed(&wire);
+        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Data(_)))));
+    }
+
+    #[test]
+    fn a_zero_length_stream_frame_is_empty() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&PREFACE);
+        decoder.feed(&[0]);
+        assert_eq!(decoder.next_frame(), Err(DecodeError::Empty));
+    }
+
+    #[test]
+    fn a_malformed_frame_inside_a_stream_poisons_the_decoder() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&PREFACE);
+        decoder.feed(&[2, 0x7F, 0]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::UnknownFrameType(0x7F))
+        );
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::UnknownFrameType(0x7F))
+        );
+    }
+
+    #[test]
+    fn a_partial_length_prefix_waits_for_more_bytes() {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&PREFACE);
+        decoder.feed(&[0x40]);
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert_eq!(decoder.buffered(), 1);
+    }
+
+    #[test]
+    fn every_frame_kind_round_trips_as_a_datagram() {
+        for frame in sample_frames() {
+            let mut buf = Vec::new();
+            encode_datagram(&frame, &mut buf);
+            assert_eq!(buf.len(), 1 + frame.encoded_len());
+            assert_eq!(
+                decode_datagram(Bytes::from(buf), &DecodeLimits::default()),
+                Ok(frame)
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_datagram_is_empty() {
+        let limits = DecodeLimits::default();
+        assert_eq!(
+            decode_datagram(Bytes::new(), &limits),
+            Err(DecodeError::Empty)
+        );
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[VERSION]), &limits),
+            Err(DecodeError::Empty)
+        );
+    }
+
+    #[test]
+    fn a_datagram_of_another_version_is_unsupported() {
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[0, 0x20, 0]), &DecodeLimits::default()),
+            Err(DecodeError::UnsupportedVersion(0))
+        );
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_too_large() {
+        let mut buf = Vec::new();
+        encode_datagram_data_frame(0, 1, None, &[0; 100], &mut buf);
+        assert_eq!(
+            decode_datagram(Bytes::from(buf), &DecodeLimits::new(50)),
+            Err(DecodeError::FrameTooLarge { len: 102, max: 50 })
+        );
+    }
+}
