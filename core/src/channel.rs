@@ -1,0 +1,437 @@
+//! The reliable-delivery engine: one [`Channel`] carries messages both ways between two endpoints.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::Seq;
+use crate::config::{Config, ConfigError, Transport};
+use crate::event::{CloseReason, Event, Message, ProtocolError};
+use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame};
+use crate::framing::{self, StreamDecoder};
+use crate::recv::{Arrival, Receiver};
+use crate::send::{SendError, Sender};
+use crate::stats::Stats;
+use crate::time::{Duration, Instant, earliest};
+
+/// Pings answered but not yet sent; a flood beyond this drops the oldest answers (pings are probes,
+/// the newest is the one that matters).
+const PONG_BACKLOG: usize = 4;
+
+/// One end of a reliable, de-duplicated, ordered message channel, as a sans-IO state machine.
+///
+/// A `Channel` owns no socket, no clock and no task. It turns bytes from the peer and the passage of
+/// time into messages for the application, and messages from the application into bytes for the peer.
+/// Every message reaches the peer's application exactly once (in order under
+/// [`crate::Delivery::Ordered`]) however the datagrams between them are dropped, duplicated or
+/// reordered, as long as the channel lives; when it ends, [`Event::Closed`] hands back every message
+/// whose delivery is unknown.
+///
+/// # The driving contract
+///
+/// Exactly one owner calls a channel. After **any** of
+/// - [`handle_input`](Channel::handle_input)`(now, bytes)`: bytes read from the transport (for a
+///   stream transport any chunking, for a datagram transport one datagram),
+/// - [`handle_timeout`](Channel::handle_timeout)`(now)`: the deadline from `poll_timeout` passed,
+/// - an application command: [`send`](Channel::send), [`close`](Channel::close),
+///
+/// the owner drains, in this order, until each returns `None`:
+/// 1. [`poll_transmit`](Channel::poll_transmit) and writes what it produced to the transport,
+/// 2. [`poll_event`](Channel::poll_event) and hands each event to the application,
+///
+/// then reads [`poll_timeout`](Channel::poll_timeout) and sleeps until that instant or the next input,
+/// whichever comes first. `now` comes from a monotonic clock; an earlier `now` than a previous call's
+/// is treated as the previous one and counted in [`Stats::clock_regressions`]. `handle_timeout` is
+/// idempotent: calling it early, late or twice does no harm.
+///
+/// A real adapter's loop has this shape:
+///
+/// ```text
+/// loop {
+///     select! {
+///         bytes = socket.read()                     => channel.handle_input(clock.now(), bytes),
+///         _     = sleep_until(channel.poll_timeout()) => channel.handle_timeout(clock.now()),
+///         msg   = from_app.recv()                   => { channel.send(msg)?; }
+///     }
+///     while let Some(n) = channel.poll_transmit(clock.now(), &mut buf) { socket.write_all(&buf.split_to(n)) }
+///     while let Some(event) = channel.poll_event() { to_app.send(event) }
+/// }
+/// ```
+///
+/// and here it is with two channels wired back to back, runnable:
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use steadfast_core::{Channel, Config, Event, Transport};
+/// use steadfast_core::time::Instant;
+///
+/// let now = Instant::ZERO;
+/// let mut client = Channel::new(Config::new(Transport::Stream), now)?;
+/// let mut server = Channel::new(Config::new(Transport::Stream), now)?;
+/// let seq = client.send(Bytes::from_static(b"hello"))?;
+///
+/// let mut buf = BytesMut::new();
+/// loop {
+///     let mut moved = false;
+///     while let Some(n) = client.poll_transmit(now, &mut buf) {
+///         server.handle_input(now, buf.split_to(n).freeze());
+///         moved = true;
+///     }
+///     while let Some(n) = server.poll_transmit(now, &mut buf) {
+///         client.handle_input(now, buf.split_to(n).freeze());
+///         moved = true;
+///     }
+///     if !moved {
+///         // Nothing left to send: jump to the earliest deadline, as a real loop would sleep.
+///         match [client.poll_timeout(), server.poll_timeout()].into_iter().flatten().min() {
+///             Some(t) if client.sender().queued_messages() > 0 => {
+///                 client.handle_timeout(t);
+///                 server.handle_timeout(t);
+///             }
+///             _ => break,
+///         }
+///     }
+/// }
+/// match server.poll_event() {
+///     Some(Event::Received(m)) => assert_eq!((m.seq, &m.payload[..]), (seq, &b"hello"[..])),
+///     other => panic!("expected the message, got {other:?}"),
+/// }
+/// assert_eq!(client.poll_event(), Some(Event::Acknowledged { below: seq + 1 }));
+/// # Ok::<(), Box<dyn core::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Channel {
+    config: Config,
+    send: Sender,
+    recv: Receiver,
+    decoder: StreamDecoder,
+    limits: DecodeLimits,
+    preface_sent: bool,
+    events: VecDeque<Event>,
+    pongs: heapless::Deque<u64, PONG_BACKLOG>,
+    state: State,
+    now: Instant,
+    stats: Stats,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    /// Closed for the application; the close frame still has to go out.
+    Closing(CloseFrame),
+    Closed,
+}
+
+impl Channel {
+    /// A channel whose clock reads `now`.
+    pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let limits = DecodeLimits {
+            max_frame_size: config.max_frame_size,
+            ..DecodeLimits::default()
+        };
+        Ok(Channel {
+            send: Sender::new(&config),
+            recv: Receiver::new(&config),
+            decoder: StreamDecoder::new(limits),
+            limits,
+            preface_sent: false,
+            events: VecDeque::new(),
+            pongs: heapless::Deque::new(),
+            state: State::Open,
+            now,
+            stats: Stats::default(),
+            config,
+        })
+    }
+
+    /// Queues `payload` on stream 0 and returns its sequence number.
+    pub fn send(&mut self, payload: Bytes) -> Result<Seq, SendError> {
+        self.send_on(0, payload)
+    }
+
+    /// Queues `payload` on `stream` and returns its sequence number.
+    ///
+    /// Refused with [`SendError::QueueFull`] (backpressure) when the queue is at its bound; the payload
+    /// comes back in the error.
+    pub fn send_on(&mut self, stream: u64, payload: Bytes) -> Result<Seq, SendError> {
+        if !matches!(self.state, State::Open) {
+            return Err(SendError::Closed(payload));
+        }
+        self.send.push(stream, payload)
+    }
+
+    /// Takes bytes from the transport.
+    pub fn handle_input(&mut self, now: Instant, data: Bytes) {
+        let now = self.observe(now);
+        if !matches!(self.state, State::Open) {
+            return;
+        }
+        self.stats.bytes_received += data.len() as u64;
+        match self.config.transport {
+            Transport::Stream => {
+                self.decoder.feed(&data);
+                loop {
+                    match self.decoder.next_frame() {
+                        Ok(Some(frame)) => self.on_frame(now, frame),
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.violation(e.into());
+                            break;
+                        }
+                    }
+                    if !matches!(self.state, State::Open) {
+                        break;
+                    }
+                }
+            }
+            // Datagrams carry no integrity check of ours; a mangled one is dropped like a lost one.
+            Transport::Datagram => match framing::decode_datagram(data, &self.limits) {
+                Ok(frame) => self.on_frame(now, frame),
+                Err(_) => self.stats.malformed_datagrams += 1,
+            },
+        }
+    }
+
+    /// Lets time pass: fires whichever timers are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.observe(now);
+        if !matches!(self.state, State::Open) {
+            return;
+        }
+        let out = self.send.on_timeout(now);
+        self.stats.declared_lost += out.declared_lost;
+        self.stats.rto_expiries += u64::from(out.rto_expired);
+    }
+
+    /// Writes the next transmission into `buf` (appending) and returns its length, or `None` when
+    /// there is nothing to send now.
+    ///
+    /// For a stream transport one call writes as many frames as fit in
+    /// [`Config::max_batch_bytes`], so one write carries many messages and their acks; for a
+    /// datagram transport one call writes exactly one datagram.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) -> Option<usize> {
+        let now = self.observe(now);
+        let start = buf.len();
+        let stream = self.config.transport == Transport::Stream;
+        if stream && !self.preface_sent && !matches!(self.state, State::Closed) {
+            framing::encode_preface(buf);
+            self.preface_sent = true;
+        }
+        match core::mem::replace(&mut self.state, State::Closed) {
+            State::Closing(close) => {
+                self.write_frame(&Frame::Close(close), buf);
+                return Some(buf.len() - start);
+            }
+            State::Closed => return None,
+            State::Open => self.state = State::Open,
+        }
+        loop {
+            let written = buf.len() - start;
+            if !stream && written > 0 {
+                break;
+            }
+            let data_ready = self.send.peek().is_some();
+            if self.recv.wants_ack(now) && !(data_ready && self.recv.ranges().is_empty()) {
+                let ack = self.recv.take_ack(now);
+                self.write_frame(&Frame::Ack(ack), buf);
+                self.stats.acks_sent += 1;
+                continue;
+            }
+            if let Some(id) = self.pongs.pop_front() {
+                self.write_frame(&Frame::Pong { id }, buf);
+                continue;
+            }
+            let ack = self.recv.ack_pending().then(|| self.recv.watermark());
+            let ack = ack.filter(|_| self.recv.ranges().is_empty());
+            let Some(out) = self.send.peek() else { break };
+            if stream {
+                let len =
+                    framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
+                if written > 0 && written + len > self.config.max_batch_bytes {
+                    break;
+                }
+                framing::encode_stream_data_frame(out.stream, out.seq, ack, out.payload, buf);
+            } else {
+                framing::encode_datagram_data_frame(out.stream, out.seq, ack, out.payload, buf);
+            }
+            if out.retransmission {
+                self.stats.retransmitted += 1;
+            }
+            if ack.is_some() {
+                self.recv.take_piggyback();
+                self.stats.acks_piggybacked += 1;
+            }
+            self.send.on_sent(now);
+            self.stats.data_sent += 1;
+            self.stats.frames_sent += 1;
+        }
+        let n = buf.len() - start;
+        self.stats.bytes_sent += n as u64;
+        (n > 0).then_some(n)
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Channel::handle_timeout`] next has work to do; `None` if no timer is armed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !matches!(self.state, State::Open) {
+            return None;
+        }
+        earliest(self.recv.ack_deadline(), self.send.deadline())
+    }
+
+    /// Ends the channel: a close frame goes to the peer with `code`, and [`Event::Closed`] hands back
+    /// the unacknowledged messages at once.
+    pub fn close(&mut self, code: u64, reason: Bytes) {
+        if !matches!(self.state, State::Open) {
+            return;
+        }
+        self.state = State::Closing(CloseFrame { code, reason });
+        self.finish(CloseReason::Local { code });
+    }
+
+    /// Whether the channel has ended (the close frame may still be waiting in `poll_transmit`).
+    pub fn is_closed(&self) -> bool {
+        !matches!(self.state, State::Open)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The send side, for inspection.
+    pub fn sender(&self) -> &Sender {
+        &self.send
+    }
+
+    /// The receive side, for inspection.
+    pub fn receiver(&self) -> &Receiver {
+        &self.recv
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) {
+        self.stats.frames_received += 1;
+        match frame {
+            Frame::Data(d) => {
+                if let Some(cumulative) = d.ack {
+                    self.on_ack(now, cumulative, &[], Duration::ZERO);
+                }
+                let events = &mut self.events;
+                let arrival = self.recv.on_data(
+                    now,
+                    d.stream,
+                    d.seq,
+                    d.payload,
+                    &mut |stream, seq, payload| {
+                        events.push_back(Event::Received(Message {
+                            stream,
+                            seq,
+                            payload,
+                        }))
+                    },
+                );
+                match arrival {
+                    Arrival::Duplicate => self.stats.duplicates_received += 1,
+                    Arrival::BeyondWindow => self.stats.dropped_beyond_window += 1,
+                    Arrival::NoRoom => self.stats.dropped_no_room += 1,
+                    Arrival::Delivered | Arrival::Buffered => {}
+                }
+            }
+            Frame::Ack(AckFrame {
+                cumulative,
+                delay_micros,
+                ranges,
+            }) => {
+                self.on_ack(
+                    now,
+                    cumulative,
+                    &ranges,
+                    Duration::from_micros(delay_micros),
+                );
+            }
+            Frame::Ping { id } => {
+                if self.pongs.is_full() {
+                    self.pongs.pop_front();
+                }
+                let _ = self.pongs.push_back(id);
+            }
+            Frame::Pong { .. } => {}
+            Frame::Close(CloseFrame { code, reason }) => {
+                self.state = State::Closed;
+                self.finish(CloseReason::Peer { code, reason });
+            }
+        }
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        cumulative: Seq,
+        ranges: &[core::ops::Range<Seq>],
+        delay: Duration,
+    ) {
+        match self.send.on_ack(now, cumulative, ranges, delay) {
+            Ok(out) => {
+                self.stats.declared_lost += out.declared_lost;
+                if out.base_advanced {
+                    self.events.push_back(Event::Acknowledged {
+                        below: self.send.base(),
+                    });
+                }
+            }
+            Err(e) => self.violation(ProtocolError::AckOfUnsent(e)),
+        }
+    }
+
+    fn violation(&mut self, error: ProtocolError) {
+        self.state = State::Closing(CloseFrame {
+            code: error.code(),
+            reason: Bytes::new(),
+        });
+        self.finish(CloseReason::Violation(error));
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        let unacknowledged: Vec<Message> = self
+            .send
+            .drain_unacknowledged()
+            .map(|(stream, seq, payload)| Message {
+                stream,
+                seq,
+                payload,
+            })
+            .collect();
+        self.events.push_back(Event::Closed {
+            reason,
+            unacknowledged,
+        });
+    }
+
+    fn write_frame(&mut self, frame: &Frame, buf: &mut BytesMut) {
+        match self.config.transport {
+            Transport::Stream => framing::encode_stream_frame(frame, buf),
+            Transport::Datagram => framing::encode_datagram(frame, buf),
+        }
+        self.stats.frames_sent += 1;
+    }
+
+    fn observe(&mut self, now: Instant) -> Instant {
+        if now < self.now {
+            self.stats.clock_regressions += 1;
+        } else {
+            self.now = now;
+        }
+        self.now
+    }
+}

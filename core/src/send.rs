@@ -1,0 +1,451 @@
+//! The send side: the bounded queue, the in-flight window, ack processing and retransmission.
+//!
+//! Every message gets the next sequence number when it is queued, and stays in one table from then
+//! until the peer acknowledges it. The table is a ring indexed by `seq - base` (no per-message
+//! allocation once it has grown), bounded by `max_queued_messages` and `max_queued_bytes`; a `send`
+//! past either bound is refused with [`SendError::QueueFull`], handing the payload back.
+//!
+//! On datagram transports a message is declared lost when something sent after it was acknowledged and
+//! either three later sequence numbers were acknowledged or 9/8 of an RTT has passed (RFC 9002's
+//! thresholds, by send time because a retransmission reuses its sequence number), or when the
+//! retransmission timeout (RFC 6298, with backoff) expires. On stream transports nothing is
+//! retransmitted within a connection.
+
+use alloc::collections::VecDeque;
+use core::fmt;
+
+use bytes::Bytes;
+
+use crate::Seq;
+use crate::config::{Config, Transport};
+use crate::rtt::RttEstimator;
+use crate::time::{Duration, Instant, earliest};
+
+/// Why [`crate::Channel::send`] refused a message. Each variant hands the payload back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendError {
+    /// Backpressure: the queue holds `max_queued_messages` messages or `max_queued_bytes` bytes.
+    /// Retry after an [`crate::Event::Acknowledged`] frees room.
+    QueueFull(Bytes),
+    /// The payload is larger than a frame can carry ([`Config::max_payload`]).
+    TooLarge(Bytes),
+    /// The channel is closed.
+    Closed(Bytes),
+}
+
+impl SendError {
+    /// The refused payload.
+    pub fn into_payload(self) -> Bytes {
+        match self {
+            SendError::QueueFull(b) | SendError::TooLarge(b) | SendError::Closed(b) => b,
+        }
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::QueueFull(_) => f.write_str("send queue full (backpressure)"),
+            SendError::TooLarge(b) => {
+                write!(f, "payload of {} bytes exceeds the frame size", b.len())
+            }
+            SendError::Closed(_) => f.write_str("channel closed"),
+        }
+    }
+}
+
+impl core::error::Error for SendError {}
+
+/// The peer acknowledged a sequence number that was never sent: a broken or hostile peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckOfUnsent {
+    /// One past the highest sequence number the peer claims.
+    pub acked_end: Seq,
+    /// One past the highest sequence number ever sent.
+    pub sent_end: Seq,
+}
+
+#[derive(Debug)]
+struct Slot {
+    stream: u64,
+    payload: Bytes,
+    /// When it was last put on the wire; `None` while waiting for its first transmission.
+    sent_at: Option<Instant>,
+    /// The send-order number of its last transmission (sequence numbers are reused on retransmission,
+    /// so loss thresholds count in this order instead, as QUIC's packet numbers do).
+    sent_order: u64,
+    transmissions: u32,
+    acked: bool,
+    /// In the retransmit queue (so it is queued at most once).
+    lost: bool,
+}
+
+/// What one ack changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AckOutcome {
+    /// Messages acknowledged for the first time (cumulatively or selectively).
+    pub newly_acked: u64,
+    /// The cumulative point moved: every message below the new [`Sender::base`] is acknowledged.
+    pub base_advanced: bool,
+    /// Messages newly declared lost and queued for retransmission.
+    pub declared_lost: u64,
+}
+
+/// What a timeout did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeoutOutcome {
+    /// Messages newly declared lost and queued for retransmission.
+    pub declared_lost: u64,
+    /// The retransmission timer expired (and backed off).
+    pub rto_expired: bool,
+}
+
+/// A message ready for the wire, borrowed from the sender's table.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Its stream.
+    pub stream: u64,
+    /// Its sequence number.
+    pub seq: Seq,
+    /// Its payload.
+    pub payload: &'a [u8],
+    /// Whether it was sent before.
+    pub retransmission: bool,
+}
+
+/// The sending half of a channel.
+#[derive(Debug)]
+pub struct Sender {
+    /// The lowest unacknowledged sequence number; `slots[0]` holds it.
+    base: Seq,
+    slots: VecDeque<Slot>,
+    /// The lowest sequence number never sent.
+    next_unsent: Seq,
+    /// One past the highest sequence number ever sent; acks beyond it are a protocol violation.
+    sent_end: Seq,
+    retransmit: VecDeque<Seq>,
+    queued_bytes: usize,
+    rtt: RttEstimator,
+    rto_backoff: u32,
+    rto_at: Option<Instant>,
+    loss_at: Option<Instant>,
+    /// Send-order number of the next transmission.
+    next_order: u64,
+    /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
+    largest_acked_order: Option<u64>,
+    transport: Transport,
+    max_messages: usize,
+    max_bytes: usize,
+    max_payload: usize,
+    in_flight_limit: u64,
+}
+
+impl Sender {
+    /// An empty sender whose first message gets sequence number 0.
+    pub fn new(config: &Config) -> Self {
+        Sender {
+            base: 0,
+            slots: VecDeque::new(),
+            next_unsent: 0,
+            sent_end: 0,
+            retransmit: VecDeque::new(),
+            queued_bytes: 0,
+            rtt: RttEstimator::new(
+                config.initial_rtt,
+                config.max_ack_delay,
+                config.min_rto,
+                config.max_rto,
+            ),
+            rto_backoff: 0,
+            rto_at: None,
+            loss_at: None,
+            next_order: 0,
+            largest_acked_order: None,
+            transport: config.transport,
+            max_messages: config.max_queued_messages,
+            max_bytes: config.max_queued_bytes,
+            max_payload: config.max_payload(),
+            in_flight_limit: config.in_flight_limit(),
+        }
+    }
+
+    /// Queues a message and returns its sequence number.
+    pub fn push(&mut self, stream: u64, payload: Bytes) -> Result<Seq, SendError> {
+        if payload.len() > self.max_payload {
+            return Err(SendError::TooLarge(payload));
+        }
+        if self.slots.len() >= self.max_messages
+            || self.queued_bytes.saturating_add(payload.len()) > self.max_bytes
+        {
+            return Err(SendError::QueueFull(payload));
+        }
+        let seq = self.end();
+        self.queued_bytes += payload.len();
+        self.slots.push_back(Slot {
+            stream,
+            payload,
+            sent_at: None,
+            sent_order: 0,
+            transmissions: 0,
+            acked: false,
+            lost: false,
+        });
+        Ok(seq)
+    }
+
+    /// The next message to put on the wire, if any may go now: lost messages first, then new ones
+    /// within the in-flight limit. Call [`Sender::on_sent`] once it is written.
+    pub fn peek(&mut self) -> Option<Outgoing<'_>> {
+        // Drop retransmit entries that an ack overtook.
+        while let Some(&seq) = self.retransmit.front() {
+            match self.slot(seq) {
+                Some(s) if !s.acked => break,
+                _ => {
+                    self.retransmit.pop_front();
+                }
+            }
+        }
+        let (seq, retransmission) = match self.retransmit.front() {
+            Some(&seq) => (seq, true),
+            None if self.next_unsent < self.end()
+                && self.next_unsent - self.base < self.in_flight_limit =>
+            {
+                (self.next_unsent, false)
+            }
+            None => return None,
+        };
+        let s = self.slot(seq)?;
+        Some(Outgoing {
+            stream: s.stream,
+            seq,
+            payload: &s.payload,
+            retransmission,
+        })
+    }
+
+    /// Records that the message [`Sender::peek`] returned went on the wire at `now`.
+    pub fn on_sent(&mut self, now: Instant) {
+        let seq = match self.retransmit.pop_front() {
+            Some(seq) => seq,
+            None => {
+                let seq = self.next_unsent;
+                self.next_unsent += 1;
+                self.sent_end = self.sent_end.max(self.next_unsent);
+                seq
+            }
+        };
+        let base = self.base;
+        if let Some(s) = self.slots.get_mut((seq - base) as usize) {
+            s.sent_at = Some(now);
+            s.sent_order = self.next_order;
+            s.transmissions = s.transmissions.saturating_add(1);
+            s.lost = false;
+        }
+        self.next_order += 1;
+        // RFC 6298 (5.1): start the timer when data goes out and it is not running.
+        if self.transport == Transport::Datagram && self.rto_at.is_none() {
+            self.rto_at = Some(now + self.rtt.rto_with_backoff(self.rto_backoff));
+        }
+    }
+
+    /// Takes an ack: every sequence number below `cumulative` and in `ranges` has arrived;
+    /// `ack_delay` is how long the peer held the ack back.
+    pub fn on_ack(
+        &mut self,
+        now: Instant,
+        cumulative: Seq,
+        ranges: &[core::ops::Range<Seq>],
+        ack_delay: Duration,
+    ) -> Result<AckOutcome, AckOfUnsent> {
+        let acked_end = ranges.last().map_or(cumulative, |r| r.end.max(cumulative));
+        if acked_end > self.sent_end {
+            return Err(AckOfUnsent {
+                acked_end,
+                sent_end: self.sent_end,
+            });
+        }
+        let mut out = AckOutcome::default();
+        // The newest first transmission this ack covers: the RTT sample and the loss reference. An ack of
+        // a retransmitted message is ambiguous (which copy arrived?), so, as in Karn's rule, it is neither.
+        let mut newest: Option<(u64, Instant)> = None;
+        let mut any_sent = false;
+        let base = self.base;
+        let mut mark = |slot: &mut Slot, out: &mut AckOutcome| {
+            if slot.acked {
+                return;
+            }
+            slot.acked = true;
+            out.newly_acked += 1;
+            any_sent |= slot.sent_at.is_some();
+            if let Some(at) = slot.sent_at
+                && slot.transmissions == 1
+                && newest.is_none_or(|(order, _)| slot.sent_order > order)
+            {
+                newest = Some((slot.sent_order, at));
+            }
+        };
+        for seq in base..cumulative.max(base) {
+            if let Some(slot) = self.slots.get_mut((seq - base) as usize) {
+                mark(slot, &mut out);
+            }
+        }
+        for r in ranges {
+            for seq in r.start.max(base)..r.end {
+                if let Some(slot) = self.slots.get_mut((seq - base) as usize) {
+                    mark(slot, &mut out);
+                }
+            }
+        }
+        while self.slots.front().is_some_and(|s| s.acked) {
+            if let Some(s) = self.slots.pop_front() {
+                self.queued_bytes -= s.payload.len();
+            }
+            self.base += 1;
+        }
+        out.base_advanced = self.base > base;
+        // A stream connection re-sends from `base` after a rewind; never below what is acknowledged.
+        self.next_unsent = self.next_unsent.max(self.base);
+
+        if any_sent {
+            self.rto_backoff = 0;
+        }
+        if let Some((order, sent_at)) = newest {
+            self.rtt.on_sample(now - sent_at, ack_delay);
+            self.largest_acked_order =
+                Some(self.largest_acked_order.map_or(order, |o| o.max(order)));
+            if self.transport == Transport::Datagram {
+                out.declared_lost = self.detect_losses(now);
+            }
+        }
+        if out.newly_acked > 0 && self.transport == Transport::Datagram {
+            // RFC 6298 (5.2, 5.3): stop the timer when nothing is outstanding, else restart it.
+            self.rto_at = self
+                .has_outstanding()
+                .then(|| now + self.rtt.rto_with_backoff(self.rto_backoff));
+        }
+        Ok(out)
+    }
+
+    /// Declares lost every outstanding transmission older than the newest acknowledged one by three
+    /// transmissions or by the loss delay; arms the loss timer for the rest.
+    fn detect_losses(&mut self, now: Instant) -> u64 {
+        self.loss_at = None;
+        let Some(largest) = self.largest_acked_order else {
+            return 0;
+        };
+        let loss_delay = self.rtt.loss_delay();
+        let mut lost = 0;
+        let base = self.base;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let Some(sent_at) = s.sent_at else {
+                // Slots after the first never-sent one were never sent either.
+                break;
+            };
+            if s.acked || s.lost || s.sent_order >= largest {
+                continue;
+            }
+            if s.sent_order + 3 <= largest || now - sent_at >= loss_delay {
+                s.lost = true;
+                self.retransmit.push_back(base + i as u64);
+                lost += 1;
+            } else {
+                self.loss_at = earliest(self.loss_at, Some(sent_at + loss_delay));
+            }
+        }
+        lost
+    }
+
+    /// Fires the loss and retransmission timers that are due. Idempotent for a given `now`.
+    pub fn on_timeout(&mut self, now: Instant) -> TimeoutOutcome {
+        let mut lost = 0;
+        if self.loss_at.is_some_and(|t| t <= now) {
+            lost += self.detect_losses(now);
+        }
+        let rto_expired = self.rto_at.is_some_and(|t| t <= now);
+        if rto_expired {
+            // RFC 6298 (5.4-5.6) with selective acks: resend everything outstanding for a full timeout
+            // (a tail lost in a burst is recovered in one round, not one message per timeout), back off,
+            // restart the timer.
+            let rto = self.rtt.rto_with_backoff(self.rto_backoff);
+            let base = self.base;
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                let Some(sent_at) = s.sent_at else { break };
+                if !s.acked && !s.lost && now - sent_at >= rto {
+                    s.lost = true;
+                    self.retransmit.push_back(base + i as u64);
+                    lost += 1;
+                }
+            }
+            self.rto_backoff = self.rto_backoff.saturating_add(1);
+            self.rto_at = self
+                .has_outstanding()
+                .then(|| now + self.rtt.rto_with_backoff(self.rto_backoff));
+        }
+        TimeoutOutcome {
+            declared_lost: lost,
+            rto_expired,
+        }
+    }
+
+    /// The earliest time [`Sender::on_timeout`] has work to do.
+    pub fn deadline(&self) -> Option<Instant> {
+        earliest(self.loss_at, self.rto_at)
+    }
+
+    fn has_outstanding(&self) -> bool {
+        self.next_unsent > self.base || !self.retransmit.is_empty()
+    }
+
+    fn slot(&self, seq: Seq) -> Option<&Slot> {
+        self.slots
+            .get(usize::try_from(seq.checked_sub(self.base)?).ok()?)
+    }
+
+    /// One past the last queued sequence number: the next one `push` assigns.
+    pub fn end(&self) -> Seq {
+        self.base + self.slots.len() as u64
+    }
+
+    /// The lowest unacknowledged sequence number.
+    pub fn base(&self) -> Seq {
+        self.base
+    }
+
+    /// Messages held: unsent plus unacknowledged.
+    pub fn queued_messages(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Payload bytes held: unsent plus unacknowledged.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Entries waiting in the retransmit queue.
+    pub fn retransmit_len(&self) -> usize {
+        self.retransmit.len()
+    }
+
+    /// The RTT estimator.
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
+    }
+
+    /// Removes and returns every unacknowledged message, oldest first (when the channel closes, these
+    /// are the messages whose delivery is unknown).
+    pub fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
+        let base = self.base;
+        self.base = self.end();
+        self.next_unsent = self.base;
+        self.queued_bytes = 0;
+        self.retransmit.clear();
+        self.rto_at = None;
+        self.loss_at = None;
+        self.slots
+            .drain(..)
+            .enumerate()
+            .filter(|(_, s)| !s.acked)
+            .map(move |(i, s)| (s.stream, base + i as u64, s.payload))
+    }
+}
