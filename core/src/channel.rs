@@ -435,3 +435,200 @@ impl Channel {
         self.now
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::DataFrame;
+
+    fn pair(transport: Transport) -> (Channel, Channel) {
+        let a = Channel::new(Config::new(transport), Instant::ZERO).unwrap();
+        let b = Channel::new(Config::new(transport), Instant::ZERO).unwrap();
+        (a, b)
+    }
+
+    fn datagram(frame: Frame) -> Bytes {
+        let mut buf = BytesMut::new();
+        framing::encode_datagram(&frame, &mut buf);
+        buf.freeze()
+    }
+
+    fn events(ch: &mut Channel) -> Vec<Event> {
+        core::iter::from_fn(|| ch.poll_event()).collect()
+    }
+
+    #[test]
+    fn an_invalid_configuration_is_refused_up_front() {
+        let mut c = Config::new(Transport::Stream);
+        c.ack_every = 0;
+        assert_eq!(
+            Channel::new(c, Instant::ZERO).unwrap_err(),
+            ConfigError::Zero("ack_every")
+        );
+    }
+
+    #[test]
+    fn an_ack_of_what_was_never_sent_closes_the_channel_as_a_violation() {
+        let (mut a, _) = pair(Transport::Datagram);
+        a.send(Bytes::from_static(b"kept")).unwrap();
+        let ack = AckFrame {
+            cumulative: 5,
+            delay_micros: 0,
+            ranges: Default::default(),
+        };
+        a.handle_input(Instant::ZERO, datagram(Frame::Ack(ack)));
+        match events(&mut a).as_slice() {
+            [
+                Event::Closed {
+                    reason: CloseReason::Violation(ProtocolError::AckOfUnsent(_)),
+                    unacknowledged,
+                },
+            ] => {
+                assert_eq!(unacknowledged.len(), 1, "the unsent message is handed back");
+            }
+            other => panic!("expected a violation, got {other:?}"),
+        }
+        let mut buf = BytesMut::new();
+        assert!(
+            a.poll_transmit(Instant::ZERO, &mut buf).is_some(),
+            "the close frame goes out"
+        );
+        assert!(matches!(
+            framing::decode_datagram(buf.freeze(), &DecodeLimits::default()),
+            Ok(Frame::Close(CloseFrame {
+                code: crate::CLOSE_PROTOCOL_VIOLATION,
+                ..
+            }))
+        ));
+        assert_eq!(
+            a.poll_transmit(Instant::ZERO, &mut BytesMut::new()),
+            None,
+            "then nothing"
+        );
+    }
+
+    #[test]
+    fn garbage_on_a_stream_closes_the_channel_with_a_decode_error() {
+        let (mut a, _) = pair(Transport::Stream);
+        a.handle_input(Instant::ZERO, Bytes::from_static(b"GET / HTTP/1.1\r\n"));
+        assert!(matches!(
+            events(&mut a).as_slice(),
+            [Event::Closed {
+                reason: CloseReason::Violation(ProtocolError::Decode(_)),
+                ..
+            }]
+        ));
+        assert!(a.is_closed());
+    }
+
+    #[test]
+    fn a_garbled_datagram_is_discarded_like_a_lost_one() {
+        let (mut a, _) = pair(Transport::Datagram);
+        a.handle_input(Instant::ZERO, Bytes::from_static(&[0xff, 0xff, 0xff]));
+        assert!(!a.is_closed());
+        assert_eq!(a.stats().malformed_datagrams, 1);
+    }
+
+    #[test]
+    fn closing_hands_back_the_unacknowledged_and_refuses_further_sends() {
+        let (mut a, _) = pair(Transport::Stream);
+        let seq = a.send(Bytes::from_static(b"in doubt")).unwrap();
+        a.close(crate::CLOSE_NORMAL, Bytes::from_static(b"bye"));
+        match events(&mut a).as_slice() {
+            [
+                Event::Closed {
+                    reason: CloseReason::Local { code: 0 },
+                    unacknowledged,
+                },
+            ] => {
+                assert_eq!(unacknowledged[0].seq, seq);
+            }
+            other => panic!("expected Closed, got {other:?}"),
+        }
+        assert!(matches!(a.send(Bytes::new()), Err(SendError::Closed(_))));
+    }
+
+    #[test]
+    fn the_peers_close_reaches_the_application_with_its_code_and_reason() {
+        let (mut a, mut b) = pair(Transport::Stream);
+        a.close(42, Bytes::from_static(b"maintenance"));
+        let mut buf = BytesMut::new();
+        let n = a.poll_transmit(Instant::ZERO, &mut buf).unwrap();
+        b.handle_input(Instant::ZERO, buf.split_to(n).freeze());
+        match events(&mut b).as_slice() {
+            [
+                Event::Closed {
+                    reason: CloseReason::Peer { code: 42, reason },
+                    ..
+                },
+            ] => {
+                assert_eq!(&reason[..], b"maintenance");
+            }
+            other => panic!("expected the peer's close, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_a_pong_carrying_its_id() {
+        let (mut a, _) = pair(Transport::Datagram);
+        a.handle_input(Instant::ZERO, datagram(Frame::Ping { id: 77 }));
+        let mut buf = BytesMut::new();
+        a.poll_transmit(Instant::ZERO, &mut buf).unwrap();
+        assert_eq!(
+            framing::decode_datagram(buf.freeze(), &DecodeLimits::default()),
+            Ok(Frame::Pong { id: 77 })
+        );
+    }
+
+    #[test]
+    fn a_ping_flood_keeps_only_the_newest_answers() {
+        let (mut a, _) = pair(Transport::Datagram);
+        for id in 0..1000 {
+            a.handle_input(Instant::ZERO, datagram(Frame::Ping { id }));
+        }
+        let mut pongs = Vec::new();
+        let mut buf = BytesMut::new();
+        while let Some(n) = a.poll_transmit(Instant::ZERO, &mut buf) {
+            pongs.push(framing::decode_datagram(
+                buf.split_to(n).freeze(),
+                &DecodeLimits::default(),
+            ));
+        }
+        assert_eq!(pongs.len(), PONG_BACKLOG);
+        assert_eq!(pongs.last(), Some(&Ok(Frame::Pong { id: 999 })));
+    }
+
+    #[test]
+    fn a_clock_that_steps_backwards_is_held_at_its_latest_reading_and_counted() {
+        let (mut a, _) = pair(Transport::Datagram);
+        a.handle_timeout(Instant::from_nanos(1_000));
+        a.handle_timeout(Instant::from_nanos(500));
+        assert_eq!(a.stats().clock_regressions, 1);
+        assert_eq!(a.now, Instant::from_nanos(1_000));
+    }
+
+    #[test]
+    fn an_ack_rides_on_outgoing_data_instead_of_a_frame_of_its_own() {
+        let (mut a, _) = pair(Transport::Datagram);
+        let data = Frame::Data(DataFrame {
+            stream: 0,
+            seq: 0,
+            ack: None,
+            payload: Bytes::from_static(b"hi"),
+        });
+        a.handle_input(Instant::ZERO, datagram(data));
+        a.send(Bytes::from_static(b"reply")).unwrap();
+        let mut buf = BytesMut::new();
+        a.poll_transmit(Instant::ZERO, &mut buf).unwrap();
+        match framing::decode_datagram(buf.freeze(), &DecodeLimits::default()) {
+            Ok(Frame::Data(d)) => assert_eq!(d.ack, Some(1)),
+            other => panic!("expected data with an ack, got {other:?}"),
+        }
+        assert_eq!(a.stats().acks_piggybacked, 1);
+        assert_eq!(
+            a.poll_timeout(),
+            a.sender().deadline(),
+            "no ack left to send"
+        );
+    }
+}

@@ -156,8 +156,8 @@ impl Receiver {
         }
     }
 
-    /// Moves the watermark up by one; under ordered delivery the slot that leaves the buffer's front
-    /// belongs to the new watermark's predecessor, so its payload (if buffered) is delivered first.
+    /// Moves the watermark up by one. The reorder buffer's front slot is the current watermark's, so
+    /// it leaves with it, delivering its payload if one was buffered there.
     fn step_watermark(&mut self, deliver: &mut impl FnMut(u64, Seq, Bytes)) {
         if let Some(Some((stream, payload))) = self.reorder.pop_front() {
             self.reorder_bytes -= payload.len();

@@ -449,3 +449,234 @@ impl Sender {
             .map(move |(i, s)| (s.stream, base + i as u64, s.payload))
     }
 }
+
+#[cfg(test)]
+// One-range acks are what these tests mean, not a mistaken `vec![x; n]`.
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn at(n: u64) -> Instant {
+        Instant::ZERO + ms(n)
+    }
+
+    fn sender(transport: Transport) -> Sender {
+        let mut c = Config::new(transport);
+        c.max_queued_messages = 8;
+        c.max_queued_bytes = 64;
+        c.max_in_flight = 4;
+        Sender::new(&c)
+    }
+
+    /// Puts every message that may go now on the wire; returns their sequence numbers.
+    fn flush(s: &mut Sender, now: Instant) -> Vec<Seq> {
+        let mut sent = Vec::new();
+        while let Some(o) = s.peek() {
+            sent.push(o.seq);
+            s.on_sent(now);
+        }
+        sent
+    }
+
+    fn msg(n: u8) -> Bytes {
+        Bytes::from(alloc::vec![n; 4])
+    }
+
+    #[test]
+    fn messages_are_numbered_from_zero_in_the_order_they_are_queued() {
+        let mut s = sender(Transport::Stream);
+        assert_eq!(s.push(0, msg(1)), Ok(0));
+        assert_eq!(s.push(7, msg(2)), Ok(1));
+        assert_eq!(s.end(), 2);
+    }
+
+    #[test]
+    fn the_queue_refuses_past_its_message_bound_and_hands_the_payload_back() {
+        let mut s = sender(Transport::Stream);
+        for i in 0..8 {
+            s.push(0, msg(i)).unwrap();
+        }
+        assert_eq!(s.push(0, msg(9)), Err(SendError::QueueFull(msg(9))));
+    }
+
+    #[test]
+    fn the_queue_refuses_past_its_byte_bound() {
+        let mut s = sender(Transport::Stream);
+        s.push(0, Bytes::from(alloc::vec![0; 61])).unwrap();
+        assert!(matches!(s.push(0, msg(1)), Err(SendError::QueueFull(_))));
+        assert_eq!(s.queued_bytes(), 61);
+    }
+
+    #[test]
+    fn no_more_than_the_in_flight_limit_is_outstanding_at_once() {
+        let mut s = sender(Transport::Stream);
+        for i in 0..6 {
+            s.push(0, msg(i)).unwrap();
+        }
+        assert_eq!(flush(&mut s, at(0)), [0, 1, 2, 3]);
+        s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
+        assert_eq!(flush(&mut s, at(1)), [4, 5]);
+    }
+
+    #[test]
+    fn a_cumulative_ack_releases_everything_below_it() {
+        let mut s = sender(Transport::Stream);
+        for i in 0..3 {
+            s.push(0, msg(i)).unwrap();
+        }
+        flush(&mut s, at(0));
+        let out = s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
+        assert_eq!((out.newly_acked, out.base_advanced), (2, true));
+        assert_eq!((s.base(), s.queued_messages(), s.queued_bytes()), (2, 1, 4));
+    }
+
+    #[test]
+    fn a_selective_ack_holds_its_messages_until_the_gap_below_is_acknowledged() {
+        let mut s = sender(Transport::Stream);
+        for i in 0..3 {
+            s.push(0, msg(i)).unwrap();
+        }
+        flush(&mut s, at(0));
+        let out = s.on_ack(at(1), 0, &[1..3], Duration::ZERO).unwrap();
+        assert_eq!((out.newly_acked, out.base_advanced), (2, false));
+        assert_eq!(s.queued_messages(), 3);
+        s.on_ack(at(2), 1, &[], Duration::ZERO).unwrap();
+        assert_eq!(
+            s.queued_messages(),
+            0,
+            "the gap filled, so all three go at once"
+        );
+    }
+
+    #[test]
+    fn an_ack_of_a_message_never_sent_is_refused() {
+        let mut s = sender(Transport::Stream);
+        s.push(0, msg(0)).unwrap();
+        s.push(0, msg(1)).unwrap();
+        s.peek();
+        s.on_sent(at(0));
+        let err = s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap_err();
+        assert_eq!(
+            err,
+            AckOfUnsent {
+                acked_end: 2,
+                sent_end: 1
+            }
+        );
+        assert_eq!(s.queued_messages(), 2, "nothing was released");
+    }
+
+    #[test]
+    fn a_stale_cumulative_ack_changes_nothing() {
+        let mut s = sender(Transport::Datagram);
+        for i in 0..3 {
+            s.push(0, msg(i)).unwrap();
+        }
+        flush(&mut s, at(0));
+        s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
+        let out = s.on_ack(at(2), 1, &[], Duration::ZERO).unwrap();
+        assert_eq!(out, AckOutcome::default());
+        assert_eq!(s.base(), 2);
+    }
+
+    #[test]
+    fn three_later_acknowledged_sends_declare_a_datagram_lost_and_it_is_resent_first() {
+        let mut s = sender(Transport::Datagram);
+        for i in 0..5 {
+            s.push(0, msg(i)).unwrap();
+        }
+        flush(&mut s, at(0));
+        let out = s.on_ack(at(10), 0, &[1..4], Duration::ZERO).unwrap();
+        assert_eq!(out.declared_lost, 1);
+        let o = s.peek().unwrap();
+        assert_eq!((o.seq, o.retransmission), (0, true));
+    }
+
+    #[test]
+    fn a_datagram_is_declared_lost_after_the_time_threshold_even_without_three_later_acks() {
+        let mut s = sender(Transport::Datagram);
+        s.push(0, msg(0)).unwrap();
+        s.peek();
+        s.on_sent(at(0));
+        s.push(0, msg(1)).unwrap();
+        s.peek();
+        s.on_sent(at(1));
+        let out = s.on_ack(at(20), 0, &[1..2], Duration::ZERO).unwrap();
+        assert_eq!(out.declared_lost, 0, "too soon after it was sent");
+        let deadline = s.deadline().unwrap();
+        assert!(deadline > at(20));
+        assert_eq!(s.on_timeout(deadline).declared_lost, 1);
+        assert_eq!(s.peek().map(|o| o.seq), Some(0));
+    }
+
+    #[test]
+    fn the_retransmission_timeout_resends_what_is_outstanding_and_backs_off() {
+        let mut s = sender(Transport::Datagram);
+        s.push(0, msg(0)).unwrap();
+        flush(&mut s, at(0));
+        let first = s.deadline().unwrap();
+        let out = s.on_timeout(first);
+        assert!(out.rto_expired);
+        assert_eq!(out.declared_lost, 1);
+        flush(&mut s, first);
+        let second = s.deadline().unwrap();
+        assert!(second - first > first - at(0), "the second wait is longer");
+    }
+
+    #[test]
+    fn handling_the_same_timeout_twice_does_nothing_the_second_time() {
+        let mut s = sender(Transport::Datagram);
+        s.push(0, msg(0)).unwrap();
+        flush(&mut s, at(0));
+        let t = s.deadline().unwrap();
+        assert_eq!(s.on_timeout(t).declared_lost, 1);
+        assert_eq!(s.on_timeout(t), TimeoutOutcome::default());
+    }
+
+    #[test]
+    fn a_stream_transport_never_arms_a_retransmission_timer() {
+        let mut s = sender(Transport::Stream);
+        s.push(0, msg(0)).unwrap();
+        flush(&mut s, at(0));
+        assert_eq!(s.deadline(), None);
+    }
+
+    #[test]
+    fn an_ack_of_a_retransmitted_message_gives_no_rtt_sample() {
+        let mut s = sender(Transport::Datagram);
+        s.push(0, msg(0)).unwrap();
+        flush(&mut s, at(0));
+        let t = s.deadline().unwrap();
+        s.on_timeout(t);
+        flush(&mut s, t);
+        let before = s.rtt().smoothed();
+        s.on_ack(t + ms(1), 1, &[], Duration::ZERO).unwrap();
+        assert_eq!(
+            s.rtt().smoothed(),
+            before,
+            "Karn: which copy was acknowledged is unknown"
+        );
+        assert_eq!(s.deadline(), None, "nothing outstanding, no timer");
+    }
+
+    #[test]
+    fn draining_hands_back_only_the_unacknowledged_oldest_first() {
+        let mut s = sender(Transport::Stream);
+        for i in 0..4 {
+            s.push(i.into(), msg(i)).unwrap();
+        }
+        flush(&mut s, at(0));
+        s.on_ack(at(1), 1, &[2..3], Duration::ZERO).unwrap();
+        let back: Vec<_> = s
+            .drain_unacknowledged()
+            .map(|(st, seq, _)| (st, seq))
+            .collect();
+        assert_eq!(back, [(1, 1), (3, 3)]);
+        assert_eq!((s.queued_messages(), s.queued_bytes()), (0, 0));
+    }
+}
