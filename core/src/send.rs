@@ -473,6 +473,15 @@ mod tests {
         Sender::new(&c)
     }
 
+    /// A sender holding `n` queued, unsent messages.
+    fn queued(transport: Transport, n: u8) -> Sender {
+        let mut s = sender(transport);
+        for i in 0..n {
+            s.push(0, msg(i)).unwrap();
+        }
+        s
+    }
+
     /// Puts every message that may go now on the wire; returns their sequence numbers.
     fn flush(s: &mut Sender, now: Instant) -> Vec<Seq> {
         let mut sent = Vec::new();
@@ -497,10 +506,7 @@ mod tests {
 
     #[test]
     fn the_queue_refuses_past_its_message_bound_and_hands_the_payload_back() {
-        let mut s = sender(Transport::Stream);
-        for i in 0..8 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Stream, 8);
         assert_eq!(s.push(0, msg(9)), Err(SendError::QueueFull(msg(9))));
     }
 
@@ -514,10 +520,7 @@ mod tests {
 
     #[test]
     fn no_more_than_the_in_flight_limit_is_outstanding_at_once() {
-        let mut s = sender(Transport::Stream);
-        for i in 0..6 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Stream, 6);
         assert_eq!(flush(&mut s, at(0)), [0, 1, 2, 3]);
         s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
         assert_eq!(flush(&mut s, at(1)), [4, 5]);
@@ -525,10 +528,7 @@ mod tests {
 
     #[test]
     fn a_cumulative_ack_releases_everything_below_it() {
-        let mut s = sender(Transport::Stream);
-        for i in 0..3 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Stream, 3);
         flush(&mut s, at(0));
         let out = s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
         assert_eq!((out.newly_acked, out.base_advanced), (2, true));
@@ -537,10 +537,7 @@ mod tests {
 
     #[test]
     fn a_selective_ack_holds_its_messages_until_the_gap_below_is_acknowledged() {
-        let mut s = sender(Transport::Stream);
-        for i in 0..3 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Stream, 3);
         flush(&mut s, at(0));
         let out = s.on_ack(at(1), 0, &[1..3], Duration::ZERO).unwrap();
         assert_eq!((out.newly_acked, out.base_advanced), (2, false));
@@ -573,10 +570,7 @@ mod tests {
 
     #[test]
     fn a_stale_cumulative_ack_changes_nothing() {
-        let mut s = sender(Transport::Datagram);
-        for i in 0..3 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Datagram, 3);
         flush(&mut s, at(0));
         s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap();
         let out = s.on_ack(at(2), 1, &[], Duration::ZERO).unwrap();
@@ -586,10 +580,7 @@ mod tests {
 
     #[test]
     fn three_later_acknowledged_sends_declare_a_datagram_lost_and_it_is_resent_first() {
-        let mut s = sender(Transport::Datagram);
-        for i in 0..5 {
-            s.push(0, msg(i)).unwrap();
-        }
+        let mut s = queued(Transport::Datagram, 5);
         flush(&mut s, at(0));
         let out = s.on_ack(at(10), 0, &[1..4], Duration::ZERO).unwrap();
         assert_eq!(out.declared_lost, 1);
