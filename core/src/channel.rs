@@ -326,6 +326,10 @@ impl Channel {
             Frame::Data(d) => {
                 if let Some(cumulative) = d.ack {
                     self.on_ack(now, cumulative, &[], Duration::ZERO);
+                    if !matches!(self.state, State::Open) {
+                        // Its ack was a violation: nothing it carries may reach the application.
+                        return;
+                    }
                 }
                 let events = &mut self.events;
                 let arrival = self.recv.on_data(
@@ -504,6 +508,23 @@ mod tests {
             a.poll_transmit(Instant::ZERO, &mut BytesMut::new()),
             None,
             "then nothing"
+        );
+    }
+
+    #[test]
+    fn a_message_whose_piggybacked_ack_is_a_violation_is_never_delivered() {
+        let (mut a, _) = pair(Transport::Datagram);
+        let evil = Frame::Data(DataFrame {
+            stream: 0,
+            seq: 0,
+            ack: Some(5),
+            payload: Bytes::from_static(b"evil"),
+        });
+        a.handle_input(Instant::ZERO, datagram(evil));
+        let ev = events(&mut a);
+        assert!(
+            matches!(ev.as_slice(), [Event::Closed { .. }]),
+            "got {ev:?}"
         );
     }
 

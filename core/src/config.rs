@@ -22,6 +22,10 @@ pub type RecvRanges = RangeSet<RECV_RANGES>;
 /// The longest data frame header: a type byte and three 8-byte varints (stream, sequence, ack).
 pub const MAX_DATA_HEADER_LEN: usize = 1 + 3 * 8;
 
+/// The smallest `max_frame_size` accepted: room for the largest ack frame (32 ranges, 537 bytes) and
+/// the largest close frame (a 256-byte reason).
+pub const MIN_FRAME_SIZE: usize = 1024;
+
 /// What the channel runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -137,7 +141,7 @@ impl Config {
         if self.recv_window > 1 << 32 {
             return Err(ConfigError::WindowTooLarge(self.recv_window));
         }
-        if self.max_frame_size <= MAX_DATA_HEADER_LEN {
+        if self.max_frame_size < MIN_FRAME_SIZE {
             return Err(ConfigError::FrameTooSmall(self.max_frame_size));
         }
         if self.min_rto.is_zero() || self.min_rto > self.max_rto {
@@ -161,7 +165,7 @@ pub enum ConfigError {
     Zero(&'static str),
     /// The receive window is larger than 2^32 messages, past what the reorder buffer may index.
     WindowTooLarge(u64),
-    /// The frame size leaves no room for a payload after the largest header.
+    /// The frame size is below [`MIN_FRAME_SIZE`].
     FrameTooSmall(usize),
     /// `min_rto` is zero or above `max_rto`.
     RtoRange,
@@ -173,7 +177,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Zero(name) => write!(f, "config: {name} must be at least 1"),
             ConfigError::WindowTooLarge(w) => write!(f, "config: recv_window {w} exceeds 2^32"),
             ConfigError::FrameTooSmall(n) => {
-                write!(f, "config: max_frame_size {n} leaves no room for a payload")
+                write!(
+                    f,
+                    "config: max_frame_size {n} is below the minimum {MIN_FRAME_SIZE}"
+                )
             }
             ConfigError::RtoRange => write!(f, "config: need 0 < min_rto <= max_rto"),
         }
@@ -192,6 +199,24 @@ mod tests {
         assert_eq!(
             crate::frame::DataFrame::header_len(max, max, Some(max)),
             MAX_DATA_HEADER_LEN
+        );
+    }
+
+    #[test]
+    fn a_frame_size_too_small_for_a_full_ack_is_refused() {
+        let full_ack = crate::frame::Frame::Ack(crate::frame::AckFrame {
+            cumulative: crate::varint::MAX - 1000,
+            delay_micros: crate::varint::MAX,
+            ranges: (0..crate::frame::MAX_ACK_RANGES as u64)
+                .map(|i| crate::varint::MAX - 999 + 3 * i..crate::varint::MAX - 998 + 3 * i)
+                .collect(),
+        });
+        assert!(full_ack.encoded_len() <= MIN_FRAME_SIZE);
+        let mut c = Config::new(Transport::Stream);
+        c.max_frame_size = MIN_FRAME_SIZE - 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::FrameTooSmall(MIN_FRAME_SIZE - 1))
         );
     }
 

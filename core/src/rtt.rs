@@ -52,8 +52,9 @@ impl RttEstimator {
     /// Feeds one measurement: the time from sending a message to receiving its ack, of which
     /// `ack_delay` was spent by the peer deliberately holding the ack back.
     pub fn on_sample(&mut self, measured: Duration, ack_delay: Duration) {
-        // The peer's hold time is not network delay, but never subtract it below zero (or below the
-        // measured path when the peer's figure is implausible).
+        // The peer's hold time is not network delay, but it may not claim more than it promised
+        // (RFC 9002 §5.3), nor more than the whole measurement.
+        let ack_delay = ack_delay.min(self.max_ack_delay);
         let rtt = if measured > ack_delay {
             measured - ack_delay
         } else {
@@ -130,11 +131,18 @@ mod tests {
 
     #[test]
     fn the_peers_ack_delay_is_not_counted_as_path_delay() {
-        let mut r = RttEstimator::new(ms(100), ms(5), ms(1), ms(10_000));
+        let mut r = RttEstimator::new(ms(100), ms(25), ms(1), ms(10_000));
         r.on_sample(ms(30), ms(10));
         assert_eq!(r.latest(), ms(20));
         r.on_sample(ms(5), ms(10));
         assert_eq!(r.latest(), ms(5), "an implausible ack delay is ignored");
+    }
+
+    #[test]
+    fn a_peer_claiming_more_ack_delay_than_it_promised_is_held_to_its_promise() {
+        let mut r = RttEstimator::new(ms(100), ms(5), ms(1), ms(10_000));
+        r.on_sample(ms(100), ms(99));
+        assert_eq!(r.latest(), ms(95));
     }
 
     #[test]

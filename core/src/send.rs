@@ -17,7 +17,7 @@ use core::fmt;
 use bytes::Bytes;
 
 use crate::Seq;
-use crate::config::{Config, Transport};
+use crate::config::{Config, Delivery, Transport};
 use crate::rtt::RttEstimator;
 use crate::time::{Duration, Instant, earliest};
 
@@ -135,6 +135,8 @@ pub struct Sender {
     /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
     largest_acked_order: Option<u64>,
     transport: Transport,
+    /// Under ordered delivery a selective ack means "buffered at the peer", not "delivered".
+    ordered: bool,
     max_messages: usize,
     max_bytes: usize,
     max_payload: usize,
@@ -163,6 +165,7 @@ impl Sender {
             next_order: 0,
             largest_acked_order: None,
             transport: config.transport,
+            ordered: config.delivery == Delivery::Ordered,
             max_messages: config.max_queued_messages,
             max_bytes: config.max_queued_bytes,
             max_payload: config.max_payload(),
@@ -369,22 +372,32 @@ impl Sender {
             // restart the timer.
             let rto = self.rtt.rto_with_backoff(self.rto_backoff);
             let base = self.base;
+            let mut youngest_wait: Option<Instant> = None;
             for (i, s) in self.slots.iter_mut().enumerate() {
                 let Some(sent_at) = s.sent_at else { break };
-                if !s.acked && !s.lost && now - sent_at >= rto {
+                if s.acked || s.lost {
+                    continue;
+                }
+                if now - sent_at >= rto {
                     s.lost = true;
                     self.retransmit.push_back(base + i as u64);
                     lost += 1;
+                } else {
+                    youngest_wait = earliest(youngest_wait, Some(sent_at + rto));
                 }
             }
-            self.rto_backoff = self.rto_backoff.saturating_add(1);
-            self.rto_at = self
-                .has_outstanding()
-                .then(|| now + self.rtt.rto_with_backoff(self.rto_backoff));
+            if lost > 0 {
+                self.rto_backoff = self.rto_backoff.saturating_add(1);
+                self.rto_at = Some(now + self.rtt.rto_with_backoff(self.rto_backoff));
+            } else {
+                // Loss detection already resent what was old (the timer raced it): nothing timed out,
+                // so wait out the oldest outstanding send without backing off.
+                self.rto_at = youngest_wait.filter(|_| self.has_outstanding());
+            }
         }
         TimeoutOutcome {
             declared_lost: lost,
-            rto_expired,
+            rto_expired: rto_expired && lost > 0,
         }
     }
 
@@ -432,8 +445,9 @@ impl Sender {
         &self.rtt
     }
 
-    /// Removes and returns every unacknowledged message, oldest first (when the channel closes, these
-    /// are the messages whose delivery is unknown).
+    /// Removes and returns every message whose delivery is unknown, oldest first: those not
+    /// acknowledged, and under ordered delivery also those only selectively acknowledged (they wait in
+    /// the peer's reorder buffer behind a gap, and a closing peer discards them).
     pub fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
         let base = self.base;
         self.base = self.end();
@@ -442,10 +456,11 @@ impl Sender {
         self.retransmit.clear();
         self.rto_at = None;
         self.loss_at = None;
+        let ordered = self.ordered;
         self.slots
             .drain(..)
             .enumerate()
-            .filter(|(_, s)| !s.acked)
+            .filter(move |(_, s)| ordered || !s.acked)
             .map(move |(i, s)| (s.stream, base + i as u64, s.payload))
     }
 }
@@ -656,8 +671,10 @@ mod tests {
     }
 
     #[test]
-    fn draining_hands_back_only_the_unacknowledged_oldest_first() {
-        let mut s = sender(Transport::Stream);
+    fn under_unordered_delivery_draining_hands_back_only_the_unacknowledged_oldest_first() {
+        let mut c = Config::new(Transport::Stream);
+        c.delivery = Delivery::Unordered;
+        let mut s = Sender::new(&c);
         for i in 0..4 {
             s.push(i.into(), msg(i)).unwrap();
         }
