@@ -6,14 +6,16 @@ use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
 
 use crate::Seq;
-use crate::config::{Config, ConfigError, Transport};
+use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
-use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame};
+use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame, UnreliableFrame};
 use crate::framing::{self, StreamDecoder};
+use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
-use crate::send::{SendError, Sender};
+use crate::send::{AckOfUnsent, Pushed, SendError, Sender};
 use crate::stats::Stats;
 use crate::time::{Duration, Instant, earliest};
+use crate::unreliable::{UnreliableReceiver, UnreliableSender};
 
 /// Pings answered but not yet sent; a flood beyond this drops the oldest answers (pings are probes,
 /// the newest is the one that matters).
@@ -105,6 +107,8 @@ pub struct Channel {
     config: Config,
     send: Sender,
     recv: Receiver,
+    unreliable_out: UnreliableSender,
+    unreliable_in: UnreliableReceiver,
     decoder: StreamDecoder,
     limits: DecodeLimits,
     preface_sent: bool,
@@ -134,6 +138,11 @@ impl Channel {
         Ok(Channel {
             send: Sender::new(&config),
             recv: Receiver::new(&config),
+            unreliable_out: UnreliableSender::new(
+                config.max_unreliable_queued,
+                config.max_unreliable_bytes,
+            ),
+            unreliable_in: UnreliableReceiver::new(),
             decoder: StreamDecoder::new(limits),
             limits,
             preface_sent: false,
@@ -146,20 +155,47 @@ impl Channel {
         })
     }
 
-    /// Queues `payload` on stream 0 and returns its sequence number.
+    /// Queues `payload` on stream 0 in the configured [`Config::delivery`] and returns its sequence
+    /// number.
     pub fn send(&mut self, payload: Bytes) -> Result<Seq, SendError> {
-        self.send_on(0, payload)
+        let mode = match self.config.delivery {
+            Delivery::Ordered => Mode::Ordered,
+            Delivery::Unordered => Mode::Unordered,
+        };
+        self.send_on(0, mode, payload)
+            .map(|s| s.seq().unwrap_or_default())
     }
 
-    /// Queues `payload` on `stream` and returns its sequence number.
+    /// Queues `payload` on `stream` with the delivery `mode` (see [`crate::mode`]).
     ///
-    /// Refused with [`SendError::QueueFull`] (backpressure) when the queue is at its bound; the payload
-    /// comes back in the error.
-    pub fn send_on(&mut self, stream: u64, payload: Bytes) -> Result<Seq, SendError> {
+    /// A reliable message past the queue bound is refused with [`SendError::QueueFull`]
+    /// (backpressure), handing the payload back; an at-most-once one instead pushes out the oldest
+    /// queued at-most-once message.
+    pub fn send_on(&mut self, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
         if !matches!(self.state, State::Open) {
             return Err(SendError::Closed(payload));
         }
-        self.send.push(stream, payload)
+        let key = match mode {
+            Mode::Conflated { key } => Some(key),
+            Mode::Sequenced | Mode::Unreliable => {
+                if payload.len() > self.config.max_payload() {
+                    return Err(SendError::TooLarge(payload));
+                }
+                self.unreliable_out
+                    .push(stream, mode == Mode::Sequenced, payload);
+                return Ok(Sent::Unreliable);
+            }
+            _ => None,
+        };
+        Ok(
+            match self
+                .send
+                .push(stream, payload, mode == Mode::Unordered, key)?
+            {
+                Pushed::Queued(seq) => Sent::Reliable(seq),
+                Pushed::Replaced(seq) => Sent::Replaced(seq),
+            },
+        )
     }
 
     /// Takes bytes from the transport.
@@ -174,7 +210,7 @@ impl Channel {
                 self.decoder.feed(&data);
                 loop {
                     match self.decoder.next_frame() {
-                        Ok(Some(frame)) => self.on_frame(now, frame),
+                        Ok(Some(frame)) => self.handle_frame(now, frame),
                         Ok(None) => break,
                         Err(e) => {
                             self.violation(e.into());
@@ -188,7 +224,7 @@ impl Channel {
             }
             // Datagrams carry no integrity check of ours; a mangled one is dropped like a lost one.
             Transport::Datagram => match framing::decode_datagram(data, &self.limits) {
-                Ok(frame) => self.on_frame(now, frame),
+                Ok(frame) => self.handle_frame(now, frame),
                 Err(_) => self.stats.malformed_datagrams += 1,
             },
         }
@@ -212,19 +248,35 @@ impl Channel {
     /// [`Config::max_batch_bytes`], so one write carries many messages and their acks; for a
     /// datagram transport one call writes exactly one datagram.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) -> Option<usize> {
-        let now = self.observe(now);
         let start = buf.len();
-        let stream = self.config.transport == Transport::Stream;
-        if stream && !self.preface_sent && !matches!(self.state, State::Closed) {
+        if self.config.transport == Transport::Stream
+            && !self.preface_sent
+            && !matches!(self.state, State::Closed)
+        {
             framing::encode_preface(buf);
             self.preface_sent = true;
         }
+        let preface = buf.len() - start;
+        let n = preface + self.write_frames(now, buf, self.config.max_batch_bytes);
+        self.stats.bytes_sent += preface as u64;
+        (n > 0).then_some(n)
+    }
+
+    /// Appends frames, without any stream preface, up to `budget` bytes for a stream transport (at
+    /// least one frame if any is due) or exactly one datagram; returns the bytes written. This is
+    /// how a session writes the channel's frames after its own on a connection it manages.
+    pub fn write_frames(&mut self, now: Instant, buf: &mut BytesMut, budget: usize) -> usize {
+        let now = self.observe(now);
+        let start = buf.len();
+        let stream = self.config.transport == Transport::Stream;
         match core::mem::replace(&mut self.state, State::Closed) {
             State::Closing(close) => {
                 self.write_frame(&Frame::Close(close), buf);
-                return Some(buf.len() - start);
+                let n = buf.len() - start;
+                self.stats.bytes_sent += n as u64;
+                return n;
             }
-            State::Closed => return None,
+            State::Closed => return 0,
             State::Open => self.state = State::Open,
         }
         loop {
@@ -243,18 +295,48 @@ impl Channel {
                 self.write_frame(&Frame::Pong { id }, buf);
                 continue;
             }
+            if let Some(q) = self.unreliable_out.peek() {
+                let header = UnreliableFrame::header_len(q.stream, u64::MAX >> 2);
+                if stream && written > 0 && written + header + q.payload.len() + 8 > budget {
+                    break;
+                }
+                if let Some((seq, q)) = self.unreliable_out.pop() {
+                    let frame = Frame::Unreliable(UnreliableFrame {
+                        stream: q.stream,
+                        seq,
+                        sequenced: q.sequenced,
+                        payload: q.payload,
+                    });
+                    self.write_frame(&frame, buf);
+                }
+                continue;
+            }
             let ack = self.recv.ack_pending().then(|| self.recv.watermark());
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
             let Some(out) = self.send.peek() else { break };
             if stream {
                 let len =
                     framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
-                if written > 0 && written + len > self.config.max_batch_bytes {
+                if written > 0 && written + len > budget {
                     break;
                 }
-                framing::encode_stream_data_frame(out.stream, out.seq, ack, out.payload, buf);
+                framing::encode_stream_data_frame(
+                    out.stream,
+                    out.seq,
+                    ack,
+                    out.unordered,
+                    out.payload,
+                    buf,
+                );
             } else {
-                framing::encode_datagram_data_frame(out.stream, out.seq, ack, out.payload, buf);
+                framing::encode_datagram_data_frame(
+                    out.stream,
+                    out.seq,
+                    ack,
+                    out.unordered,
+                    out.payload,
+                    buf,
+                );
             }
             if out.retransmission {
                 self.stats.retransmitted += 1;
@@ -269,7 +351,7 @@ impl Channel {
         }
         let n = buf.len() - start;
         self.stats.bytes_sent += n as u64;
-        (n > 0).then_some(n)
+        n
     }
 
     /// The next event for the application.
@@ -295,9 +377,57 @@ impl Channel {
         self.finish(CloseReason::Local { code });
     }
 
+    /// Ends the channel without a word to the peer (there is no connection to say it on), handing
+    /// back what is unacknowledged in [`Event::Closed`] with `reason`.
+    pub fn abandon(&mut self, reason: CloseReason) {
+        if !matches!(self.state, State::Open) {
+            return;
+        }
+        self.state = State::Closed;
+        self.finish(reason);
+    }
+
     /// Whether the channel has ended (the close frame may still be waiting in `poll_transmit`).
     pub fn is_closed(&self) -> bool {
         !matches!(self.state, State::Open)
+    }
+
+    /// Whether the channel has something to write now.
+    pub fn wants_transmit(&self, now: Instant) -> bool {
+        match self.state {
+            State::Closing(_) => true,
+            State::Closed => false,
+            State::Open => {
+                self.recv.wants_ack(now)
+                    || !self.pongs.is_empty()
+                    || !self.unreliable_out.is_empty()
+                    || self.send.has_sendable()
+            }
+        }
+    }
+
+    /// Starts over on a new connection: a fresh decoder and preface, and no pongs owed on the old
+    /// connection. Sequencing and queues carry on: they belong to the session, not the connection.
+    pub fn reset_connection(&mut self) {
+        self.decoder = StreamDecoder::new(self.limits);
+        self.preface_sent = false;
+        self.pongs.clear();
+    }
+
+    /// Resumes over a new connection once the peer has said it received every message below
+    /// `peer_received`: those are released, and everything else sent before goes out again first,
+    /// in order. This side's own receive state goes out at once too. Returns how many messages will
+    /// be resent, or the peer's claim if it covers messages never sent.
+    pub fn resume(&mut self, now: Instant, peer_received: Seq) -> Result<u64, AckOfUnsent> {
+        let now = self.observe(now);
+        let out = self.send.on_ack(now, peer_received, &[], Duration::ZERO)?;
+        if out.base_advanced {
+            self.events.push_back(Event::Acknowledged {
+                below: self.send.base(),
+            });
+        }
+        self.recv.request_ack(now);
+        Ok(self.send.rewind())
     }
 
     /// The counters.
@@ -315,12 +445,28 @@ impl Channel {
         &self.send
     }
 
+    /// The send side, for a session adjusting its bounds.
+    pub fn sender_mut(&mut self) -> &mut Sender {
+        &mut self.send
+    }
+
     /// The receive side, for inspection.
     pub fn receiver(&self) -> &Receiver {
         &self.recv
     }
 
-    fn on_frame(&mut self, now: Instant, frame: Frame) {
+    /// At-most-once messages dropped before sending (queue bound, or replaced by a newer sequenced one).
+    pub fn unreliable_dropped(&self) -> u64 {
+        self.unreliable_out.dropped()
+    }
+
+    /// Takes one decoded frame from the peer. Handshake frames are the session's business and are
+    /// ignored here.
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        let now = self.observe(now);
+        if !matches!(self.state, State::Open) {
+            return;
+        }
         self.stats.frames_received += 1;
         match frame {
             Frame::Data(d) => {
@@ -336,6 +482,7 @@ impl Channel {
                     now,
                     d.stream,
                     d.seq,
+                    d.unordered,
                     d.payload,
                     &mut |stream, seq, payload| {
                         events.push_back(Event::Received(Message {
@@ -364,17 +511,27 @@ impl Channel {
                     Duration::from_micros(delay_micros),
                 );
             }
+            Frame::Unreliable(u) => {
+                if self.unreliable_in.accept(u.stream, u.seq, u.sequenced) {
+                    self.events.push_back(Event::ReceivedUnreliable {
+                        stream: u.stream,
+                        payload: u.payload,
+                    });
+                } else {
+                    self.stats.duplicates_received += 1;
+                }
+            }
             Frame::Ping { id } => {
                 if self.pongs.is_full() {
                     self.pongs.pop_front();
                 }
                 let _ = self.pongs.push_back(id);
             }
-            Frame::Pong { .. } => {}
             Frame::Close(CloseFrame { code, reason }) => {
                 self.state = State::Closed;
                 self.finish(CloseReason::Peer { code, reason });
             }
+            Frame::Pong { .. } | Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) => {}
         }
     }
 
@@ -518,6 +675,7 @@ mod tests {
             stream: 0,
             seq: 0,
             ack: Some(5),
+            unordered: false,
             payload: Bytes::from_static(b"evil"),
         });
         a.handle_input(Instant::ZERO, datagram(evil));
@@ -635,6 +793,7 @@ mod tests {
             stream: 0,
             seq: 0,
             ack: None,
+            unordered: false,
             payload: Bytes::from_static(b"hi"),
         });
         a.handle_input(Instant::ZERO, datagram(data));

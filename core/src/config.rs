@@ -38,7 +38,7 @@ pub enum Transport {
     Datagram,
 }
 
-/// Whether received messages are handed to the application in sequence order.
+/// The mode [`crate::Channel::send`] uses (other modes: [`crate::Channel::send_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Delivery {
@@ -62,7 +62,7 @@ pub enum Delivery {
 pub struct Config {
     /// What the channel runs over.
     pub transport: Transport,
-    /// Ordered or unordered hand-over of received messages.
+    /// The mode of [`crate::Channel::send`].
     pub delivery: Delivery,
     /// The most messages the sender holds (unsent plus unacknowledged); `send` beyond it is refused
     /// with [`crate::SendError::QueueFull`].
@@ -71,6 +71,10 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// The most messages sent but not yet acknowledged.
     pub max_in_flight: u64,
+    /// The most at-most-once messages waiting to be sent; past it the oldest is dropped.
+    pub max_unreliable_queued: usize,
+    /// The most at-most-once payload bytes waiting to be sent; past it the oldest is dropped.
+    pub max_unreliable_bytes: usize,
     /// How far above its watermark the receiver accepts a sequence number; anything beyond is dropped
     /// unacknowledged. Both ends must agree on it (the session handshake will exchange it).
     pub recv_window: u64,
@@ -102,6 +106,8 @@ impl Config {
             max_queued_messages: 4096,
             max_queued_bytes: 16 << 20,
             max_in_flight: 1024,
+            max_unreliable_queued: 1024,
+            max_unreliable_bytes: 1 << 20,
             recv_window: 1024,
             max_reorder_bytes: 4 << 20,
             max_frame_size: (1 << 20) + 64,

@@ -26,6 +26,14 @@ pub struct Message {
 pub enum Event {
     /// A message from the peer, delivered exactly once (and in order, under ordered delivery).
     Received(Message),
+    /// An at-most-once message from the peer (see [`crate::Mode::Sequenced`] and
+    /// [`crate::Mode::Unreliable`]).
+    ReceivedUnreliable {
+        /// Its stream.
+        stream: u64,
+        /// Its payload.
+        payload: Bytes,
+    },
     /// The peer has received every message this side sent with a sequence number below `below`.
     /// One event covers many messages; a queue that was full has room again.
     Acknowledged {

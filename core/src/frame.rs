@@ -12,14 +12,19 @@
 //!
 //! | first byte | frame | fields after the first byte |
 //! |------------|-------|-----------------------------|
-//! | `0000_00AS` (`0x00`–`0x03`) | [`Frame::Data`] | `stream` (only if `S`), `seq`, `ack` (only if `A`), payload (rest of the frame) |
+//! | `0000_0UAS` (`0x00`–`0x07`) | [`Frame::Data`] | `stream` (only if `S`), `seq`, `ack` (only if `A`), payload (rest of the frame) |
 //! | `0x10` | [`Frame::Ack`] | `cumulative`, `delay_micros`, `count`, then `count` × (`gap`, `len − 1`) |
 //! | `0x20` | [`Frame::Ping`] | `id` |
 //! | `0x30` | [`Frame::Pong`] | `id` |
 //! | `0x40` | [`Frame::Close`] | `code`, `reason_len`, `reason` (`reason_len` bytes) |
+//! | `0101_00QS` (`0x50`–`0x53`) | [`Frame::Unreliable`] | `stream` (only if `S`), `seq`, payload (rest); `Q`: sequenced |
+//! | `0110_000R` (`0x60`, `0x61`) | [`Frame::Hello`] | `nonce` (8 bytes), `recv_window`; if `R`: `session` (8 bytes), `token` (16 bytes), `epoch`, `received`; then `credentials` (rest) |
+//! | `0111_000R` (`0x70`, `0x71`) | [`Frame::Welcome`] | `nonce` (8 bytes), `session` (8 bytes), `token` (16 bytes), `epoch`, `received`, `recv_window`, `retention_millis`; `R`: resumed |
+//! | `0x80` | [`Frame::Refuse`] | `code`, `epoch`, `reason` (rest, at most `max_reason_len`) |
 //!
 //! Flags of a data frame: `S = 0x01` means a `stream` field follows (it is left out for the
-//! default stream 0), `A = 0x02` means a piggy-backed cumulative `ack` follows.
+//! default stream 0), `A = 0x02` means a piggy-backed cumulative `ack` follows, `U = 0x04` means
+//! the message may be delivered before earlier ones (reliable unordered).
 //!
 //! Ack ranges are sent relative to the previous point, starting from `cumulative`, so that they
 //! stay small: each range `[start, end)` goes out as `gap = start − prev − 1` and `len − 1` where
@@ -81,11 +86,21 @@ pub const DEFAULT_MAX_REASON_LEN: usize = 256;
 const TYPE_DATA: u8 = 0x00;
 const DATA_HAS_STREAM: u8 = 0x01;
 const DATA_HAS_ACK: u8 = 0x02;
-const DATA_ALL_FLAGS: u8 = TYPE_DATA | DATA_HAS_STREAM | DATA_HAS_ACK;
+const DATA_UNORDERED: u8 = 0x04;
+const DATA_ALL_FLAGS: u8 = TYPE_DATA | DATA_HAS_STREAM | DATA_HAS_ACK | DATA_UNORDERED;
 const TYPE_ACK: u8 = 0x10;
 const TYPE_PING: u8 = 0x20;
 const TYPE_PONG: u8 = 0x30;
 const TYPE_CLOSE: u8 = 0x40;
+const TYPE_UNRELIABLE: u8 = 0x50;
+const UNRELIABLE_HAS_STREAM: u8 = 0x01;
+const UNRELIABLE_SEQUENCED: u8 = 0x02;
+const UNRELIABLE_ALL_FLAGS: u8 = TYPE_UNRELIABLE | UNRELIABLE_HAS_STREAM | UNRELIABLE_SEQUENCED;
+const TYPE_HELLO: u8 = 0x60;
+const TYPE_WELCOME: u8 = 0x70;
+/// On a hello: a resume follows. On a welcome: the session was resumed.
+const HANDSHAKE_RESUME: u8 = 0x01;
+const TYPE_REFUSE: u8 = 0x80;
 
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +126,72 @@ pub enum Frame {
     },
     /// The end of the session, with the reason.
     Close(CloseFrame),
+    /// An at-most-once message, outside the reliable sequence space.
+    Unreliable(UnreliableFrame),
+    /// A client opens a connection: a new session, or a resume of an old one.
+    Hello(HelloFrame),
+    /// The server accepts a hello.
+    Welcome(WelcomeFrame),
+    /// The server refuses a hello; the connection closes after it.
+    Refuse(RefuseFrame),
+}
+
+/// An at-most-once message: never acknowledged or retransmitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreliableFrame {
+    /// Its stream.
+    pub stream: u64,
+    /// Its number in the unreliable sequence space of this direction (for duplicate refusal).
+    pub seq: u64,
+    /// Newest wins: never deliver it after a newer one on the same stream.
+    pub sequenced: bool,
+    /// The message (rest of the frame).
+    pub payload: Bytes,
+}
+
+/// The first frame a client sends on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloFrame {
+    /// The client's tie-breaking nonce for this connection.
+    pub nonce: u64,
+    /// How far ahead of its watermark the client accepts messages.
+    pub recv_window: u64,
+    /// Present when resuming a session.
+    pub resume: Option<crate::identity::Resume>,
+    /// Opaque to steadfast; the server's authentication hook judges them (rest of the frame).
+    pub credentials: Bytes,
+}
+
+/// The server's acceptance of a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WelcomeFrame {
+    /// The server's tie-breaking nonce for this connection.
+    pub nonce: u64,
+    /// The session, new or resumed.
+    pub session: crate::identity::SessionId,
+    /// Its resume secret.
+    pub token: crate::identity::Token,
+    /// The attach epoch now current.
+    pub epoch: u64,
+    /// Whether an existing session was resumed (else it is new).
+    pub resumed: bool,
+    /// Every client message below this sequence number has been received.
+    pub received: Seq,
+    /// How far ahead of its watermark the server accepts messages.
+    pub recv_window: u64,
+    /// How long the server keeps the session after a disconnection.
+    pub retention_millis: u64,
+}
+
+/// The server's refusal of a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefuseFrame {
+    /// Why; see [`crate::session::RefuseCode`].
+    pub code: u64,
+    /// The session's current epoch, for a stale-epoch refusal (else 0).
+    pub epoch: u64,
+    /// A human-readable reason (rest of the frame, at most `max_reason_len`).
+    pub reason: Bytes,
 }
 
 /// An application message.
@@ -123,6 +204,8 @@ pub struct DataFrame {
     /// A piggy-backed cumulative ack: every sequence number below it has been received. Saves a
     /// separate ack frame when traffic flows both ways.
     pub ack: Option<Seq>,
+    /// Deliver on arrival rather than in sequence order (reliable unordered).
+    pub unordered: bool,
     /// The message itself. Runs to the end of the frame, so it needs no length field.
     pub payload: Bytes,
 }
@@ -262,6 +345,32 @@ impl Frame {
                     + varint::encoded_len(len_u64(c.reason.len()))
                     + c.reason.len()
             }
+            Self::Unreliable(u) => {
+                let stream = if u.stream == 0 {
+                    0
+                } else {
+                    varint::encoded_len(u.stream)
+                };
+                1 + stream + varint::encoded_len(u.seq) + u.payload.len()
+            }
+            Self::Hello(h) => {
+                let resume = h.resume.map_or(0, |r| {
+                    8 + 16 + varint::encoded_len(r.epoch) + varint::encoded_len(r.received)
+                });
+                1 + 8 + varint::encoded_len(h.recv_window) + resume + h.credentials.len()
+            }
+            Self::Welcome(w) => {
+                1 + 8
+                    + 8
+                    + 16
+                    + varint::encoded_len(w.epoch)
+                    + varint::encoded_len(w.received)
+                    + varint::encoded_len(w.recv_window)
+                    + varint::encoded_len(w.retention_millis.min(varint::MAX))
+            }
+            Self::Refuse(r) => {
+                1 + varint::encoded_len(r.code) + varint::encoded_len(r.epoch) + r.reason.len()
+            }
         }
     }
 
@@ -272,7 +381,7 @@ impl Frame {
     pub fn encode<B: BufMut>(&self, buf: &mut B) {
         match self {
             Self::Data(d) => {
-                DataFrame::encode_header(d.stream, d.seq, d.ack, buf);
+                DataFrame::encode_header(d.stream, d.seq, d.ack, d.unordered, buf);
                 buf.put_slice(&d.payload);
             }
             Self::Ack(a) => a.encode(buf),
@@ -289,6 +398,45 @@ impl Frame {
                 varint::encode(c.code, buf);
                 varint::encode(len_u64(c.reason.len()), buf);
                 buf.put_slice(&c.reason);
+            }
+            Self::Unreliable(u) => {
+                UnreliableFrame::encode_header(u.stream, u.seq, u.sequenced, buf);
+                buf.put_slice(&u.payload);
+            }
+            Self::Hello(h) => {
+                buf.put_u8(
+                    TYPE_HELLO
+                        | if h.resume.is_some() {
+                            HANDSHAKE_RESUME
+                        } else {
+                            0
+                        },
+                );
+                buf.put_u64(h.nonce);
+                varint::encode(h.recv_window, buf);
+                if let Some(r) = &h.resume {
+                    buf.put_u64(r.session.0);
+                    buf.put_slice(r.token.as_bytes());
+                    varint::encode(r.epoch, buf);
+                    varint::encode(r.received, buf);
+                }
+                buf.put_slice(&h.credentials);
+            }
+            Self::Welcome(w) => {
+                buf.put_u8(TYPE_WELCOME | if w.resumed { HANDSHAKE_RESUME } else { 0 });
+                buf.put_u64(w.nonce);
+                buf.put_u64(w.session.0);
+                buf.put_slice(w.token.as_bytes());
+                varint::encode(w.epoch, buf);
+                varint::encode(w.received, buf);
+                varint::encode(w.recv_window, buf);
+                varint::encode(w.retention_millis.min(varint::MAX), buf);
+            }
+            Self::Refuse(r) => {
+                buf.put_u8(TYPE_REFUSE);
+                varint::encode(r.code, buf);
+                varint::encode(r.epoch, buf);
+                buf.put_slice(&r.reason);
             }
         }
     }
@@ -339,6 +487,7 @@ impl Frame {
                     stream,
                     seq,
                     ack,
+                    unordered: first & DATA_UNORDERED != 0,
                     payload: frame,
                 }))
             }
@@ -368,8 +517,116 @@ impl Frame {
                     })),
                 }
             }
+            TYPE_UNRELIABLE..=UNRELIABLE_ALL_FLAGS => {
+                let stream = if first & UNRELIABLE_HAS_STREAM != 0 {
+                    varint::decode(&mut frame)?
+                } else {
+                    0
+                };
+                let seq = varint::decode(&mut frame)?;
+                Ok(Frame::Unreliable(UnreliableFrame {
+                    stream,
+                    seq,
+                    sequenced: first & UNRELIABLE_SEQUENCED != 0,
+                    payload: frame,
+                }))
+            }
+            TYPE_HELLO | 0x61 => {
+                let nonce = get_u64(&mut frame)?;
+                let recv_window = varint::decode(&mut frame)?;
+                let resume = if first & HANDSHAKE_RESUME != 0 {
+                    Some(crate::identity::Resume {
+                        session: crate::identity::SessionId(get_u64(&mut frame)?),
+                        token: get_token(&mut frame)?,
+                        epoch: varint::decode(&mut frame)?,
+                        received: varint::decode(&mut frame)?,
+                    })
+                } else {
+                    None
+                };
+                Ok(Frame::Hello(HelloFrame {
+                    nonce,
+                    recv_window,
+                    resume,
+                    credentials: frame,
+                }))
+            }
+            TYPE_WELCOME | 0x71 => {
+                let welcome = WelcomeFrame {
+                    nonce: get_u64(&mut frame)?,
+                    session: crate::identity::SessionId(get_u64(&mut frame)?),
+                    token: get_token(&mut frame)?,
+                    epoch: varint::decode(&mut frame)?,
+                    resumed: first & HANDSHAKE_RESUME != 0,
+                    received: varint::decode(&mut frame)?,
+                    recv_window: varint::decode(&mut frame)?,
+                    retention_millis: varint::decode(&mut frame)?,
+                };
+                if frame.is_empty() {
+                    Ok(Frame::Welcome(welcome))
+                } else {
+                    Err(DecodeError::TrailingBytes)
+                }
+            }
+            TYPE_REFUSE => {
+                let code = varint::decode(&mut frame)?;
+                let epoch = varint::decode(&mut frame)?;
+                if frame.len() > limits.max_reason_len {
+                    return Err(DecodeError::ReasonTooLong {
+                        len: frame.len(),
+                        max: limits.max_reason_len,
+                    });
+                }
+                Ok(Frame::Refuse(RefuseFrame {
+                    code,
+                    epoch,
+                    reason: frame,
+                }))
+            }
             other => Err(DecodeError::UnknownFrameType(other)),
         }
+    }
+}
+
+/// A fixed 8-byte big-endian field (nonces and session ids use all 64 bits, past varint range).
+fn get_u64(frame: &mut Bytes) -> Result<u64, DecodeError> {
+    frame.try_get_u64().map_err(|_| DecodeError::Truncated)
+}
+
+fn get_token(frame: &mut Bytes) -> Result<crate::identity::Token, DecodeError> {
+    let mut t = [0u8; 16];
+    frame
+        .try_copy_to_slice(&mut t)
+        .map_err(|_| DecodeError::Truncated)?;
+    Ok(crate::identity::Token::from_bytes(t))
+}
+
+impl UnreliableFrame {
+    /// The length of an unreliable frame's header.
+    #[must_use]
+    pub fn header_len(stream: u64, seq: u64) -> usize {
+        let stream_len = if stream == 0 {
+            0
+        } else {
+            varint::encoded_len(stream)
+        };
+        1 + stream_len + varint::encoded_len(seq)
+    }
+
+    /// Writes an unreliable frame's header; the payload follows.
+    pub fn encode_header<B: BufMut>(stream: u64, seq: u64, sequenced: bool, buf: &mut B) {
+        let mut first = TYPE_UNRELIABLE;
+        if stream != 0 {
+            first |= UNRELIABLE_HAS_STREAM;
+        }
+        if sequenced {
+            first |= UNRELIABLE_SEQUENCED;
+        }
+        buf.put_u8(first);
+        if stream != 0 {
+            varint::encode(stream, buf);
+        }
+        varint::encode(seq, buf);
     }
 }
 
@@ -405,8 +662,17 @@ impl DataFrame {
 
     /// Writes a data frame's header, exactly [`DataFrame::header_len`] bytes; the payload is to be
     /// written right after it. This is the hot path: no [`Frame`] and no payload clone needed.
-    pub fn encode_header<B: BufMut>(stream: u64, seq: Seq, ack: Option<Seq>, buf: &mut B) {
+    pub fn encode_header<B: BufMut>(
+        stream: u64,
+        seq: Seq,
+        ack: Option<Seq>,
+        unordered: bool,
+        buf: &mut B,
+    ) {
         let mut first = TYPE_DATA;
+        if unordered {
+            first |= DATA_UNORDERED;
+        }
         if stream != 0 {
             first |= DATA_HAS_STREAM;
         }
@@ -567,6 +833,7 @@ mod tests {
             stream,
             seq,
             ack,
+            unordered: seq % 2 == 1,
             payload: Bytes::from_static(payload),
         })
     }
@@ -592,6 +859,7 @@ mod tests {
             stream: 0,
             seq: (1 << 14) - 1,
             ack: None,
+            unordered: false,
             payload: Bytes::copy_from_slice(&payload),
         });
         assert_eq!(DataFrame::header_len(0, (1 << 14) - 1, None), 3);
@@ -602,7 +870,7 @@ mod tests {
     fn the_data_header_written_alone_matches_the_frame_encoding() {
         let frame = data(9, 1000, Some(990), b"abc");
         let mut header = Vec::new();
-        DataFrame::encode_header(9, 1000, Some(990), &mut header);
+        DataFrame::encode_header(9, 1000, Some(990), false, &mut header);
         assert_eq!(header.len(), DataFrame::header_len(9, 1000, Some(990)));
         header.extend_from_slice(b"abc");
         assert_eq!(header, encode(&frame));
@@ -694,12 +962,12 @@ mod tests {
 
     #[test]
     fn an_unknown_frame_type_is_an_error() {
-        assert_eq!(decode(&[0x50, 0]), Err(DecodeError::UnknownFrameType(0x50)));
+        assert_eq!(decode(&[0x90, 0]), Err(DecodeError::UnknownFrameType(0x90)));
     }
 
     #[test]
     fn an_undefined_flag_bit_is_an_unknown_frame_type() {
-        assert_eq!(decode(&[0x04, 0]), Err(DecodeError::UnknownFrameType(0x04)));
+        assert_eq!(decode(&[0x08, 0]), Err(DecodeError::UnknownFrameType(0x08)));
         assert_eq!(decode(&[0x21, 0]), Err(DecodeError::UnknownFrameType(0x21)));
     }
 

@@ -24,7 +24,7 @@
 //!
 //! let mut wire = Vec::new();
 //! framing::encode_preface(&mut wire);
-//! framing::encode_stream_data_frame(0, 1, None, b"hello", &mut wire);
+//! framing::encode_stream_data_frame(0, 1, None, false, b"hello", &mut wire);
 //! framing::encode_stream_frame(&Frame::Ping { id: 9 }, &mut wire);
 //!
 //! let mut decoder = StreamDecoder::new(DecodeLimits::default());
@@ -87,12 +87,13 @@ pub fn encode_stream_data_frame<B: BufMut>(
     stream: u64,
     seq: Seq,
     ack: Option<Seq>,
+    unordered: bool,
     payload: &[u8],
     buf: &mut B,
 ) {
     let frame_len = DataFrame::header_len(stream, seq, ack) + payload.len();
     varint::encode(len_u64(frame_len), buf);
-    DataFrame::encode_header(stream, seq, ack, buf);
+    DataFrame::encode_header(stream, seq, ack, unordered, buf);
     buf.put_slice(payload);
 }
 
@@ -225,11 +226,12 @@ pub fn encode_datagram_data_frame<B: BufMut>(
     stream: u64,
     seq: Seq,
     ack: Option<Seq>,
+    unordered: bool,
     payload: &[u8],
     buf: &mut B,
 ) {
     buf.put_u8(VERSION);
-    DataFrame::encode_header(stream, seq, ack, buf);
+    DataFrame::encode_header(stream, seq, ack, unordered, buf);
     buf.put_slice(payload);
 }
 
@@ -273,6 +275,7 @@ mod tests {
                 stream: 0,
                 seq: 1,
                 ack: None,
+                unordered: false,
                 payload: Bytes::from_static(b"first"),
             }),
             Frame::Ack(AckFrame {
@@ -284,6 +287,7 @@ mod tests {
                 stream: 4,
                 seq: 70_000,
                 ack: Some(3),
+                unordered: false,
                 payload: Bytes::from(alloc::vec![7; 300]),
             }),
             Frame::Ping { id: 1 },
@@ -338,7 +342,7 @@ mod tests {
     fn a_small_data_frame_costs_a_few_bytes_of_overhead() {
         let payload = [0x55; 64];
         let mut wire = Vec::new();
-        encode_stream_data_frame(0, (1 << 14) - 1, None, &payload, &mut wire);
+        encode_stream_data_frame(0, (1 << 14) - 1, None, false, &payload, &mut wire);
         assert_eq!(
             wire.len(),
             stream_data_frame_len(0, (1 << 14) - 1, None, 64)
@@ -353,18 +357,19 @@ mod tests {
             stream: 3,
             seq: 1 << 20,
             ack: Some(1 << 19),
+            unordered: false,
             payload: Bytes::from_static(b"same bytes"),
         });
         let mut generic = Vec::new();
         encode_stream_frame(&frame, &mut generic);
         let mut hot = Vec::new();
-        encode_stream_data_frame(3, 1 << 20, Some(1 << 19), b"same bytes", &mut hot);
+        encode_stream_data_frame(3, 1 << 20, Some(1 << 19), false, b"same bytes", &mut hot);
         assert_eq!(hot, generic);
 
         let mut generic = Vec::new();
         encode_datagram(&frame, &mut generic);
         let mut hot = Vec::new();
-        encode_datagram_data_frame(3, 1 << 20, Some(1 << 19), b"same bytes", &mut hot);
+        encode_datagram_data_frame(3, 1 << 20, Some(1 << 19), false, b"same bytes", &mut hot);
         assert_eq!(hot, generic);
     }
 
@@ -437,7 +442,7 @@ mod tests {
     fn a_frame_of_exactly_the_size_limit_is_accepted() {
         let payload = [1; 997];
         let mut wire = Vec::from(PREFACE);
-        encode_stream_data_frame(0, 1, None, &payload, &mut wire);
+        encode_stream_data_frame(0, 1, None, false, &payload, &mut wire);
         let mut decoder = StreamDecoder::new(DecodeLimits::new(1000));
         decoder.feed(&wire);
         assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Data(_)))));
@@ -512,7 +517,7 @@ mod tests {
     #[test]
     fn an_oversized_datagram_is_too_large() {
         let mut buf = Vec::new();
-        encode_datagram_data_frame(0, 1, None, &[0; 100], &mut buf);
+        encode_datagram_data_frame(0, 1, None, false, &[0; 100], &mut buf);
         assert_eq!(
             decode_datagram(Bytes::from(buf), &DecodeLimits::new(50)),
             Err(DecodeError::FrameTooLarge { len: 102, max: 50 })

@@ -34,17 +34,21 @@ pub mod config;
 pub mod event;
 pub mod frame;
 pub mod framing;
+pub mod identity;
+pub mod mode;
 pub mod ranges;
 pub mod recv;
 pub mod rtt;
 pub mod send;
 pub mod stats;
 pub mod time;
+pub mod unreliable;
 pub mod varint;
 
 pub use channel::Channel;
 pub use config::{Config, ConfigError, Delivery, Transport};
 pub use event::{CloseReason, Event, Message, ProtocolError};
+pub use mode::{Mode, Sent};
 pub use send::SendError;
 pub use stats::Stats;
 

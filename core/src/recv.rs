@@ -9,7 +9,7 @@
 //! - de-duplication: one watermark and at most [`crate::config::RECV_RANGES`] ranges (a fixed
 //!   `heapless` array: 8 + 16·64 bytes), because an arrival that would open a further gap is dropped
 //!   unacknowledged;
-//! - reordering (ordered delivery only): at most `recv_window` slots and `max_reorder_bytes` payload
+//! - reordering (ordered messages only): at most `recv_window` slots and `max_reorder_bytes` payload
 //!   bytes, because anything at or beyond `watermark + recv_window`, or that would overflow the byte
 //!   bound, is dropped unacknowledged. The sender retransmits what was dropped, so bounds cost
 //!   throughput under pathological reordering, never correctness.
@@ -20,7 +20,7 @@ use core::ops::Range;
 use bytes::Bytes;
 
 use crate::Seq;
-use crate::config::{Config, Delivery, RecvRanges};
+use crate::config::{Config, RecvRanges};
 use crate::frame::{AckFrame, AckRanges};
 use crate::time::{Duration, Instant, micros};
 
@@ -51,7 +51,6 @@ pub struct Receiver {
     reorder_bytes: usize,
     window: u64,
     max_reorder_bytes: usize,
-    delivery: Delivery,
     ack: AckPolicy,
 }
 
@@ -81,7 +80,6 @@ impl Receiver {
             reorder_bytes: 0,
             window: config.recv_window,
             max_reorder_bytes: config.max_reorder_bytes,
-            delivery: config.delivery,
             ack: AckPolicy {
                 every: config.ack_every,
                 max_delay: config.max_ack_delay,
@@ -95,12 +93,14 @@ impl Receiver {
     }
 
     /// Takes one data frame; calls `deliver(stream, seq, payload)` for each message now due to the
-    /// application, in the order they are due.
+    /// application, in the order they are due. An `unordered` message is due on arrival; an ordered
+    /// one once every earlier sequence number has arrived.
     pub fn on_data(
         &mut self,
         now: Instant,
         stream: u64,
         seq: Seq,
+        unordered: bool,
         payload: Bytes,
         deliver: &mut impl FnMut(u64, Seq, Bytes),
     ) -> Arrival {
@@ -122,7 +122,7 @@ impl Receiver {
             self.ack.note(now, urgent);
             return Arrival::Delivered;
         }
-        let ordered = self.delivery == Delivery::Ordered;
+        let ordered = !unordered;
         if ordered && self.reorder_bytes.saturating_add(payload.len()) > self.max_reorder_bytes {
             return Arrival::NoRoom;
         }
@@ -223,6 +223,14 @@ impl Receiver {
         }
     }
 
+    /// Makes the receive state go out at the next opportunity (after a resume, the peer must hear
+    /// where this side stands before it can trust its own view).
+    pub fn request_ack(&mut self, now: Instant) {
+        self.ack.pending = true;
+        self.ack.urgent = true;
+        self.ack.last_arrival = now;
+    }
+
     /// The cumulative ack to carry on an outgoing data frame, if one is pending and says everything
     /// (no gaps to report); records it as sent.
     pub fn take_piggyback(&mut self) -> Option<Seq> {
@@ -262,33 +270,35 @@ mod tests {
     use crate::config::Transport;
     use alloc::vec::Vec;
 
-    fn receiver(delivery: Delivery) -> Receiver {
+    fn receiver() -> Receiver {
         let mut c = Config::new(Transport::Stream);
-        c.delivery = delivery;
         c.recv_window = 8;
         c.ack_every = 4;
         Receiver::new(&c)
     }
 
+    /// Feeds ordered messages.
     fn feed(r: &mut Receiver, seqs: &[Seq]) -> (Vec<Seq>, Vec<Arrival>) {
+        feed_as(r, seqs, false)
+    }
+
+    fn feed_as(r: &mut Receiver, seqs: &[Seq], unordered: bool) -> (Vec<Seq>, Vec<Arrival>) {
         let mut got = Vec::new();
         let mut arrivals = Vec::new();
         for &s in seqs {
-            let a = r.on_data(
-                Instant::ZERO,
-                0,
-                s,
-                Bytes::from_static(b"x"),
-                &mut |_, seq, _| got.push(seq),
+            let x = Bytes::from_static(b"x");
+            arrivals.push(
+                r.on_data(Instant::ZERO, 0, s, unordered, x, &mut |_, seq, _| {
+                    got.push(seq)
+                }),
             );
-            arrivals.push(a);
         }
         (got, arrivals)
     }
 
     #[test]
     fn ordered_delivery_holds_arrivals_after_a_gap_until_it_fills() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         let (got, arr) = feed(&mut r, &[1, 2, 0]);
         assert_eq!(got, [0, 1, 2]);
         assert_eq!(
@@ -302,8 +312,8 @@ mod tests {
 
     #[test]
     fn unordered_delivery_hands_over_at_once_and_still_never_twice() {
-        let mut r = receiver(Delivery::Unordered);
-        let (got, arr) = feed(&mut r, &[2, 0, 2, 1, 0]);
+        let mut r = receiver();
+        let (got, arr) = feed_as(&mut r, &[2, 0, 2, 1, 0], true);
         assert_eq!(got, [2, 0, 1]);
         assert_eq!(arr[2], Arrival::Duplicate);
         assert_eq!(arr[4], Arrival::Duplicate);
@@ -312,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_duplicate_below_the_watermark_is_reacknowledged_urgently() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         feed(&mut r, &[0]);
         r.take_ack(Instant::ZERO);
         assert!(!r.wants_ack(Instant::ZERO));
@@ -323,7 +333,7 @@ mod tests {
 
     #[test]
     fn an_arrival_beyond_the_window_is_dropped_and_not_acknowledged() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         let (got, arr) = feed(&mut r, &[8]);
         assert!(got.is_empty());
         assert_eq!(arr, [Arrival::BeyondWindow]);
@@ -345,7 +355,7 @@ mod tests {
 
     #[test]
     fn in_order_arrivals_are_acknowledged_every_n_frames_or_after_the_delay() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         feed(&mut r, &[0, 1, 2]);
         assert!(!r.wants_ack(Instant::ZERO));
         assert_eq!(
@@ -362,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_gap_is_reported_at_once_with_its_selective_ranges() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         feed(&mut r, &[0, 2, 3, 5]);
         assert!(r.wants_ack(Instant::ZERO));
         assert_eq!(r.take_piggyback(), None, "gaps need a full ack");
@@ -374,11 +384,12 @@ mod tests {
 
     #[test]
     fn the_ack_delay_reports_how_long_the_last_arrival_waited() {
-        let mut r = receiver(Delivery::Ordered);
+        let mut r = receiver();
         r.on_data(
             Instant::from_nanos(1_000_000),
             0,
             0,
+            false,
             Bytes::new(),
             &mut |_, _, _| {},
         );

@@ -11,13 +11,13 @@
 //! retransmission timeout (RFC 6298, with backoff) expires. On stream transports nothing is
 //! retransmitted within a connection.
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use core::fmt;
 
 use bytes::Bytes;
 
 use crate::Seq;
-use crate::config::{Config, Delivery, Transport};
+use crate::config::{Config, Transport};
 use crate::rtt::RttEstimator;
 use crate::time::{Duration, Instant, earliest};
 
@@ -70,6 +70,10 @@ pub struct AckOfUnsent {
 struct Slot {
     stream: u64,
     payload: Bytes,
+    /// Delivered on arrival: a selective ack of it means delivered.
+    unordered: bool,
+    /// Its conflation key, while it is unsent and may still be replaced by a newer value.
+    key: Option<u64>,
     /// When it was last put on the wire; `None` while waiting for its first transmission.
     sent_at: Option<Instant>,
     /// The send-order number of its last transmission (sequence numbers are reused on retransmission,
@@ -112,6 +116,26 @@ pub struct Outgoing<'a> {
     pub payload: &'a [u8],
     /// Whether it was sent before.
     pub retransmission: bool,
+    /// Whether the peer may deliver it before earlier messages.
+    pub unordered: bool,
+}
+
+/// What [`Sender::push`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued under a new sequence number.
+    Queued(Seq),
+    /// It replaced the unsent value of the same conflation key, which keeps its sequence number.
+    Replaced(Seq),
+}
+
+impl Pushed {
+    /// The sequence number the message travels under.
+    pub fn seq(self) -> Seq {
+        match self {
+            Pushed::Queued(s) | Pushed::Replaced(s) => s,
+        }
+    }
 }
 
 /// The sending half of a channel.
@@ -135,8 +159,8 @@ pub struct Sender {
     /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
     largest_acked_order: Option<u64>,
     transport: Transport,
-    /// Under ordered delivery a selective ack means "buffered at the peer", not "delivered".
-    ordered: bool,
+    /// Unsent conflatable messages by (stream, key).
+    conflation: BTreeMap<(u64, u64), Seq>,
     max_messages: usize,
     max_bytes: usize,
     max_payload: usize,
@@ -165,7 +189,7 @@ impl Sender {
             next_order: 0,
             largest_acked_order: None,
             transport: config.transport,
-            ordered: config.delivery == Delivery::Ordered,
+            conflation: BTreeMap::new(),
             max_messages: config.max_queued_messages,
             max_bytes: config.max_queued_bytes,
             max_payload: config.max_payload(),
@@ -174,9 +198,36 @@ impl Sender {
     }
 
     /// Queues a message and returns its sequence number.
-    pub fn push(&mut self, stream: u64, payload: Bytes) -> Result<Seq, SendError> {
+    ///
+    /// With a conflation `key`, a message still unsent under the same stream and key is replaced in
+    /// place (keeping its sequence number and position) instead of queueing another: only the newest
+    /// unsent value per key is kept, so a conflated stream needs no room for a key it already holds.
+    pub fn push(
+        &mut self,
+        stream: u64,
+        payload: Bytes,
+        unordered: bool,
+        key: Option<u64>,
+    ) -> Result<Pushed, SendError> {
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge(payload));
+        }
+        if let Some(k) = key
+            && let Some(&seq) = self.conflation.get(&(stream, k))
+        {
+            let base = self.base;
+            if let Some(slot) = self.slots.get_mut((seq - base) as usize)
+                && slot.sent_at.is_none()
+            {
+                let bytes = self.queued_bytes - slot.payload.len() + payload.len();
+                if bytes > self.max_bytes {
+                    return Err(SendError::QueueFull(payload));
+                }
+                self.queued_bytes = bytes;
+                slot.payload = payload;
+                slot.unordered = unordered;
+                return Ok(Pushed::Replaced(seq));
+            }
         }
         if self.slots.len() >= self.max_messages
             || self.queued_bytes.saturating_add(payload.len()) > self.max_bytes
@@ -185,16 +236,21 @@ impl Sender {
         }
         let seq = self.end();
         self.queued_bytes += payload.len();
+        if let Some(k) = key {
+            self.conflation.insert((stream, k), seq);
+        }
         self.slots.push_back(Slot {
             stream,
             payload,
+            unordered,
+            key,
             sent_at: None,
             sent_order: 0,
             transmissions: 0,
             acked: false,
             lost: false,
         });
-        Ok(seq)
+        Ok(Pushed::Queued(seq))
     }
 
     /// The next message to put on the wire, if any may go now: lost messages first, then new ones
@@ -224,6 +280,7 @@ impl Sender {
             seq,
             payload: &s.payload,
             retransmission,
+            unordered: s.unordered,
         })
     }
 
@@ -240,6 +297,10 @@ impl Sender {
         };
         let base = self.base;
         if let Some(s) = self.slots.get_mut((seq - base) as usize) {
+            // Once on the wire a value can no longer be replaced.
+            if let Some(k) = s.key.take() {
+                self.conflation.remove(&(s.stream, k));
+            }
             s.sent_at = Some(now);
             s.sent_order = self.next_order;
             s.transmissions = s.transmissions.saturating_add(1);
@@ -401,9 +462,56 @@ impl Sender {
         }
     }
 
+    /// Prepares to resend over a new connection: everything sent but not acknowledged goes out again
+    /// first, oldest first, then what was never sent. Returns how many will be resent.
+    ///
+    /// Called after the peer's resume state has been applied with [`Sender::on_ack`], so what it
+    /// already holds is not resent.
+    pub fn rewind(&mut self) -> u64 {
+        self.retransmit.clear();
+        let base = self.base;
+        let mut n = 0;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if s.sent_at.is_none() {
+                break;
+            }
+            s.lost = !s.acked;
+            if s.lost {
+                self.retransmit.push_back(base + i as u64);
+                n += 1;
+            }
+        }
+        self.rto_at = None;
+        self.loss_at = None;
+        self.rto_backoff = 0;
+        n
+    }
+
+    /// Changes the queue bounds (a server allows more while its client is disconnected). Messages
+    /// already queued stay; `push` refuses until the queue is back under the new bound.
+    pub fn set_limits(&mut self, max_messages: usize, max_bytes: usize) {
+        self.max_messages = max_messages;
+        self.max_bytes = max_bytes;
+    }
+
+    /// Changes the in-flight limit (to the peer's receive window, learnt in the handshake).
+    pub fn set_in_flight_limit(&mut self, limit: u64) {
+        self.in_flight_limit = limit.max(1);
+    }
+
     /// The earliest time [`Sender::on_timeout`] has work to do.
     pub fn deadline(&self) -> Option<Instant> {
         earliest(self.loss_at, self.rto_at)
+    }
+
+    /// Whether [`Sender::peek`] would return a message: a retransmission is due, or a new message
+    /// fits the in-flight window.
+    pub fn has_sendable(&self) -> bool {
+        self.retransmit
+            .iter()
+            .any(|&seq| self.slot(seq).is_some_and(|s| !s.acked))
+            || (self.next_unsent < self.end()
+                && self.next_unsent - self.base < self.in_flight_limit)
     }
 
     fn has_outstanding(&self) -> bool {
@@ -446,8 +554,8 @@ impl Sender {
     }
 
     /// Removes and returns every message whose delivery is unknown, oldest first: those not
-    /// acknowledged, and under ordered delivery also those only selectively acknowledged (they wait in
-    /// the peer's reorder buffer behind a gap, and a closing peer discards them).
+    /// acknowledged, and ordered ones only selectively acknowledged (they wait in the peer's reorder
+    /// buffer behind a gap, and a closing peer discards them).
     pub fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
         let base = self.base;
         self.base = self.end();
@@ -456,11 +564,11 @@ impl Sender {
         self.retransmit.clear();
         self.rto_at = None;
         self.loss_at = None;
-        let ordered = self.ordered;
+        self.conflation.clear();
         self.slots
             .drain(..)
             .enumerate()
-            .filter(move |(_, s)| ordered || !s.acked)
+            .filter(|(_, s)| !s.acked || !s.unordered)
             .map(move |(i, s)| (s.stream, base + i as u64, s.payload))
     }
 }
@@ -488,11 +596,17 @@ mod tests {
         Sender::new(&c)
     }
 
+    impl Sender {
+        fn push_plain(&mut self, stream: u64, payload: Bytes) -> Result<Seq, SendError> {
+            self.push(stream, payload, false, None).map(Pushed::seq)
+        }
+    }
+
     /// A sender holding `n` queued, unsent messages.
     fn queued(transport: Transport, n: u8) -> Sender {
         let mut s = sender(transport);
         for i in 0..n {
-            s.push(0, msg(i)).unwrap();
+            s.push_plain(0, msg(i)).unwrap();
         }
         s
     }
@@ -512,24 +626,53 @@ mod tests {
     }
 
     #[test]
+    fn a_conflated_value_replaces_the_unsent_one_of_its_key_in_place() {
+        let mut s = sender(Transport::Stream);
+        assert_eq!(s.push(1, msg(1), false, Some(9)), Ok(Pushed::Queued(0)));
+        assert_eq!(s.push(1, msg(2), false, Some(8)), Ok(Pushed::Queued(1)));
+        assert_eq!(s.push(1, msg(3), false, Some(9)), Ok(Pushed::Replaced(0)));
+        assert_eq!(s.peek().map(|o| o.payload.to_vec()), Some(msg(3).to_vec()));
+        flush(&mut s, at(0));
+        assert_eq!(
+            s.push(1, msg(4), false, Some(9)),
+            Ok(Pushed::Queued(2)),
+            "once sent, a value is no longer replaceable"
+        );
+    }
+
+    #[test]
+    fn rewinding_resends_everything_unacknowledged_oldest_first_then_the_unsent() {
+        let mut s = queued(Transport::Stream, 5);
+        s.set_in_flight_limit(3);
+        assert_eq!(flush(&mut s, at(0)), [0, 1, 2]);
+        s.on_ack(at(1), 1, &[2..3], Duration::ZERO).unwrap();
+        assert_eq!(s.rewind(), 1);
+        s.set_in_flight_limit(10);
+        assert_eq!(flush(&mut s, at(2)), [1, 3, 4]);
+    }
+
+    #[test]
     fn messages_are_numbered_from_zero_in_the_order_they_are_queued() {
         let mut s = sender(Transport::Stream);
-        assert_eq!(s.push(0, msg(1)), Ok(0));
-        assert_eq!(s.push(7, msg(2)), Ok(1));
+        assert_eq!(s.push_plain(0, msg(1)), Ok(0));
+        assert_eq!(s.push_plain(7, msg(2)), Ok(1));
         assert_eq!(s.end(), 2);
     }
 
     #[test]
     fn the_queue_refuses_past_its_message_bound_and_hands_the_payload_back() {
         let mut s = queued(Transport::Stream, 8);
-        assert_eq!(s.push(0, msg(9)), Err(SendError::QueueFull(msg(9))));
+        assert_eq!(s.push_plain(0, msg(9)), Err(SendError::QueueFull(msg(9))));
     }
 
     #[test]
     fn the_queue_refuses_past_its_byte_bound() {
         let mut s = sender(Transport::Stream);
-        s.push(0, Bytes::from(alloc::vec![0; 61])).unwrap();
-        assert!(matches!(s.push(0, msg(1)), Err(SendError::QueueFull(_))));
+        s.push_plain(0, Bytes::from(alloc::vec![0; 61])).unwrap();
+        assert!(matches!(
+            s.push_plain(0, msg(1)),
+            Err(SendError::QueueFull(_))
+        ));
         assert_eq!(s.queued_bytes(), 61);
     }
 
@@ -568,8 +711,8 @@ mod tests {
     #[test]
     fn an_ack_of_a_message_never_sent_is_refused() {
         let mut s = sender(Transport::Stream);
-        s.push(0, msg(0)).unwrap();
-        s.push(0, msg(1)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
+        s.push_plain(0, msg(1)).unwrap();
         s.peek();
         s.on_sent(at(0));
         let err = s.on_ack(at(1), 2, &[], Duration::ZERO).unwrap_err();
@@ -606,10 +749,10 @@ mod tests {
     #[test]
     fn a_datagram_is_declared_lost_after_the_time_threshold_even_without_three_later_acks() {
         let mut s = sender(Transport::Datagram);
-        s.push(0, msg(0)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
         s.peek();
         s.on_sent(at(0));
-        s.push(0, msg(1)).unwrap();
+        s.push_plain(0, msg(1)).unwrap();
         s.peek();
         s.on_sent(at(1));
         let out = s.on_ack(at(20), 0, &[1..2], Duration::ZERO).unwrap();
@@ -623,7 +766,7 @@ mod tests {
     #[test]
     fn the_retransmission_timeout_resends_what_is_outstanding_and_backs_off() {
         let mut s = sender(Transport::Datagram);
-        s.push(0, msg(0)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
         flush(&mut s, at(0));
         let first = s.deadline().unwrap();
         let out = s.on_timeout(first);
@@ -637,7 +780,7 @@ mod tests {
     #[test]
     fn handling_the_same_timeout_twice_does_nothing_the_second_time() {
         let mut s = sender(Transport::Datagram);
-        s.push(0, msg(0)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
         flush(&mut s, at(0));
         let t = s.deadline().unwrap();
         assert_eq!(s.on_timeout(t).declared_lost, 1);
@@ -647,7 +790,7 @@ mod tests {
     #[test]
     fn a_stream_transport_never_arms_a_retransmission_timer() {
         let mut s = sender(Transport::Stream);
-        s.push(0, msg(0)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
         flush(&mut s, at(0));
         assert_eq!(s.deadline(), None);
     }
@@ -655,7 +798,7 @@ mod tests {
     #[test]
     fn an_ack_of_a_retransmitted_message_gives_no_rtt_sample() {
         let mut s = sender(Transport::Datagram);
-        s.push(0, msg(0)).unwrap();
+        s.push_plain(0, msg(0)).unwrap();
         flush(&mut s, at(0));
         let t = s.deadline().unwrap();
         s.on_timeout(t);
@@ -671,12 +814,10 @@ mod tests {
     }
 
     #[test]
-    fn under_unordered_delivery_draining_hands_back_only_the_unacknowledged_oldest_first() {
-        let mut c = Config::new(Transport::Stream);
-        c.delivery = Delivery::Unordered;
-        let mut s = Sender::new(&c);
+    fn draining_hands_back_unordered_messages_only_if_unacknowledged_oldest_first() {
+        let mut s = sender(Transport::Stream);
         for i in 0..4 {
-            s.push(i.into(), msg(i)).unwrap();
+            s.push(i.into(), msg(i), true, None).unwrap();
         }
         flush(&mut s, at(0));
         s.on_ack(at(1), 1, &[2..3], Duration::ZERO).unwrap();

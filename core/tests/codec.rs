@@ -5,9 +5,11 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use steadfast_core::Seq;
 use steadfast_core::frame::{
-    AckFrame, AckRanges, CloseFrame, DataFrame, DecodeError, DecodeLimits, Frame, MAX_ACK_RANGES,
+    AckFrame, AckRanges, CloseFrame, DataFrame, DecodeError, DecodeLimits, Frame, HelloFrame,
+    MAX_ACK_RANGES, RefuseFrame, UnreliableFrame, WelcomeFrame,
 };
 use steadfast_core::framing::{self, PREFACE, StreamDecoder};
+use steadfast_core::identity::{Resume, SessionId, Token};
 use steadfast_core::varint;
 
 const CASES: u32 = 2000;
@@ -47,14 +49,90 @@ fn data_frame() -> impl Strategy<Value = DataFrame> {
         prop_oneof![Just(0u64), wide_u64()],
         wide_u64(),
         prop::option::of(wide_u64()),
+        any::<bool>(),
         payload(200),
     )
-        .prop_map(|(stream, seq, ack, payload)| DataFrame {
+        .prop_map(|(stream, seq, ack, unordered, payload)| DataFrame {
             stream,
             seq,
             ack,
+            unordered,
             payload,
         })
+}
+
+fn unreliable_frame() -> impl Strategy<Value = UnreliableFrame> {
+    (
+        prop_oneof![Just(0u64), wide_u64()],
+        wide_u64(),
+        any::<bool>(),
+        payload(200),
+    )
+        .prop_map(|(stream, seq, sequenced, payload)| UnreliableFrame {
+            stream,
+            seq,
+            sequenced,
+            payload,
+        })
+}
+
+fn token() -> impl Strategy<Value = Token> {
+    any::<[u8; 16]>().prop_map(Token::from_bytes)
+}
+
+fn hello_frame() -> impl Strategy<Value = HelloFrame> {
+    let resume = (any::<u64>(), token(), wide_u64(), wide_u64()).prop_map(
+        |(session, token, epoch, received)| Resume {
+            session: SessionId(session),
+            token,
+            epoch,
+            received,
+        },
+    );
+    (
+        any::<u64>(),
+        wide_u64(),
+        prop::option::of(resume),
+        payload(100),
+    )
+        .prop_map(|(nonce, recv_window, resume, credentials)| HelloFrame {
+            nonce,
+            recv_window,
+            resume,
+            credentials,
+        })
+}
+
+fn welcome_frame() -> impl Strategy<Value = WelcomeFrame> {
+    (
+        (any::<u64>(), any::<u64>(), token(), wide_u64()),
+        (any::<bool>(), wide_u64(), wide_u64(), wide_u64()),
+    )
+        .prop_map(
+            |(
+                (nonce, session, token, epoch),
+                (resumed, received, recv_window, retention_millis),
+            )| {
+                WelcomeFrame {
+                    nonce,
+                    session: SessionId(session),
+                    token,
+                    epoch,
+                    resumed,
+                    received,
+                    recv_window,
+                    retention_millis,
+                }
+            },
+        )
+}
+
+fn refuse_frame() -> impl Strategy<Value = RefuseFrame> {
+    (wide_u64(), wide_u64(), payload(256)).prop_map(|(code, epoch, reason)| RefuseFrame {
+        code,
+        epoch,
+        reason,
+    })
 }
 
 /// Valid ack ranges above `cumulative`, built from (gap, length − 1) pairs the way the wire
@@ -104,6 +182,10 @@ fn frame() -> impl Strategy<Value = Frame> {
         1 => wide_u64().prop_map(|id| Frame::Ping { id }),
         1 => wide_u64().prop_map(|id| Frame::Pong { id }),
         1 => close_frame().prop_map(Frame::Close),
+        2 => unreliable_frame().prop_map(Frame::Unreliable),
+        1 => hello_frame().prop_map(Frame::Hello),
+        1 => welcome_frame().prop_map(Frame::Welcome),
+        1 => refuse_frame().prop_map(Frame::Refuse),
     ]
 }
 
@@ -111,7 +193,10 @@ fn frame() -> impl Strategy<Value = Frame> {
 fn frame_like_bytes() -> impl Strategy<Value = Vec<u8>> {
     (
         prop_oneof![
-            prop::sample::select(vec![0x00u8, 0x01, 0x02, 0x03, 0x10, 0x20, 0x30, 0x40]),
+            prop::sample::select(vec![
+                0x00u8, 0x01, 0x02, 0x03, 0x07, 0x10, 0x20, 0x30, 0x40, 0x50, 0x53, 0x60, 0x61,
+                0x70, 0x71, 0x80
+            ]),
             any::<u8>(),
         ],
         prop::collection::vec(any::<u8>(), 0..300),
@@ -214,14 +299,16 @@ proptest! {
     fn data_frames_written_on_the_hot_path_round_trip_on_both_transports(data in data_frame()) {
         let limits = DecodeLimits::default();
         let mut wire = PREFACE.to_vec();
-        framing::encode_stream_data_frame(data.stream, data.seq, data.ack, &data.payload, &mut wire);
+        framing::encode_stream_data_frame(
+            data.stream, data.seq, data.ack, data.unordered, &data.payload, &mut wire,
+        );
         let mut decoder = StreamDecoder::new(limits);
         decoder.feed(&wire);
         prop_assert_eq!(decoder.next_frame(), Ok(Some(Frame::Data(data.clone()))));
 
         let mut datagram = Vec::new();
         framing::encode_datagram_data_frame(
-            data.stream, data.seq, data.ack, &data.payload, &mut datagram,
+            data.stream, data.seq, data.ack, data.unordered, &data.payload, &mut datagram,
         );
         prop_assert_eq!(
             framing::decode_datagram(Bytes::from(datagram), &limits),
@@ -350,11 +437,13 @@ proptest! {
     #[test]
     fn data_frame_lengths_are_the_number_of_bytes_written(data in data_frame()) {
         let mut header = Vec::new();
-        DataFrame::encode_header(data.stream, data.seq, data.ack, &mut header);
+        DataFrame::encode_header(data.stream, data.seq, data.ack, data.unordered, &mut header);
         prop_assert_eq!(header.len(), DataFrame::header_len(data.stream, data.seq, data.ack));
 
         let mut stream = Vec::new();
-        framing::encode_stream_data_frame(data.stream, data.seq, data.ack, &data.payload, &mut stream);
+        framing::encode_stream_data_frame(
+            data.stream, data.seq, data.ack, data.unordered, &data.payload, &mut stream,
+        );
         prop_assert_eq!(
             stream.len(),
             framing::stream_data_frame_len(data.stream, data.seq, data.ack, data.payload.len())

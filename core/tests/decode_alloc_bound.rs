@@ -96,7 +96,7 @@ fn stream_wire(with_preface: bool, segments: &[Segment]) -> Vec<u8> {
     for s in segments {
         match s {
             Segment::Data(payload) => {
-                framing::encode_stream_data_frame(0, 1, None, payload, &mut wire);
+                framing::encode_stream_data_frame(0, 1, None, false, payload, &mut wire);
             }
             Segment::Ack(cumulative, count) => {
                 let cumulative = cumulative & (varint::MAX >> 1);
@@ -130,7 +130,7 @@ proptest! {
             // A valid data frame header first, so decoding reaches the payload.
             prop::collection::vec(any::<u8>(), 0..1200).prop_map(|payload| {
                 let mut buf = Vec::new();
-                DataFrame::encode_header(5, 1 << 20, Some(7), &mut buf);
+                DataFrame::encode_header(5, 1 << 20, Some(7), false, &mut buf);
                 buf.extend_from_slice(&payload);
                 buf
             }),

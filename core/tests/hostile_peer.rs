@@ -21,7 +21,7 @@ fn seq() -> impl Strategy<Value = u64> {
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         8 => (0u64..4, seq(), prop::option::of(seq()), prop::collection::vec(any::<u8>(), 0..64)).prop_map(
-            |(stream, seq, ack, p)| Frame::Data(DataFrame { stream, seq, ack, payload: Bytes::from(p) })
+            |(stream, seq, ack, p)| Frame::Data(DataFrame { stream, seq, ack, unordered: false, payload: Bytes::from(p) })
         ),
         2 => (seq(), any::<u32>(), prop::collection::vec((0u64..8, 1u64..8), 0..8)).prop_map(
             |(cumulative, delay, gaps)| {
@@ -67,6 +67,7 @@ fn survivable_input() -> impl Strategy<Value = Input> {
                 stream,
                 seq,
                 ack: None,
+                unordered: false,
                 payload: Bytes::from(p),
             })))
         });
@@ -207,6 +208,7 @@ fn the_flood_test_actually_delivers_and_fills_the_de_dup_set() {
                 stream: 0,
                 seq,
                 ack: None,
+                unordered: false,
                 payload: Bytes::from_static(b"x"),
             })))
         })
