@@ -46,6 +46,7 @@
 //!     stream: 0,
 //!     seq: 7,
 //!     ack: None,
+//!     unordered: false,
 //!     payload: Bytes::from_static(b"hello"),
 //! });
 //! let mut buf = Vec::new();

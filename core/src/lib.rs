@@ -30,17 +30,23 @@ extern crate alloc;
 extern crate std;
 
 pub mod channel;
+pub mod client;
 pub mod config;
 pub mod event;
 pub mod frame;
 pub mod framing;
 pub mod identity;
+pub mod liveness;
 pub mod mode;
 pub mod ranges;
+pub mod reconnect;
 pub mod recv;
 pub mod rtt;
 pub mod send;
+pub mod server;
+pub mod session;
 pub mod stats;
+pub mod tiebreak;
 pub mod time;
 pub mod unreliable;
 pub mod varint;
@@ -63,6 +69,8 @@ pub const CLOSE_NORMAL: u64 = 0;
 pub const CLOSE_DECODE_ERROR: u64 = 1;
 /// Close code: the peer broke the protocol's rules (e.g. acknowledged what was never sent).
 pub const CLOSE_PROTOCOL_VIOLATION: u64 = 2;
+/// Close code: a bounded queue overflowed under a close-the-session policy.
+pub const CLOSE_OVERFLOW: u64 = 3;
 
 #[cfg(feature = "std")]
 impl From<frame::DecodeError> for std::io::Error {

@@ -32,13 +32,18 @@ pub enum SendError {
     TooLarge(Bytes),
     /// The channel is closed.
     Closed(Bytes),
+    /// The stream id is reserved (replies use the ids from [`crate::session::REPLY_STREAM`] up).
+    InvalidStream(Bytes),
 }
 
 impl SendError {
     /// The refused payload.
     pub fn into_payload(self) -> Bytes {
         match self {
-            SendError::QueueFull(b) | SendError::TooLarge(b) | SendError::Closed(b) => b,
+            SendError::QueueFull(b)
+            | SendError::TooLarge(b)
+            | SendError::Closed(b)
+            | SendError::InvalidStream(b) => b,
         }
     }
 }
@@ -51,6 +56,7 @@ impl fmt::Display for SendError {
                 write!(f, "payload of {} bytes exceeds the frame size", b.len())
             }
             SendError::Closed(_) => f.write_str("channel closed"),
+            SendError::InvalidStream(_) => f.write_str("stream id reserved for replies"),
         }
     }
 }

@@ -298,3 +298,4 @@ pub fn payloads(n: usize, size: usize) -> Vec<Bytes> {
         })
         .collect()
 }
+pub mod net;

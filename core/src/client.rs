@@ -1,0 +1,587 @@
+//! The client end of a session: connects through its reconnect policy, opens or resumes the session
+//! on each connection, and keeps it alive.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::Seq;
+use crate::channel::Channel;
+use crate::config::{Config, ConfigError};
+use crate::event::{CloseReason, Event};
+use crate::frame::{DecodeLimits, Frame, HelloFrame, WelcomeFrame};
+use crate::identity::{Resume, SessionId, Token};
+use crate::liveness::{LivenessConfig, Verdict};
+use crate::mode::{Mode, Sent};
+use crate::reconnect::{GaveUp, ReconnectPolicy, Reconnector};
+use crate::send::SendError;
+use crate::session::{
+    DisconnectCause, Entropy, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode, Requests,
+    SessionCounters, SessionEvent, session_event,
+};
+use crate::tiebreak::{Arbiter, Role};
+use crate::time::{Duration, Instant, earliest};
+
+/// A client's configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// The reliable channel's bounds and timers.
+    pub channel: Config,
+    /// Heartbeats, idle timeout, stall handling.
+    pub liveness: LivenessConfig,
+    /// Backoff and giving up.
+    pub reconnect: ReconnectPolicy,
+    /// How many servers the adapter can connect to (indices `0..servers`).
+    pub servers: usize,
+    /// Sent in every hello for the server's authentication hook.
+    pub credentials: Bytes,
+    /// The most requests awaiting a reply at once.
+    pub max_pending_requests: usize,
+    /// On datagram transports, how often an unanswered hello is sent again.
+    pub hello_retry: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults over `channel`, for `servers` servers.
+    pub fn new(channel: Config, servers: usize) -> Self {
+        ClientConfig {
+            channel,
+            liveness: LivenessConfig::default(),
+            reconnect: ReconnectPolicy::default(),
+            servers,
+            credentials: Bytes::new(),
+            max_pending_requests: 4096,
+            hello_retry: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the adapter must do with its transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Directive {
+    /// Open a connection to server `server` now, then report [`Client::on_connected`] or
+    /// [`Client::on_connect_failed`].
+    Connect {
+        /// Index into the adapter's server list.
+        server: usize,
+        /// Attempts since the last success, this one included.
+        attempt: u32,
+    },
+    /// Close the current connection (it was declared dead); then report nothing more for it.
+    Disconnect,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the reconnect policy's next attempt.
+    Waiting,
+    /// A connect directive is out; waiting for its outcome.
+    Connecting,
+    /// Connected; the hello is out, the welcome not yet in (or established once it is).
+    Linked { link: Link, hello_at: Instant },
+    /// Closed by an application; the close frame still has to go out on this link.
+    Closing { link: Link },
+    /// The session is over (lost or closed). Terminal.
+    Over,
+}
+
+/// The client end of a session.
+///
+/// Same driving contract as [`Channel`], plus the transport's lifecycle: act on
+/// [`Client::poll_directive`] (connect, disconnect) and report [`Client::on_connected`],
+/// [`Client::on_connect_failed`] and [`Client::on_disconnected`]. Everything else — the handshake,
+/// resume, heartbeats, idle detection, backoff — happens inside.
+pub struct Client {
+    config: ClientConfig,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+    channel: Channel,
+    session: Option<(SessionId, Token)>,
+    /// The highest attach epoch this client ever claimed.
+    epoch: u64,
+    phase: Phase,
+    reconnect: Reconnector,
+    issued_attempt: Option<u32>,
+    disconnect_due: bool,
+    requests: Requests,
+    events: VecDeque<SessionEvent>,
+    counters: SessionCounters,
+    limits: DecodeLimits,
+    now: Instant,
+}
+
+impl core::fmt::Debug for Client {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Client")
+            .field("session", &self.session.map(|(id, _)| id))
+            .field("epoch", &self.epoch)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client that will connect at `now`.
+    pub fn new(
+        config: ClientConfig,
+        now: Instant,
+        entropy: alloc::boxed::Box<dyn Entropy>,
+    ) -> Result<Self, ConfigError> {
+        let channel = Channel::new(config.channel.clone(), now)?;
+        let mut reconnect = Reconnector::new(config.reconnect.clone(), config.servers)
+            .map_err(|_| ConfigError::Zero("servers or reconnect policy"))?;
+        config
+            .liveness
+            .validate()
+            .map_err(|_| ConfigError::Zero("liveness heartbeat below idle timeout"))?;
+        reconnect.start(now);
+        let limits = DecodeLimits {
+            max_frame_size: config.channel.max_frame_size,
+            ..DecodeLimits::default()
+        };
+        Ok(Client {
+            channel,
+            session: None,
+            epoch: 0,
+            phase: Phase::Waiting,
+            reconnect,
+            issued_attempt: None,
+            disconnect_due: false,
+            requests: Requests::default(),
+            events: VecDeque::new(),
+            counters: SessionCounters::default(),
+            limits,
+            now,
+            entropy,
+            config,
+        })
+    }
+
+    /// What the adapter must do with its transport now, if anything.
+    pub fn poll_directive(&mut self, now: Instant) -> Option<Directive> {
+        if core::mem::take(&mut self.disconnect_due) {
+            return Some(Directive::Disconnect);
+        }
+        if !matches!(self.phase, Phase::Waiting) {
+            return None;
+        }
+        let attempt = self.reconnect.next_attempt()?;
+        if attempt.at > now || self.issued_attempt == Some(attempt.attempt) {
+            return None;
+        }
+        self.issued_attempt = Some(attempt.attempt);
+        self.phase = Phase::Connecting;
+        Some(Directive::Connect {
+            server: attempt.server,
+            attempt: attempt.attempt,
+        })
+    }
+
+    /// The transport connected: the hello goes out.
+    pub fn on_connected(&mut self, now: Instant) {
+        let now = self.observe(now);
+        if !matches!(self.phase, Phase::Connecting) {
+            return;
+        }
+        self.channel.reset_connection();
+        let nonce = self.entropy.next_u64();
+        let mut link = Link::new(
+            self.config.channel.transport,
+            self.config.liveness,
+            self.limits,
+            nonce,
+            now,
+        );
+        link.queue(self.hello(nonce));
+        self.phase = Phase::Linked {
+            link,
+            hello_at: now,
+        };
+    }
+
+    fn hello(&mut self, nonce: u64) -> Frame {
+        // Every attach claims a newer epoch, so a stale copy of this client is refused.
+        self.epoch += 1;
+        Frame::Hello(HelloFrame {
+            nonce,
+            recv_window: self.config.channel.recv_window,
+            resume: self.session.map(|(session, token)| Resume {
+                session,
+                token,
+                epoch: self.epoch,
+                received: self.channel.receiver().watermark(),
+            }),
+            credentials: self.config.credentials.clone(),
+        })
+    }
+
+    /// The connection attempt failed.
+    pub fn on_connect_failed(&mut self, now: Instant) {
+        let now = self.observe(now);
+        if !matches!(self.phase, Phase::Connecting) {
+            return;
+        }
+        self.phase = Phase::Waiting;
+        let entropy = self.entropy.next_u64();
+        if let Some(g) = self.reconnect.on_connect_failed(now, entropy) {
+            self.give_up(g);
+        }
+    }
+
+    /// The transport closed or reset under the session.
+    pub fn on_disconnected(&mut self, now: Instant) {
+        self.connection_lost(now, DisconnectCause::TransportClosed);
+    }
+
+    fn connection_lost(&mut self, now: Instant, cause: DisconnectCause) {
+        let now = self.observe(now);
+        let was_established = match &self.phase {
+            Phase::Linked { link, .. } => link.established,
+            Phase::Connecting => false,
+            _ => return,
+        };
+        self.phase = Phase::Waiting;
+        self.counters.disconnects += 1;
+        if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
+            self.counters.idle_timeouts += 1;
+        }
+        if was_established {
+            self.events.push_back(SessionEvent::Disconnected { cause });
+        }
+        let entropy = self.entropy.next_u64();
+        let gave_up = if was_established {
+            self.reconnect.on_disconnected(now, entropy)
+        } else {
+            self.reconnect.on_connect_failed(now, entropy)
+        };
+        if let Some(g) = gave_up {
+            self.give_up(g);
+        }
+    }
+
+    /// Takes bytes from the transport.
+    pub fn handle_input(&mut self, now: Instant, data: Bytes) {
+        let now = self.observe(now);
+        let Phase::Linked { link, .. } = &mut self.phase else {
+            return;
+        };
+        let mut frames: Vec<Incoming> = Vec::new();
+        link.input(now, data, |_, inc| frames.push(inc));
+        for inc in frames {
+            match inc {
+                Incoming::Frame(frame) => self.on_frame(now, frame),
+                Incoming::Broken(e) => {
+                    self.disconnect_due = true;
+                    self.connection_lost(now, DisconnectCause::Decode(e));
+                }
+            }
+            if !matches!(self.phase, Phase::Linked { .. }) {
+                break;
+            }
+        }
+        self.drain_channel();
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) {
+        let Phase::Linked { link, .. } = &mut self.phase else {
+            return;
+        };
+        match frame {
+            Frame::Welcome(w) if !link.established => self.on_welcome(now, w),
+            Frame::Refuse(r) if !link.established => {
+                let code = RefuseCode::from_wire(r.code);
+                let reason = match code {
+                    RefuseCode::UnknownSession => LostReason::Expired,
+                    RefuseCode::StaleEpoch => LostReason::StaleEpoch {
+                        claimed: self.epoch,
+                        current: r.epoch,
+                    },
+                    _ => LostReason::Refused {
+                        code,
+                        reason: r.reason,
+                    },
+                };
+                self.disconnect_due = true;
+                self.lose(reason);
+            }
+            Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) => {}
+            // Data before the welcome (a reordered datagram) would be judged against a stale view.
+            other if link.established => self.channel.handle_frame(now, other),
+            _ => {}
+        }
+    }
+
+    fn on_welcome(&mut self, now: Instant, w: WelcomeFrame) {
+        let Phase::Linked { link, .. } = &mut self.phase else {
+            return;
+        };
+        if let Some((id, _)) = self.session
+            && (id != w.session || !w.resumed)
+        {
+            // The server answered a resume with a different or fresh session: ours is gone.
+            self.disconnect_due = true;
+            self.lose(LostReason::Expired);
+            return;
+        }
+        link.established = true;
+        link.arbiter = Some(Arbiter::new(Role::Client, link.local_nonce, w.nonce));
+        self.session = Some((w.session, w.token));
+        self.epoch = self.epoch.max(w.epoch);
+        self.channel.sender_mut().set_in_flight_limit(
+            self.config
+                .channel
+                .in_flight_limit()
+                .min(w.recv_window.max(1)),
+        );
+        self.reconnect.on_connected(now);
+        self.issued_attempt = None;
+        match self.channel.resume(now, w.received) {
+            Ok(retransmitted) => {
+                self.counters.connects += 1;
+                if w.resumed {
+                    self.counters.resumes += 1;
+                }
+                self.counters.resent_on_resume += retransmitted;
+                self.events.push_back(SessionEvent::Connected {
+                    session: w.session,
+                    resumed: w.resumed,
+                    epoch: w.epoch,
+                    retransmitted,
+                });
+            }
+            Err(e) => {
+                self.disconnect_due = true;
+                self.lose(LostReason::Violation(crate::ProtocolError::AckOfUnsent(e)));
+            }
+        }
+    }
+
+    /// Lets time pass.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.observe(now);
+        if matches!(self.phase, Phase::Over) {
+            return;
+        }
+        for seq in self.requests.expire(now) {
+            self.counters.request_timeouts += 1;
+            self.events.push_back(SessionEvent::RequestTimedOut { seq });
+        }
+        if let Phase::Linked { link, hello_at } = &mut self.phase {
+            let stalls = link.liveness.stalls();
+            let verdict = link.on_timeout(now);
+            self.counters.stalls += link.liveness.stalls() - stalls;
+            if let Verdict::Dead { silent_for } = verdict {
+                self.disconnect_due = true;
+                self.connection_lost(now, DisconnectCause::IdleTimeout { silent_for });
+                return;
+            }
+            // A lost hello on a datagram transport is sent again.
+            if !link.established
+                && self.config.channel.transport == crate::Transport::Datagram
+                && now - *hello_at >= self.config.hello_retry
+            {
+                *hello_at = now;
+                let nonce = link.local_nonce;
+                self.epoch -= 1; // the same attach, asked again
+                let hello = self.hello(nonce);
+                if let Phase::Linked { link, .. } = &mut self.phase {
+                    link.queue(hello);
+                }
+            }
+        }
+        self.channel.handle_timeout(now);
+        self.drain_channel();
+    }
+
+    /// Writes the next transmission into `buf`; `None` when there is nothing to send.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) -> Option<usize> {
+        let now = self.observe(now);
+        let budget = self.config.channel.max_batch_bytes;
+        let n = match &mut self.phase {
+            Phase::Linked { link, .. } => link.transmit(now, Some(&mut self.channel), buf, budget),
+            Phase::Closing { link } => {
+                let n = link.transmit(now, Some(&mut self.channel), buf, budget);
+                if !self.channel.wants_transmit(now) {
+                    self.phase = Phase::Over;
+                    self.disconnect_due = true;
+                }
+                n
+            }
+            _ => 0,
+        };
+        (n > 0).then_some(n)
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Client::handle_timeout`] or [`Client::poll_directive`] next has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let link = match &self.phase {
+            Phase::Over | Phase::Closing { .. } => return None,
+            Phase::Waiting => self.reconnect.deadline(),
+            Phase::Connecting => None,
+            Phase::Linked { link, hello_at } => {
+                let retry = (!link.established
+                    && self.config.channel.transport == crate::Transport::Datagram)
+                    .then(|| *hello_at + self.config.hello_retry);
+                earliest(retry, link.next_wake(Some(&self.channel)))
+            }
+        };
+        earliest(link, self.requests.deadline())
+    }
+
+    /// Sends `payload` on `stream` (below [`REPLY_STREAM`]) with delivery `mode`. Reliable messages
+    /// are queued while disconnected and resent on resume; unreliable ones are dropped then.
+    pub fn send(&mut self, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
+        if stream >= REPLY_STREAM {
+            return Err(SendError::InvalidStream(payload));
+        }
+        if matches!(self.phase, Phase::Over) {
+            return Err(SendError::Closed(payload));
+        }
+        if mode == Mode::Unreliable && !self.is_connected() {
+            return Ok(Sent::Unreliable);
+        }
+        self.channel.send_on(stream, mode, payload)
+    }
+
+    /// Sends a reliable ordered request; a [`SessionEvent::Reply`] or, after `deadline`, a
+    /// [`SessionEvent::RequestTimedOut`] follows.
+    pub fn request(
+        &mut self,
+        stream: u64,
+        payload: Bytes,
+        deadline: Instant,
+    ) -> Result<Seq, SendError> {
+        if self.requests.len() >= self.config.max_pending_requests {
+            return Err(SendError::QueueFull(payload));
+        }
+        let seq = self
+            .send(stream, Mode::Ordered, payload)?
+            .seq()
+            .unwrap_or_default();
+        self.requests.insert(seq, deadline);
+        Ok(seq)
+    }
+
+    /// Replies to the peer's message `to`: reliable, ordered, de-duplicated, and it survives
+    /// reconnects like any message.
+    pub fn reply(&mut self, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
+        if matches!(self.phase, Phase::Over) {
+            return Err(SendError::Closed(payload));
+        }
+        let stream = REPLY_STREAM.saturating_add(to);
+        self.channel
+            .send_on(stream, Mode::Ordered, payload)
+            .map(|s| s.seq().unwrap_or_default())
+    }
+
+    /// Closes the session: the server is told, [`SessionEvent::Closed`] follows with the
+    /// unacknowledged messages.
+    pub fn close(&mut self, code: u64, reason: Bytes) {
+        if matches!(self.phase, Phase::Over) {
+            return;
+        }
+        self.channel.close(code, reason);
+        self.drain_channel();
+    }
+
+    /// Whether a connection currently carries the session.
+    pub fn is_connected(&self) -> bool {
+        matches!(&self.phase, Phase::Linked { link, .. } if link.established)
+    }
+
+    /// The session, once the server has named it.
+    pub fn session(&self) -> Option<SessionId> {
+        self.session.map(|(id, _)| id)
+    }
+
+    /// The highest attach epoch claimed.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The session's identity (id, resume token, highest epoch claimed), for a durable store.
+    pub fn identity(&self) -> Option<(SessionId, Token, u64)> {
+        self.session.map(|(id, token)| (id, token, self.epoch))
+    }
+
+    /// The arbiter agreed on the current connection.
+    pub fn arbiter(&self) -> Option<Arbiter> {
+        match &self.phase {
+            Phase::Linked { link, .. } => link.arbiter,
+            _ => None,
+        }
+    }
+
+    /// The session's counters.
+    pub fn counters(&self) -> &SessionCounters {
+        &self.counters
+    }
+
+    /// The reliable channel, for inspection.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The reconnect state, for inspection.
+    pub fn reconnector(&self) -> &Reconnector {
+        &self.reconnect
+    }
+
+    /// Hands the channel's events to the application; when the channel ends, so does the session
+    /// (keeping the link long enough for a close frame to go out).
+    fn drain_channel(&mut self) {
+        while let Some(e) = self.channel.poll_event() {
+            let terminal = matches!(e, Event::Closed { .. });
+            let ev = session_event(e, &mut self.requests);
+            self.events.push_back(ev);
+            if terminal {
+                self.phase = match core::mem::replace(&mut self.phase, Phase::Over) {
+                    Phase::Linked { link, .. }
+                        if link.established && self.channel.wants_transmit(self.now) =>
+                    {
+                        Phase::Closing { link }
+                    }
+                    Phase::Linked { .. } => {
+                        self.disconnect_due = true;
+                        Phase::Over
+                    }
+                    _ => Phase::Over,
+                };
+            }
+        }
+    }
+
+    fn lose(&mut self, reason: LostReason) {
+        // Whatever the channel already delivered reaches the application first.
+        self.drain_channel();
+        if matches!(self.phase, Phase::Over | Phase::Closing { .. }) {
+            return;
+        }
+        self.channel.abandon(CloseReason::Local { code: 0 });
+        let unacknowledged = match self.channel.poll_event() {
+            Some(Event::Closed { unacknowledged, .. }) => unacknowledged,
+            _ => Vec::new(),
+        };
+        self.events.push_back(SessionEvent::SessionLost {
+            reason,
+            unacknowledged,
+        });
+        self.phase = Phase::Over;
+    }
+
+    fn give_up(&mut self, g: GaveUp) {
+        self.lose(LostReason::GaveUp(g));
+    }
+
+    fn observe(&mut self, now: Instant) -> Instant {
+        self.now = self.now.max(now);
+        self.now
+    }
+}

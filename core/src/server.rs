@@ -1,0 +1,949 @@
+//! The server end: many sessions, each outliving its connections.
+//!
+//! The adapter feeds `(connection id, bytes)` and writes back `(connection id, bytes)`; the server
+//! routes each connection's hello to a new session or to the session it resumes, supersedes a
+//! half-open older connection of that session, refuses stale epochs, wrong tokens and unknown
+//! sessions, keeps a disconnected session for its retention time (queueing for it up to a larger
+//! bound), and ends it loudly when the time runs out.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec::Vec;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::Seq;
+use crate::channel::Channel;
+use crate::config::{Config, ConfigError};
+use crate::event::{CloseReason, Event};
+use crate::frame::{DecodeLimits, Frame, HelloFrame, RefuseFrame, WelcomeFrame};
+use crate::identity::{SessionId, Token};
+use crate::liveness::{LivenessConfig, Verdict};
+use crate::mode::{Mode, Sent};
+use crate::send::SendError;
+use crate::session::{
+    DisconnectCause, Entropy, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode, Requests,
+    SessionCounters, SessionEvent, session_event,
+};
+use crate::tiebreak::{Arbiter, Role};
+use crate::time::{Duration, Instant, earliest};
+
+/// The adapter's name for one transport connection.
+pub type ConnId = u64;
+
+/// What happens when a reliable send finds the session's queue full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Refuse the send with [`SendError::QueueFull`]; the caller decides.
+    Backpressure,
+    /// End the session: [`LostReason::Overflow`] on both sides, unacknowledged messages handed back.
+    CloseSession,
+}
+
+/// A server's configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Each session's channel bounds and timers (queue bounds while connected).
+    pub channel: Config,
+    /// Heartbeats, idle timeout, stall handling, per connection.
+    pub liveness: LivenessConfig,
+    /// How long a disconnected session is kept for its client to resume it.
+    pub retention: Duration,
+    /// The queue bound, in messages, while a session is disconnected (Diffusion's larger bound).
+    pub disconnected_max_queued_messages: usize,
+    /// The queue bound, in bytes, while a session is disconnected.
+    pub disconnected_max_queued_bytes: usize,
+    /// What a full queue does to a send.
+    pub overflow: Overflow,
+    /// The most sessions held at once; more hellos are refused.
+    pub max_sessions: usize,
+    /// The most connections that have not completed their handshake; more are closed at once.
+    pub max_pending_handshakes: usize,
+    /// How long a connection may take to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// New sessions wait for the application's [`Server::authenticate`] verdict on their credentials.
+    pub authenticate: bool,
+    /// The most requests awaiting a reply, per session.
+    pub max_pending_requests: usize,
+}
+
+impl ServerConfig {
+    /// Defaults over `channel`.
+    pub fn new(channel: Config) -> Self {
+        ServerConfig {
+            disconnected_max_queued_messages: channel.max_queued_messages.saturating_mul(4),
+            disconnected_max_queued_bytes: channel.max_queued_bytes.saturating_mul(4),
+            channel,
+            liveness: LivenessConfig::default(),
+            retention: Duration::from_secs(30),
+            overflow: Overflow::Backpressure,
+            max_sessions: 100_000,
+            max_pending_handshakes: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            authenticate: false,
+            max_pending_requests: 4096,
+        }
+    }
+}
+
+/// What the server tells its application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// Something happened to a session.
+    Session {
+        /// Which.
+        session: SessionId,
+        /// What.
+        event: SessionEvent,
+    },
+    /// A new session's credentials await [`Server::authenticate`].
+    Authenticate {
+        /// The connection asking.
+        conn: ConnId,
+        /// What it presented.
+        credentials: Bytes,
+    },
+}
+
+/// Bytes for one connection, from [`Server::poll_transmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// The connection to write to.
+    pub conn: ConnId,
+    /// How many bytes at the end of the buffer are for it (possibly 0).
+    pub len: usize,
+    /// Close the connection once they are written: it was refused, superseded, or found dead.
+    pub close: bool,
+}
+
+struct Session {
+    token: Token,
+    epoch: u64,
+    channel: Channel,
+    conn: Option<ConnId>,
+    disconnected_at: Option<Instant>,
+    requests: Requests,
+    counters: SessionCounters,
+}
+
+struct Conn {
+    link: Link,
+    session: Option<SessionId>,
+    created: Instant,
+    awaiting_auth: Option<HelloFrame>,
+    /// Close once the outbox is written.
+    closing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Conn(ConnId),
+    Session(SessionId),
+}
+
+/// The server end of many sessions.
+///
+/// Driving contract as for [`Channel`], per connection: report [`Server::on_connection`],
+/// [`Server::handle_input`] and [`Server::on_disconnected`] for each transport connection, drain
+/// [`Server::poll_transmit`] (writing each [`Transmit`] to its connection, closing it if asked) and
+/// [`Server::poll_event`], then sleep until [`Server::poll_timeout`].
+pub struct Server {
+    config: ServerConfig,
+    entropy: Box<dyn Entropy>,
+    sessions: BTreeMap<SessionId, Session>,
+    conns: BTreeMap<ConnId, Conn>,
+    events: VecDeque<ServerEvent>,
+    ready: VecDeque<ConnId>,
+    ready_set: BTreeSet<ConnId>,
+    timers: BTreeSet<(Instant, Key)>,
+    deadlines: BTreeMap<Key, Instant>,
+    limits: DecodeLimits,
+    refused_tokens: u64,
+    now: Instant,
+}
+
+impl core::fmt::Debug for Server {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Server")
+            .field("sessions", &self.sessions.len())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server with no sessions.
+    pub fn new(
+        config: ServerConfig,
+        now: Instant,
+        entropy: Box<dyn Entropy>,
+    ) -> Result<Self, ConfigError> {
+        config.channel.validate()?;
+        config
+            .liveness
+            .validate()
+            .map_err(|_| ConfigError::Zero("liveness heartbeat below idle timeout"))?;
+        let limits = DecodeLimits {
+            max_frame_size: config.channel.max_frame_size,
+            ..DecodeLimits::default()
+        };
+        Ok(Server {
+            config,
+            entropy,
+            sessions: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            events: VecDeque::new(),
+            ready: VecDeque::new(),
+            ready_set: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            deadlines: BTreeMap::new(),
+            limits,
+            refused_tokens: 0,
+            now,
+        })
+    }
+
+    /// A transport connection was accepted.
+    pub fn on_connection(&mut self, now: Instant, conn: ConnId) {
+        let now = self.observe(now);
+        let nonce = self.entropy.next_u64();
+        let pending = self.conns.values().filter(|c| c.session.is_none()).count();
+        let mut c = Conn {
+            link: Link::new(
+                self.config.channel.transport,
+                self.config.liveness,
+                self.limits,
+                nonce,
+                now,
+            ),
+            session: None,
+            created: now,
+            awaiting_auth: None,
+            closing: false,
+        };
+        // Past the bound, a connection gets no handshake at all: it is closed unread.
+        c.closing = pending >= self.config.max_pending_handshakes;
+        self.conns.insert(conn, c);
+        self.mark_ready(conn);
+        self.retime(Key::Conn(conn));
+    }
+
+    /// Bytes arrived on `conn`.
+    pub fn handle_input(&mut self, now: Instant, conn: ConnId, data: Bytes) {
+        let now = self.observe(now);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        let mut incoming = Vec::new();
+        c.link.input(now, data, |_, i| incoming.push(i));
+        for i in incoming {
+            match i {
+                Incoming::Frame(f) => self.on_frame(now, conn, f),
+                Incoming::Broken(e) => {
+                    self.drop_conn(now, conn, DisconnectCause::Decode(e));
+                    break;
+                }
+            }
+        }
+        self.touch_conn(conn);
+    }
+
+    /// The transport connection closed or reset.
+    pub fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
+        let now = self.observe(now);
+        if let Some(c) = self.conns.remove(&conn) {
+            self.untime(Key::Conn(conn));
+            if let Some(id) = c.session {
+                self.detach(now, id, conn, DisconnectCause::TransportClosed);
+            }
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, conn: ConnId, frame: Frame) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match (frame, c.session) {
+            (Frame::Hello(h), None) if c.awaiting_auth.is_none() => self.on_hello(now, conn, h),
+            (Frame::Hello(h), Some(id)) => {
+                // A repeated hello (datagram retry): answer it again if it is the current attach.
+                let nonce = c.link.local_nonce;
+                if let Some(s) = self.sessions.get(&id)
+                    && h.resume.is_some_and(|r| r.epoch == s.epoch)
+                {
+                    let w = self.welcome(id, nonce, true);
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.link.queue(w);
+                    }
+                }
+            }
+            (Frame::Welcome(_) | Frame::Refuse(_), _) => {}
+            (frame, Some(id)) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.channel.handle_frame(now, frame);
+                }
+                self.drain_session(id);
+            }
+            // Anything before a hello is noise: the connection has not said who it is.
+            (_, None) => {}
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, conn: ConnId, hello: HelloFrame) {
+        let Some(resume) = hello.resume else {
+            if self.sessions.len() >= self.config.max_sessions {
+                return self.refuse(conn, RefuseCode::ServerFull, 0);
+            }
+            if self.config.authenticate {
+                let credentials = hello.credentials.clone();
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.awaiting_auth = Some(hello);
+                }
+                self.events
+                    .push_back(ServerEvent::Authenticate { conn, credentials });
+                return;
+            }
+            return self.create(now, conn, &hello);
+        };
+        let Some(s) = self.sessions.get_mut(&resume.session) else {
+            return self.refuse(conn, RefuseCode::UnknownSession, 0);
+        };
+        if !s.token.matches(&resume.token) {
+            self.refused_tokens += 1;
+            return self.refuse(conn, RefuseCode::BadToken, 0);
+        }
+        if resume.epoch <= s.epoch {
+            let current = s.epoch;
+            return self.refuse(conn, RefuseCode::StaleEpoch, current);
+        }
+        // The newest attach wins: a half-open older connection is superseded.
+        let id = resume.session;
+        s.epoch = resume.epoch;
+        let old = s.conn.replace(conn);
+        s.disconnected_at = None;
+        s.channel.reset_connection();
+        s.channel.sender_mut().set_limits(
+            self.config.channel.max_queued_messages,
+            self.config.channel.max_queued_bytes,
+        );
+        s.channel.sender_mut().set_in_flight_limit(
+            self.config
+                .channel
+                .in_flight_limit()
+                .min(hello.recv_window.max(1)),
+        );
+        let resumed = s.channel.resume(now, resume.received);
+        if let Some(old) = old
+            && let Some(oc) = self.conns.get_mut(&old)
+        {
+            oc.session = None;
+            oc.closing = true;
+            self.mark_ready(old);
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.counters.disconnects += 1;
+            }
+            self.events.push_back(ServerEvent::Session {
+                session: id,
+                event: SessionEvent::Disconnected {
+                    cause: DisconnectCause::Superseded,
+                },
+            });
+        }
+        match resumed {
+            Ok(retransmitted) => self.bind(conn, id, hello.nonce, true, retransmitted),
+            Err(e) => {
+                self.bind(conn, id, hello.nonce, true, 0);
+                self.lose(
+                    id,
+                    LostReason::Violation(crate::ProtocolError::AckOfUnsent(e)),
+                );
+            }
+        }
+    }
+
+    /// The application's verdict on a connection's credentials ([`ServerEvent::Authenticate`]).
+    pub fn authenticate(&mut self, now: Instant, conn: ConnId, accept: bool) {
+        let now = self.observe(now);
+        let Some(hello) = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.awaiting_auth.take())
+        else {
+            return;
+        };
+        if accept {
+            self.create(now, conn, &hello);
+        } else {
+            self.refuse(conn, RefuseCode::AuthenticationFailed, 0);
+        }
+        self.touch_conn(conn);
+    }
+
+    fn create(&mut self, now: Instant, conn: ConnId, hello: &HelloFrame) {
+        let mut id = SessionId(self.entropy.next_u64());
+        while self.sessions.contains_key(&id) {
+            id = SessionId(self.entropy.next_u64());
+        }
+        let mut token = [0u8; 16];
+        self.entropy.fill_bytes(&mut token);
+        let Ok(mut channel) = Channel::new(self.config.channel.clone(), now) else {
+            return;
+        };
+        channel.sender_mut().set_in_flight_limit(
+            self.config
+                .channel
+                .in_flight_limit()
+                .min(hello.recv_window.max(1)),
+        );
+        self.sessions.insert(
+            id,
+            Session {
+                token: Token::from_bytes(token),
+                // The client's first hello claimed epoch 1.
+                epoch: 1,
+                channel,
+                conn: Some(conn),
+                disconnected_at: None,
+                requests: Requests::default(),
+                counters: SessionCounters::default(),
+            },
+        );
+        self.bind(conn, id, hello.nonce, false, 0);
+    }
+
+    fn bind(
+        &mut self,
+        conn: ConnId,
+        id: SessionId,
+        peer_nonce: u64,
+        resumed: bool,
+        retransmitted: u64,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.session = Some(id);
+        c.link.established = true;
+        c.link.arbiter = Some(Arbiter::new(Role::Server, c.link.local_nonce, peer_nonce));
+        let nonce = c.link.local_nonce;
+        let welcome = self.welcome(id, nonce, resumed);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.link.queue(welcome);
+        }
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.counters.connects += 1;
+            s.counters.resumes += u64::from(resumed);
+            s.counters.resent_on_resume += retransmitted;
+            let epoch = s.epoch;
+            self.events.push_back(ServerEvent::Session {
+                session: id,
+                event: SessionEvent::Connected {
+                    session: id,
+                    resumed,
+                    epoch,
+                    retransmitted,
+                },
+            });
+        }
+        self.drain_session(id);
+        self.mark_ready(conn);
+        self.retime(Key::Session(id));
+    }
+
+    fn welcome(&self, id: SessionId, nonce: u64, resumed: bool) -> Frame {
+        let s = &self.sessions[&id];
+        Frame::Welcome(WelcomeFrame {
+            nonce,
+            session: id,
+            token: s.token,
+            epoch: s.epoch,
+            resumed,
+            received: s.channel.receiver().watermark(),
+            recv_window: self.config.channel.recv_window,
+            retention_millis: u64::try_from(self.config.retention.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn refuse(&mut self, conn: ConnId, code: RefuseCode, epoch: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.link.queue(Frame::Refuse(RefuseFrame {
+                code: code.to_wire(),
+                epoch,
+                reason: Bytes::new(),
+            }));
+            c.closing = true;
+            self.mark_ready(conn);
+        }
+    }
+
+    /// A connection is unusable: close it, and detach its session.
+    fn drop_conn(&mut self, now: Instant, conn: ConnId, cause: DisconnectCause) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.closing = true;
+        c.link.outbox.clear();
+        let session = c.session.take();
+        self.mark_ready(conn);
+        if let Some(id) = session {
+            self.detach(now, id, conn, cause);
+        }
+    }
+
+    /// The session lost its connection: keep it for the retention time, with the larger bound.
+    fn detach(&mut self, now: Instant, id: SessionId, conn: ConnId, cause: DisconnectCause) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.conn != Some(conn) {
+            return;
+        }
+        s.conn = None;
+        s.disconnected_at = Some(now);
+        s.counters.disconnects += 1;
+        if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
+            s.counters.idle_timeouts += 1;
+        }
+        s.channel.sender_mut().set_limits(
+            self.config.disconnected_max_queued_messages,
+            self.config.disconnected_max_queued_bytes,
+        );
+        self.events.push_back(ServerEvent::Session {
+            session: id,
+            event: SessionEvent::Disconnected { cause },
+        });
+        self.retime(Key::Session(id));
+    }
+
+    /// Lets time pass.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.observe(now);
+        // Take what is due once: a timer still due after its handler (a heartbeat waits for the
+        // transmit drain to take its ping) is the next call's business, not a loop's.
+        let mut due = Vec::new();
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.deadlines.remove(&key);
+            due.push(key);
+        }
+        for key in due {
+            match key {
+                Key::Conn(conn) => self.conn_timeout(now, conn),
+                Key::Session(id) => self.session_timeout(now, id),
+            }
+        }
+    }
+
+    fn conn_timeout(&mut self, now: Instant, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.session.is_none() && !c.closing && now - c.created >= self.config.handshake_timeout {
+            c.closing = true;
+            self.mark_ready(conn);
+            return;
+        }
+        let stalls = c.link.liveness.stalls();
+        let verdict = c.link.on_timeout(now);
+        let stalled = c.link.liveness.stalls() - stalls;
+        if let Some(id) = c.session
+            && let Some(s) = self.sessions.get_mut(&id)
+        {
+            s.counters.stalls += stalled;
+        }
+        if let Verdict::Dead { silent_for } = verdict {
+            self.drop_conn(now, conn, DisconnectCause::IdleTimeout { silent_for });
+        }
+        self.touch_conn(conn);
+    }
+
+    fn session_timeout(&mut self, now: Instant, id: SessionId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.disconnected_at
+            .is_some_and(|t| now - t >= self.config.retention)
+        {
+            return self.lose(id, LostReason::RetentionExpired);
+        }
+        for seq in s.requests.expire(now) {
+            s.counters.request_timeouts += 1;
+            self.events.push_back(ServerEvent::Session {
+                session: id,
+                event: SessionEvent::RequestTimedOut { seq },
+            });
+        }
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.channel.handle_timeout(now);
+        }
+        self.drain_session(id);
+        self.touch_session(id);
+    }
+
+    /// The next bytes to write to some connection, appended to `buf`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) -> Option<Transmit> {
+        let now = self.observe(now);
+        while let Some(conn) = self.ready.pop_front() {
+            self.ready_set.remove(&conn);
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            let channel = c
+                .session
+                .and_then(|id| self.sessions.get_mut(&id))
+                .map(|s| &mut s.channel);
+            let budget = self.config.channel.max_batch_bytes;
+            let len = if c.closing && c.session.is_none() && c.link.outbox.is_empty() {
+                0
+            } else {
+                c.link.transmit(now, channel, buf, budget)
+            };
+            let more = c.link.wants_transmit()
+                || c.session
+                    .and_then(|id| self.sessions.get(&id))
+                    .is_some_and(|s| s.channel.wants_transmit(now));
+            if c.closing && !more {
+                let session = c.session;
+                self.conns.remove(&conn);
+                self.untime(Key::Conn(conn));
+                if let Some(id) = session {
+                    // The session was closed on this connection: it is over.
+                    self.sessions.remove(&id);
+                    self.untime(Key::Session(id));
+                }
+                return Some(Transmit {
+                    conn,
+                    len,
+                    close: true,
+                });
+            }
+            if more {
+                self.mark_ready(conn);
+            }
+            self.retime(Key::Conn(conn));
+            if len > 0 {
+                return Some(Transmit {
+                    conn,
+                    len,
+                    close: false,
+                });
+            }
+        }
+        None
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] next has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Sends `payload` to a session on `stream` (below [`REPLY_STREAM`]) with delivery `mode`. While
+    /// the session is disconnected reliable messages queue up to the disconnected bound.
+    pub fn send(
+        &mut self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        if stream >= REPLY_STREAM {
+            return Err(SendError::InvalidStream(payload));
+        }
+        self.send_raw(session, stream, mode, payload)
+    }
+
+    fn send_raw(
+        &mut self,
+        id: SessionId,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(SendError::Closed(payload));
+        };
+        if mode == Mode::Unreliable && s.conn.is_none() {
+            return Ok(Sent::Unreliable);
+        }
+        let result = s.channel.send_on(stream, mode, payload);
+        if let Err(SendError::QueueFull(_)) = &result
+            && self.config.overflow == Overflow::CloseSession
+        {
+            self.close_session(
+                id,
+                crate::CLOSE_OVERFLOW,
+                Bytes::from_static(b"queue overflow"),
+            );
+            if let Some(ServerEvent::Session {
+                event: SessionEvent::Closed { unacknowledged, .. },
+                ..
+            }) = self.events.pop_back()
+            {
+                self.events.push_back(ServerEvent::Session {
+                    session: id,
+                    event: SessionEvent::SessionLost {
+                        reason: LostReason::Overflow,
+                        unacknowledged,
+                    },
+                });
+            }
+            return result;
+        }
+        self.touch_session(id);
+        result
+    }
+
+    /// Sends the same payload to many sessions (the field report's fan-out); returns the sends that
+    /// were refused.
+    pub fn broadcast(
+        &mut self,
+        sessions: impl IntoIterator<Item = SessionId>,
+        stream: u64,
+        mode: Mode,
+        payload: &Bytes,
+    ) -> Vec<(SessionId, SendError)> {
+        sessions
+            .into_iter()
+            .filter_map(|id| {
+                self.send(id, stream, mode, payload.clone())
+                    .err()
+                    .map(|e| (id, e))
+            })
+            .collect()
+    }
+
+    /// Sends a reliable ordered request; a reply or a timeout event follows.
+    pub fn request(
+        &mut self,
+        session: SessionId,
+        stream: u64,
+        payload: Bytes,
+        deadline: Instant,
+    ) -> Result<Seq, SendError> {
+        let full = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.requests.len() >= self.config.max_pending_requests);
+        if full {
+            return Err(SendError::QueueFull(payload));
+        }
+        let seq = self
+            .send(session, stream, Mode::Ordered, payload)?
+            .seq()
+            .unwrap_or_default();
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.requests.insert(seq, deadline);
+        }
+        self.retime(Key::Session(session));
+        Ok(seq)
+    }
+
+    /// Replies to the client's message `to` on `session`.
+    pub fn reply(&mut self, session: SessionId, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
+        self.send_raw(
+            session,
+            REPLY_STREAM.saturating_add(to),
+            Mode::Ordered,
+            payload,
+        )
+        .map(|s| s.seq().unwrap_or_default())
+    }
+
+    /// Closes a session: the client is told, both sides get [`SessionEvent::Closed`].
+    pub fn close_session(&mut self, session: SessionId, code: u64, reason: Bytes) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.channel.close(code, reason);
+        let conn = s.conn;
+        self.drain_session(session);
+        match conn.and_then(|c| self.conns.get_mut(&c)) {
+            Some(c) => {
+                c.closing = true;
+                let conn = conn.unwrap_or_default();
+                self.mark_ready(conn);
+            }
+            None => {
+                self.sessions.remove(&session);
+                self.untime(Key::Session(session));
+            }
+        }
+    }
+
+    /// How many sessions are held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// How many connections are open.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether `session` is held and currently attached to a connection.
+    pub fn is_connected(&self, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.conn.is_some())
+    }
+
+    /// A session's counters.
+    pub fn counters(&self, session: SessionId) -> Option<&SessionCounters> {
+        self.sessions.get(&session).map(|s| &s.counters)
+    }
+
+    /// A session's channel, for inspection.
+    pub fn channel(&self, session: SessionId) -> Option<&Channel> {
+        self.sessions.get(&session).map(|s| &s.channel)
+    }
+
+    /// A session's current attach epoch.
+    pub fn epoch(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).map(|s| s.epoch)
+    }
+
+    /// Resume attempts refused for a wrong token.
+    pub fn refused_tokens(&self) -> u64 {
+        self.refused_tokens
+    }
+
+    /// The arbiter agreed on a session's current connection.
+    pub fn arbiter(&self, session: SessionId) -> Option<Arbiter> {
+        let conn = self.sessions.get(&session)?.conn?;
+        self.conns.get(&conn)?.link.arbiter
+    }
+
+    fn lose(&mut self, id: SessionId, reason: LostReason) {
+        self.drain_session(id);
+        let Some(mut s) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.untime(Key::Session(id));
+        s.channel.abandon(CloseReason::Local { code: 0 });
+        let unacknowledged = match s.channel.poll_event() {
+            Some(Event::Closed { unacknowledged, .. }) => unacknowledged,
+            _ => Vec::new(),
+        };
+        self.events.push_back(ServerEvent::Session {
+            session: id,
+            event: SessionEvent::SessionLost {
+                reason,
+                unacknowledged,
+            },
+        });
+        if let Some(conn) = s.conn
+            && let Some(c) = self.conns.get_mut(&conn)
+        {
+            c.session = None;
+            c.closing = true;
+            self.mark_ready(conn);
+        }
+    }
+
+    fn drain_session(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let mut ended = false;
+        while let Some(e) = s.channel.poll_event() {
+            ended |= matches!(e, Event::Closed { .. });
+            let event = session_event(e, &mut s.requests);
+            self.events
+                .push_back(ServerEvent::Session { session: id, event });
+        }
+        if ended {
+            match s.conn.and_then(|c| self.conns.get_mut(&c)) {
+                // Let the close frame go out; the session goes with its connection.
+                Some(c) => c.closing = true,
+                None => {
+                    self.sessions.remove(&id);
+                    self.untime(Key::Session(id));
+                }
+            }
+        }
+    }
+
+    fn touch_conn(&mut self, conn: ConnId) {
+        self.mark_ready(conn);
+        self.retime(Key::Conn(conn));
+        if let Some(id) = self.conns.get(&conn).and_then(|c| c.session) {
+            self.retime(Key::Session(id));
+        }
+    }
+
+    fn touch_session(&mut self, id: SessionId) {
+        if let Some(conn) = self.sessions.get(&id).and_then(|s| s.conn) {
+            self.mark_ready(conn);
+            self.retime(Key::Conn(conn));
+        }
+        self.retime(Key::Session(id));
+    }
+
+    fn mark_ready(&mut self, conn: ConnId) {
+        if self.ready_set.insert(conn) {
+            self.ready.push_back(conn);
+        }
+    }
+
+    fn deadline_of(&self, key: Key) -> Option<Instant> {
+        match key {
+            Key::Conn(conn) => {
+                let c = self.conns.get(&conn)?;
+                let handshake = c
+                    .session
+                    .is_none()
+                    .then(|| c.created + self.config.handshake_timeout);
+                earliest(handshake, c.link.deadline())
+            }
+            Key::Session(id) => {
+                let s = self.sessions.get(&id)?;
+                let retention = s.disconnected_at.map(|t| t + self.config.retention);
+                earliest(
+                    earliest(retention, s.requests.deadline()),
+                    s.channel.poll_timeout(),
+                )
+            }
+        }
+    }
+
+    fn retime(&mut self, key: Key) {
+        let new = self.deadline_of(key);
+        let old = self.deadlines.get(&key).copied();
+        if new == old {
+            return;
+        }
+        if let Some(old) = old {
+            self.timers.remove(&(old, key));
+            self.deadlines.remove(&key);
+        }
+        if let Some(new) = new {
+            self.timers.insert((new, key));
+            self.deadlines.insert(key, new);
+        }
+    }
+
+    fn untime(&mut self, key: Key) {
+        if let Some(old) = self.deadlines.remove(&key) {
+            self.timers.remove(&(old, key));
+        }
+    }
+
+    fn observe(&mut self, now: Instant) -> Instant {
+        self.now = self.now.max(now);
+        self.now
+    }
+}

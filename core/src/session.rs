@@ -1,0 +1,478 @@
+//! What client and server sessions share: their events, the reasons a session ends, the handshake's
+//! refusal codes, replies and requests, and the state of one connection.
+//!
+//! A **session** outlives **connections**. The client opens each connection with a hello (new, or a
+//! resume carrying the session id, its secret token, an attach epoch one above any used before, and
+//! its receive watermark); the server answers with a welcome (its own watermark) or a refusal. Each
+//! side then releases what the other holds and resends the rest first, in order, so messages flow in
+//! the first round trip of the new connection.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::fmt;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::Seq;
+use crate::channel::Channel;
+use crate::config::Transport;
+use crate::event::{CloseReason, Event, Message};
+use crate::frame::{DecodeError, DecodeLimits, Frame};
+use crate::framing::{self, StreamDecoder};
+use crate::identity::SessionId;
+use crate::liveness::{Liveness, LivenessConfig, Verdict};
+use crate::reconnect::GaveUp;
+use crate::tiebreak::Arbiter;
+use crate::time::{Duration, Instant, earliest};
+
+/// Stream ids at and above this carry replies: the stream field holds `REPLY_STREAM + seq` of the
+/// message answered, so a reply costs no extra allocation or field. Applications use streams below it.
+pub const REPLY_STREAM: u64 = 1 << 61;
+
+/// Randomness for tokens, session ids and nonces: an input, like time. Adapters pass the operating
+/// system's generator, the simulator a seeded one.
+pub trait Entropy: rand_core::RngCore + rand_core::CryptoRng + Send {}
+impl<T: rand_core::RngCore + rand_core::CryptoRng + Send> Entropy for T {}
+
+/// What a session tells its application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A connection carries the session: a new one, or a resume.
+    Connected {
+        /// The session.
+        session: SessionId,
+        /// Whether an existing session was resumed.
+        resumed: bool,
+        /// The attach epoch now current.
+        epoch: u64,
+        /// Messages this side resends because the peer lacked them.
+        retransmitted: u64,
+    },
+    /// The connection is gone; the session lives on and will resume (client) or wait for its
+    /// client within the retention time (server).
+    Disconnected {
+        /// Why.
+        cause: DisconnectCause,
+    },
+    /// A message from the peer, exactly once.
+    Received(Message),
+    /// An at-most-once message from the peer.
+    ReceivedUnreliable {
+        /// Its stream.
+        stream: u64,
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// The peer has received every message with a sequence number below `below` (receipts).
+    Acknowledged {
+        /// The cumulative acknowledgement point.
+        below: Seq,
+    },
+    /// The peer replied to message `to`.
+    Reply {
+        /// The sequence number of the message answered.
+        to: Seq,
+        /// The reply.
+        payload: Bytes,
+    },
+    /// A request's deadline passed without a reply.
+    RequestTimedOut {
+        /// The request's sequence number.
+        seq: Seq,
+    },
+    /// The session ended without either application asking: it cannot be resumed. The last event.
+    SessionLost {
+        /// Why.
+        reason: LostReason,
+        /// Messages sent but never acknowledged: their delivery is unknown.
+        unacknowledged: Vec<Message>,
+    },
+    /// The session was closed by an application (this side's or the peer's). The last event.
+    Closed {
+        /// Who closed, with the code.
+        reason: CloseReason,
+        /// Messages sent but never acknowledged: their delivery is unknown.
+        unacknowledged: Vec<Message>,
+    },
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectCause {
+    /// Nothing arrived within the idle timeout (a silently dead path).
+    IdleTimeout {
+        /// How long the peer had been silent.
+        silent_for: Duration,
+    },
+    /// The transport reported the connection closed or reset.
+    TransportClosed,
+    /// A newer attach of the same session took over (server side).
+    Superseded,
+    /// The peer's bytes did not decode.
+    Decode(DecodeError),
+}
+
+/// Why a session was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The server no longer holds the session: its retention time ran out, or it restarted.
+    Expired,
+    /// The server holds the session under a newer attach epoch: this client is a stale copy (a VM
+    /// restored from a snapshot, a clone).
+    StaleEpoch {
+        /// The epoch this side claimed.
+        claimed: u64,
+        /// The server's current epoch.
+        current: u64,
+    },
+    /// The server refused the handshake (e.g. authentication).
+    Refused {
+        /// The refusal.
+        code: RefuseCode,
+        /// The server's reason text.
+        reason: Bytes,
+    },
+    /// The reconnect policy gave up.
+    GaveUp(GaveUp),
+    /// Server side: the client did not come back within the retention time.
+    RetentionExpired,
+    /// A bounded queue overflowed under a close-the-session policy.
+    Overflow,
+    /// The peer broke the protocol.
+    Violation(crate::ProtocolError),
+}
+
+/// Why a server refuses a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefuseCode {
+    /// No such session (expired, never existed, or the server restarted).
+    UnknownSession,
+    /// The token does not match.
+    BadToken,
+    /// The attach epoch is not newer than the session's current one.
+    StaleEpoch,
+    /// The authentication hook refused the credentials.
+    AuthenticationFailed,
+    /// The server holds as many sessions as it is configured for.
+    ServerFull,
+    /// A code this version does not know.
+    Other(u64),
+}
+
+impl RefuseCode {
+    /// The wire value.
+    pub fn to_wire(self) -> u64 {
+        match self {
+            RefuseCode::UnknownSession => 1,
+            RefuseCode::BadToken => 2,
+            RefuseCode::StaleEpoch => 3,
+            RefuseCode::AuthenticationFailed => 4,
+            RefuseCode::ServerFull => 5,
+            RefuseCode::Other(c) => c,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_wire(code: u64) -> Self {
+        match code {
+            1 => RefuseCode::UnknownSession,
+            2 => RefuseCode::BadToken,
+            3 => RefuseCode::StaleEpoch,
+            4 => RefuseCode::AuthenticationFailed,
+            5 => RefuseCode::ServerFull,
+            c => RefuseCode::Other(c),
+        }
+    }
+}
+
+impl fmt::Display for RefuseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefuseCode::UnknownSession => f.write_str("unknown session"),
+            RefuseCode::BadToken => f.write_str("bad token"),
+            RefuseCode::StaleEpoch => f.write_str("stale attach epoch"),
+            RefuseCode::AuthenticationFailed => f.write_str("authentication failed"),
+            RefuseCode::ServerFull => f.write_str("server full"),
+            RefuseCode::Other(c) => write!(f, "refused ({c})"),
+        }
+    }
+}
+
+/// Per-session counters, on top of the channel's [`crate::Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionCounters {
+    /// Connections established (first attach included).
+    pub connects: u64,
+    /// Resumes of the session over a new connection.
+    pub resumes: u64,
+    /// Connections lost.
+    pub disconnects: u64,
+    /// Of those, declared dead by the idle timeout.
+    pub idle_timeouts: u64,
+    /// Messages resent because a resumed peer lacked them.
+    pub resent_on_resume: u64,
+    /// Local stalls detected (this process frozen past its deadlines).
+    pub stalls: u64,
+    /// Requests that timed out.
+    pub request_timeouts: u64,
+}
+
+/// Pending requests: their deadlines, bounded.
+#[derive(Debug, Default)]
+pub(crate) struct Requests {
+    deadlines: BTreeMap<Seq, Instant>,
+}
+
+impl Requests {
+    pub(crate) fn insert(&mut self, seq: Seq, deadline: Instant) {
+        self.deadlines.insert(seq, deadline);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.deadlines.len()
+    }
+
+    pub(crate) fn answered(&mut self, seq: Seq) {
+        self.deadlines.remove(&seq);
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadlines.values().min().copied()
+    }
+
+    /// Removes and returns the requests due at `now`.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Seq> {
+        let due: Vec<Seq> = self
+            .deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in &due {
+            self.deadlines.remove(s);
+        }
+        due
+    }
+}
+
+/// Turns a channel event into the session event the application sees.
+pub(crate) fn session_event(event: Event, requests: &mut Requests) -> SessionEvent {
+    match event {
+        Event::Received(m) if m.stream >= REPLY_STREAM => {
+            let to = m.stream - REPLY_STREAM;
+            requests.answered(to);
+            SessionEvent::Reply {
+                to,
+                payload: m.payload,
+            }
+        }
+        Event::Received(m) => SessionEvent::Received(m),
+        Event::ReceivedUnreliable { stream, payload } => {
+            SessionEvent::ReceivedUnreliable { stream, payload }
+        }
+        Event::Acknowledged { below } => SessionEvent::Acknowledged { below },
+        Event::Closed {
+            reason: CloseReason::Violation(e),
+            unacknowledged,
+        } => SessionEvent::SessionLost {
+            reason: LostReason::Violation(e),
+            unacknowledged,
+        },
+        Event::Closed {
+            reason,
+            unacknowledged,
+        } => SessionEvent::Closed {
+            reason,
+            unacknowledged,
+        },
+    }
+}
+
+/// One connection's state: its framing, its liveness, and where its handshake stands.
+#[derive(Debug)]
+pub(crate) struct Link {
+    decoder: Option<StreamDecoder>,
+    preface_sent: bool,
+    pub(crate) liveness: Liveness,
+    /// Handshake frames to write before anything else.
+    pub(crate) outbox: heapless::Deque<Frame, 2>,
+    /// Pongs owed to the peer's pings.
+    pongs: heapless::Deque<u64, 4>,
+    pub(crate) established: bool,
+    pub(crate) arbiter: Option<Arbiter>,
+    pub(crate) local_nonce: u64,
+    limits: DecodeLimits,
+}
+
+/// What a link made of incoming bytes.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives briefly on the stack between decoding and handling, like Frame itself"
+)]
+pub(crate) enum Incoming {
+    /// A frame for the session layer or the channel.
+    Frame(Frame),
+    /// The bytes did not decode: the connection is unusable.
+    Broken(DecodeError),
+}
+
+impl Link {
+    pub(crate) fn new(
+        transport: Transport,
+        liveness: LivenessConfig,
+        limits: DecodeLimits,
+        local_nonce: u64,
+        now: Instant,
+    ) -> Self {
+        Link {
+            decoder: (transport == Transport::Stream).then(|| StreamDecoder::new(limits)),
+            preface_sent: false,
+            liveness: Liveness::new(liveness, now),
+            outbox: heapless::Deque::new(),
+            pongs: heapless::Deque::new(),
+            established: false,
+            arbiter: None,
+            local_nonce,
+            limits,
+        }
+    }
+
+    /// Decodes what arrived; calls `on` for each frame (or the decode failure, after which it stops).
+    pub(crate) fn input(
+        &mut self,
+        now: Instant,
+        data: Bytes,
+        mut on: impl FnMut(&mut Self, Incoming),
+    ) {
+        self.liveness.on_receive(now);
+        match &mut self.decoder {
+            Some(decoder) => {
+                decoder.feed(&data);
+                loop {
+                    let next = match &mut self.decoder {
+                        Some(d) => d.next_frame(),
+                        None => return,
+                    };
+                    match next {
+                        Ok(Some(frame)) => {
+                            if let Some(frame) = self.intercept(now, frame) {
+                                on(self, Incoming::Frame(frame));
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            on(self, Incoming::Broken(e));
+                            return;
+                        }
+                    }
+                }
+            }
+            // A mangled datagram is dropped like a lost one.
+            None => {
+                if let Ok(frame) = framing::decode_datagram(data, &self.limits)
+                    && let Some(frame) = self.intercept(now, frame)
+                {
+                    on(self, Incoming::Frame(frame));
+                }
+            }
+        }
+    }
+
+    /// Liveness probes are the link's own business.
+    fn intercept(&mut self, now: Instant, frame: Frame) -> Option<Frame> {
+        match frame {
+            Frame::Ping { id } => {
+                if self.pongs.is_full() {
+                    self.pongs.pop_front();
+                }
+                let _ = self.pongs.push_back(id);
+                None
+            }
+            Frame::Pong { id } => {
+                self.liveness.on_pong(now, id);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Writes the link's own frames (preface, handshake, pings, pongs) and then, once established,
+    /// the channel's. Returns the bytes written.
+    pub(crate) fn transmit(
+        &mut self,
+        now: Instant,
+        channel: Option<&mut Channel>,
+        buf: &mut BytesMut,
+        budget: usize,
+    ) -> usize {
+        let start = buf.len();
+        let stream = self.decoder.is_some();
+        if stream && !self.preface_sent {
+            framing::encode_preface(buf);
+            self.preface_sent = true;
+        }
+        let one = |buf: &BytesMut| !stream && buf.len() > start;
+        while !one(buf) {
+            let frame = match self.outbox.pop_front() {
+                Some(f) => f,
+                None => match self.pongs.pop_front() {
+                    Some(id) => Frame::Pong { id },
+                    None => match self.liveness.poll_ping(now) {
+                        Some(id) => Frame::Ping { id },
+                        None => break,
+                    },
+                },
+            };
+            if stream {
+                framing::encode_stream_frame(&frame, buf);
+            } else {
+                framing::encode_datagram(&frame, buf);
+            }
+        }
+        if self.established
+            && !one(buf)
+            && let Some(ch) = channel
+        {
+            let used = buf.len() - start;
+            ch.write_frames(now, buf, budget.saturating_sub(used).max(1));
+        }
+        let n = buf.len() - start;
+        if n > 0 {
+            self.liveness.on_send(now);
+        }
+        n
+    }
+
+    /// Whether the link has something of its own to write.
+    pub(crate) fn wants_transmit(&self) -> bool {
+        (self.decoder.is_some() && !self.preface_sent)
+            || !self.outbox.is_empty()
+            || !self.pongs.is_empty()
+    }
+
+    pub(crate) fn queue(&mut self, frame: Frame) {
+        if self.outbox.is_full() {
+            self.outbox.pop_front();
+        }
+        let _ = self.outbox.push_back(frame);
+    }
+
+    /// Fires the liveness timers.
+    pub(crate) fn on_timeout(&mut self, now: Instant) -> Verdict {
+        self.liveness.on_timeout(now)
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.liveness.deadline()
+    }
+
+    /// When a ping is next due, so the owner wakes to send it.
+    pub(crate) fn next_wake(&self, channel: Option<&Channel>) -> Option<Instant> {
+        earliest(self.deadline(), channel.and_then(Channel::poll_timeout))
+    }
+}
