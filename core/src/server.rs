@@ -912,10 +912,10 @@ impl Server {
             Key::Session(id) => {
                 let s = self.sessions.get(&id)?;
                 let retention = s.disconnected_at.map(|t| t + self.config.retention);
-                earliest(
-                    earliest(retention, s.requests.deadline()),
-                    s.channel.poll_timeout(),
-                )
+                // Without a connection the channel cannot act on its timers (an ack to send, a
+                // resend): they would only stay in the past. Resume resends what is needed.
+                let channel = s.conn.and_then(|_| s.channel.poll_timeout());
+                earliest(earliest(retention, s.requests.deadline()), channel)
             }
         }
     }

@@ -471,8 +471,11 @@ impl Link {
         self.liveness.deadline()
     }
 
-    /// When a ping is next due, so the owner wakes to send it.
+    /// When the owner must next wake for this connection: its liveness timers and, once the
+    /// handshake is done, the channel's (before that the channel cannot act, so its deadlines would
+    /// only stay in the past).
     pub(crate) fn next_wake(&self, channel: Option<&Channel>) -> Option<Instant> {
+        let channel = channel.filter(|_| self.established);
         earliest(self.deadline(), channel.and_then(Channel::poll_timeout))
     }
 }

@@ -248,15 +248,16 @@ impl Net {
                 return true;
             }
         }
-        if let Some(pos) = self.notices.iter().position(|(t, _, _)| *t <= now) {
-            let (_, side, conn) = self.notices[pos];
-            let client = self.wires.get(&conn).map(|w| w.client);
-            // A frozen process reads its socket's news when it wakes.
-            if !matches!((side, client), (Side::Client, Some(i)) if self.frozen(i)) {
-                self.notices.remove(pos);
-                self.notify(side, conn);
-                return true;
-            }
+        // A frozen process reads its socket's news when it wakes; others' news goes on meanwhile.
+        let deliverable = self.notices.iter().position(|(t, side, conn)| {
+            let frozen_client = matches!(side, Side::Client)
+                && self.wires.get(conn).is_some_and(|w| self.frozen(w.client));
+            *t <= now && !frozen_client
+        });
+        if let Some(pos) = deliverable {
+            let (_, side, conn) = self.notices.remove(pos).expect("found");
+            self.notify(side, conn);
+            return true;
         }
         false
     }
@@ -302,8 +303,13 @@ impl Net {
                 consider(w.to_client.front().map(|(t, _)| *t));
             }
         }
-        for (t, _, _) in &self.notices {
-            consider(Some(*t));
+        for (t, side, conn) in &self.notices {
+            // News for a frozen process waits until it wakes.
+            let wakes = match (side, self.wires.get(conn)) {
+                (Side::Client, Some(w)) if self.frozen(w.client) => self.frozen_until[w.client],
+                _ => None,
+            };
+            consider(Some(wakes.map_or(*t, |w| w.max(*t))));
         }
         next.map(|t| t.max(self.now))
     }
