@@ -17,8 +17,8 @@ use crate::mode::{Mode, Sent};
 use crate::reconnect::{GaveUp, ReconnectPolicy, Reconnector};
 use crate::send::SendError;
 use crate::session::{
-    DisconnectCause, Entropy, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode, Requests,
-    SessionCounters, SessionEvent, session_event,
+    DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
+    Requests, SessionCounters, SessionEvent, session_event,
 };
 use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
@@ -82,8 +82,9 @@ enum Phase {
     Connecting,
     /// Connected; the hello is out, the welcome not yet in (or established once it is).
     Linked { link: Link, hello_at: Instant },
-    /// Closed by an application; the close frame still has to go out on this link.
-    Closing { link: Link },
+    /// Closed by this application: the close frame goes out on this link, and the close is held
+    /// until the peer's close crosses it, the transport ends, or the wait runs out.
+    Closing { link: Link, held: HeldClose },
     /// The session is over (lost or closed). Terminal.
     Over,
 }
@@ -237,6 +238,9 @@ impl Client {
 
     fn connection_lost(&mut self, now: Instant, cause: DisconnectCause) {
         let now = self.observe(now);
+        if matches!(self.phase, Phase::Closing { .. }) {
+            return self.settle_close();
+        }
         let was_established = match &self.phase {
             Phase::Linked { link, .. } => link.established,
             Phase::Connecting => false,
@@ -264,6 +268,23 @@ impl Client {
     /// Takes bytes from the transport.
     pub fn handle_input(&mut self, now: Instant, data: Bytes) {
         let now = self.observe(now);
+        if let Phase::Closing { link, .. } = &mut self.phase {
+            let mut crossed = None;
+            link.input(now, data, |_, inc| {
+                if let Incoming::Frame(Frame::Close(c)) = inc {
+                    crossed = Some(c);
+                }
+            });
+            if let Some(c) = crossed
+                && let Phase::Closing { link, held } =
+                    core::mem::replace(&mut self.phase, Phase::Over)
+            {
+                self.events
+                    .push_back(held.crossed(c.code, c.reason, link.arbiter));
+                self.disconnect_due = true;
+            }
+            return;
+        }
         let Phase::Linked { link, .. } = &mut self.phase else {
             return;
         };
@@ -361,8 +382,11 @@ impl Client {
     /// Lets time pass.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.observe(now);
-        if matches!(self.phase, Phase::Over) {
-            return;
+        match &self.phase {
+            Phase::Over => return,
+            Phase::Closing { held, .. } if now >= held.deadline => return self.settle_close(),
+            Phase::Closing { .. } => return,
+            _ => {}
         }
         for seq in self.requests.expire(now) {
             self.counters.request_timeouts += 1;
@@ -401,14 +425,7 @@ impl Client {
         let budget = self.config.channel.max_batch_bytes;
         let n = match &mut self.phase {
             Phase::Linked { link, .. } => link.transmit(now, Some(&mut self.channel), buf, budget),
-            Phase::Closing { link } => {
-                let n = link.transmit(now, Some(&mut self.channel), buf, budget);
-                if !self.channel.wants_transmit(now) {
-                    self.phase = Phase::Over;
-                    self.disconnect_due = true;
-                }
-                n
-            }
+            Phase::Closing { link, .. } => link.transmit(now, Some(&mut self.channel), buf, budget),
             _ => 0,
         };
         (n > 0).then_some(n)
@@ -422,7 +439,8 @@ impl Client {
     /// When [`Client::handle_timeout`] or [`Client::poll_directive`] next has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let link = match &self.phase {
-            Phase::Over | Phase::Closing { .. } => return None,
+            Phase::Over => return None,
+            Phase::Closing { held, link } => return earliest(Some(held.deadline), link.deadline()),
             Phase::Waiting => self.reconnect.deadline(),
             Phase::Connecting => None,
             Phase::Linked { link, hello_at } => {
@@ -538,23 +556,36 @@ impl Client {
     /// (keeping the link long enough for a close frame to go out).
     fn drain_channel(&mut self) {
         while let Some(e) = self.channel.poll_event() {
-            let terminal = matches!(e, Event::Closed { .. });
-            let ev = session_event(e, &mut self.requests);
-            self.events.push_back(ev);
-            if terminal {
-                self.phase = match core::mem::replace(&mut self.phase, Phase::Over) {
-                    Phase::Linked { link, .. }
-                        if link.established && self.channel.wants_transmit(self.now) =>
-                    {
-                        Phase::Closing { link }
-                    }
-                    Phase::Linked { .. } => {
-                        self.disconnect_due = true;
-                        Phase::Over
-                    }
-                    _ => Phase::Over,
-                };
+            if !matches!(e, Event::Closed { .. }) {
+                let ev = session_event(e, &mut self.requests);
+                self.events.push_back(ev);
+                continue;
             }
+            self.phase = match core::mem::replace(&mut self.phase, Phase::Over) {
+                // A local close on a live connection waits to see whether the peer closed too.
+                Phase::Linked { link, .. } if link.established => {
+                    match HeldClose::hold(e, self.now) {
+                        Ok(held) => Phase::Closing { link, held },
+                        Err(e) => {
+                            let ev = session_event(e, &mut self.requests);
+                            self.events.push_back(ev);
+                            self.disconnect_due = true;
+                            Phase::Over
+                        }
+                    }
+                }
+                Phase::Linked { .. } => {
+                    let ev = session_event(e, &mut self.requests);
+                    self.events.push_back(ev);
+                    self.disconnect_due = true;
+                    Phase::Over
+                }
+                _ => {
+                    let ev = session_event(e, &mut self.requests);
+                    self.events.push_back(ev);
+                    Phase::Over
+                }
+            };
         }
     }
 
@@ -574,6 +605,13 @@ impl Client {
             unacknowledged,
         });
         self.phase = Phase::Over;
+    }
+
+    fn settle_close(&mut self) {
+        if let Phase::Closing { held, .. } = core::mem::replace(&mut self.phase, Phase::Over) {
+            self.events.push_back(held.settle());
+            self.disconnect_due = true;
+        }
     }
 
     fn give_up(&mut self, g: GaveUp) {

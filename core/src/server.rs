@@ -22,8 +22,8 @@ use crate::liveness::{LivenessConfig, Verdict};
 use crate::mode::{Mode, Sent};
 use crate::send::SendError;
 use crate::session::{
-    DisconnectCause, Entropy, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode, Requests,
-    SessionCounters, SessionEvent, session_event,
+    DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
+    Requests, SessionCounters, SessionEvent, session_event,
 };
 use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
@@ -55,8 +55,10 @@ pub struct ServerConfig {
     pub disconnected_max_queued_messages: usize,
     /// The queue bound, in bytes, while a session is disconnected.
     pub disconnected_max_queued_bytes: usize,
-    /// What a full queue does to a send.
+    /// What a full queue does to a send, unless the stream has its own policy.
     pub overflow: Overflow,
+    /// Per-stream overflow policies.
+    pub stream_overflow: BTreeMap<u64, Overflow>,
     /// The most sessions held at once; more hellos are refused.
     pub max_sessions: usize,
     /// The most connections that have not completed their handshake; more are closed at once.
@@ -79,6 +81,7 @@ impl ServerConfig {
             liveness: LivenessConfig::default(),
             retention: Duration::from_secs(30),
             overflow: Overflow::Backpressure,
+            stream_overflow: BTreeMap::new(),
             max_sessions: 100_000,
             max_pending_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
@@ -127,6 +130,8 @@ struct Session {
     disconnected_at: Option<Instant>,
     requests: Requests,
     counters: SessionCounters,
+    /// This side closed the session; waiting to see whether the client closed at the same moment.
+    held: Option<HeldClose>,
 }
 
 struct Conn {
@@ -284,6 +289,19 @@ impl Server {
                 }
             }
             (Frame::Welcome(_) | Frame::Refuse(_), _) => {}
+            (Frame::Close(close), Some(id))
+                if self.sessions.get(&id).is_some_and(|s| s.held.is_some()) =>
+            {
+                // Our close and the client's crossed: both ends name the same one.
+                let arbiter = c.link.arbiter;
+                c.closing = true;
+                if let Some(held) = self.sessions.get_mut(&id).and_then(|s| s.held.take()) {
+                    let event = held.crossed(close.code, close.reason, arbiter);
+                    self.events
+                        .push_back(ServerEvent::Session { session: id, event });
+                }
+                self.mark_ready(conn);
+            }
             (frame, Some(id)) => {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.channel.handle_frame(now, frame);
@@ -412,6 +430,7 @@ impl Server {
                 disconnected_at: None,
                 requests: Requests::default(),
                 counters: SessionCounters::default(),
+                held: None,
             },
         );
         self.bind(conn, id, hello.nonce, false, 0);
@@ -504,6 +523,16 @@ impl Server {
         if s.conn != Some(conn) {
             return;
         }
+        if let Some(held) = s.held.take() {
+            // Closing, and the transport ended: our close stands, and the session is over.
+            self.events.push_back(ServerEvent::Session {
+                session: id,
+                event: held.settle(),
+            });
+            self.sessions.remove(&id);
+            self.untime(Key::Session(id));
+            return;
+        }
         s.conn = None;
         s.disconnected_at = Some(now);
         s.counters.disconnects += 1;
@@ -570,6 +599,21 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
+        if s.held.as_ref().is_some_and(|h| now >= h.deadline) {
+            if let Some(held) = s.held.take() {
+                self.events.push_back(ServerEvent::Session {
+                    session: id,
+                    event: held.settle(),
+                });
+            }
+            if let Some(conn) = s.conn {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.closing = true;
+                }
+                self.mark_ready(conn);
+            }
+            return;
+        }
         if s.disconnected_at
             .is_some_and(|t| now - t >= self.config.retention)
         {
@@ -680,27 +724,14 @@ impl Server {
             return Ok(Sent::Unreliable);
         }
         let result = s.channel.send_on(stream, mode, payload);
-        if let Err(SendError::QueueFull(_)) = &result
-            && self.config.overflow == Overflow::CloseSession
-        {
-            self.close_session(
-                id,
-                crate::CLOSE_OVERFLOW,
-                Bytes::from_static(b"queue overflow"),
-            );
-            if let Some(ServerEvent::Session {
-                event: SessionEvent::Closed { unacknowledged, .. },
-                ..
-            }) = self.events.pop_back()
-            {
-                self.events.push_back(ServerEvent::Session {
-                    session: id,
-                    event: SessionEvent::SessionLost {
-                        reason: LostReason::Overflow,
-                        unacknowledged,
-                    },
-                });
-            }
+        let policy = self
+            .config
+            .stream_overflow
+            .get(&stream)
+            .copied()
+            .unwrap_or(self.config.overflow);
+        if matches!(result, Err(SendError::QueueFull(_))) && policy == Overflow::CloseSession {
+            self.overflow(id);
             return result;
         }
         self.touch_session(id);
@@ -770,12 +801,13 @@ impl Server {
         };
         s.channel.close(code, reason);
         let conn = s.conn;
+        // With a connection the close frame goes out and the close is held (see drain_session);
+        // without one the session ends here.
         self.drain_session(session);
-        match conn.and_then(|c| self.conns.get_mut(&c)) {
-            Some(c) => {
-                c.closing = true;
-                let conn = conn.unwrap_or_default();
+        match conn {
+            Some(conn) => {
                 self.mark_ready(conn);
+                self.retime(Key::Session(session));
             }
             None => {
                 self.sessions.remove(&session);
@@ -827,6 +859,39 @@ impl Server {
         self.conns.get(&conn)?.link.arbiter
     }
 
+    /// A queue overflowed under the close policy: the client is told with a close frame carrying
+    /// [`crate::CLOSE_OVERFLOW`], and both sides report [`LostReason::Overflow`].
+    fn overflow(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        s.channel
+            .close(crate::CLOSE_OVERFLOW, Bytes::from_static(b"queue overflow"));
+        while let Some(e) = s.channel.poll_event() {
+            let event = match e {
+                Event::Closed { unacknowledged, .. } => SessionEvent::SessionLost {
+                    reason: LostReason::Overflow,
+                    unacknowledged,
+                },
+                e => session_event(e, &mut s.requests),
+            };
+            self.events
+                .push_back(ServerEvent::Session { session: id, event });
+        }
+        match s.conn {
+            Some(conn) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.closing = true;
+                }
+                self.mark_ready(conn);
+            }
+            None => {
+                self.sessions.remove(&id);
+                self.untime(Key::Session(id));
+            }
+        }
+    }
+
     fn lose(&mut self, id: SessionId, reason: LostReason) {
         self.drain_session(id);
         let Some(mut s) = self.sessions.remove(&id) else {
@@ -860,6 +925,17 @@ impl Server {
         };
         let mut ended = false;
         while let Some(e) = s.channel.poll_event() {
+            let e = match (s.conn, matches!(e, Event::Closed { .. })) {
+                // A local close on a live connection waits to see whether the client closed too.
+                (Some(_), true) => match HeldClose::hold(e, self.now) {
+                    Ok(held) => {
+                        s.held = Some(held);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                _ => e,
+            };
             ended |= matches!(e, Event::Closed { .. });
             let event = session_event(e, &mut s.requests);
             self.events
@@ -915,7 +991,11 @@ impl Server {
                 // Without a connection the channel cannot act on its timers (an ack to send, a
                 // resend): they would only stay in the past. Resume resends what is needed.
                 let channel = s.conn.and_then(|_| s.channel.poll_timeout());
-                earliest(earliest(retention, s.requests.deadline()), channel)
+                let held = s.held.as_ref().map(|h| h.deadline);
+                earliest(
+                    earliest(retention, s.requests.deadline()),
+                    earliest(channel, held),
+                )
             }
         }
     }

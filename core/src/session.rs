@@ -222,6 +222,65 @@ pub struct SessionCounters {
     pub request_timeouts: u64,
 }
 
+/// How long a local close waits for the peer to close too (or its transport to end) before the
+/// session reports itself closed anyway.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A local close waiting to learn whether the peer closed at the same moment.
+#[derive(Debug)]
+pub(crate) struct HeldClose {
+    code: u64,
+    unacknowledged: Vec<Message>,
+    pub(crate) deadline: Instant,
+}
+
+impl HeldClose {
+    /// Holds the channel's `Closed` event of a local close; other events pass through.
+    pub(crate) fn hold(event: Event, now: Instant) -> Result<HeldClose, Event> {
+        match event {
+            Event::Closed {
+                reason: CloseReason::Local { code },
+                unacknowledged,
+            } => Ok(HeldClose {
+                code,
+                unacknowledged,
+                deadline: now + CLOSE_TIMEOUT,
+            }),
+            other => Err(other),
+        }
+    }
+
+    /// The peer's close frame crossed ours: both ends name the same close. Equal codes are one
+    /// close; different codes are settled by the arbiter, so each end reports the favourite's.
+    pub(crate) fn crossed(
+        self,
+        peer_code: u64,
+        peer_reason: Bytes,
+        arbiter: Option<Arbiter>,
+    ) -> SessionEvent {
+        let ours = peer_code == self.code || arbiter.is_none_or(|a| a.local_wins());
+        SessionEvent::Closed {
+            reason: if ours {
+                CloseReason::Local { code: self.code }
+            } else {
+                CloseReason::Peer {
+                    code: peer_code,
+                    reason: peer_reason,
+                }
+            },
+            unacknowledged: self.unacknowledged,
+        }
+    }
+
+    /// No close came back (the transport ended or the wait ran out): ours stands.
+    pub(crate) fn settle(self) -> SessionEvent {
+        SessionEvent::Closed {
+            reason: CloseReason::Local { code: self.code },
+            unacknowledged: self.unacknowledged,
+        }
+    }
+}
+
 /// Pending requests: their deadlines, bounded.
 #[derive(Debug, Default)]
 pub(crate) struct Requests {
@@ -281,6 +340,13 @@ pub(crate) fn session_event(event: Event, requests: &mut Requests) -> SessionEve
             unacknowledged,
         } => SessionEvent::SessionLost {
             reason: LostReason::Violation(e),
+            unacknowledged,
+        },
+        Event::Closed {
+            reason: CloseReason::Peer { code, .. },
+            unacknowledged,
+        } if code == crate::CLOSE_OVERFLOW => SessionEvent::SessionLost {
+            reason: LostReason::Overflow,
             unacknowledged,
         },
         Event::Closed {

@@ -599,3 +599,137 @@ fn the_session_runs_over_a_datagram_transport_too() {
     assert_eq!(n.client_received(0), payloads(50, 20));
     let _ = Instant::ZERO;
 }
+
+fn closed_reason(events: &[SessionEvent]) -> Option<steadfast_core::CloseReason> {
+    events.iter().find_map(|e| match e {
+        SessionEvent::Closed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+fn server_closed_reason(n: &Net) -> Option<steadfast_core::CloseReason> {
+    n.server_events.iter().find_map(|e| match e {
+        ServerEvent::Session {
+            event: SessionEvent::Closed { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_simultaneous_close_is_resolved_to_the_same_close_on_both_ends() {
+    use steadfast_core::CloseReason::{Local, Peer};
+    let mut favourites = [0usize; 2];
+    for seed in 0..100 {
+        let server = ServerConfig::new(Config::new(Transport::Stream));
+        let client = ClientConfig::new(Config::new(Transport::Stream), 1);
+        let mut n = Net::new(server, vec![client], seed);
+        assert!(n.run_until(|n| connected(n, 0)).unwrap());
+        let id = session_of(&n, 0);
+        let client_wins = n.clients[0].arbiter().unwrap().local_wins();
+        favourites[usize::from(client_wins)] += 1;
+        // Both applications close at the same instant, with different codes.
+        n.clients[0].close(10, Bytes::from_static(b"client done"));
+        n.server
+            .close_session(id, 20, Bytes::from_static(b"server done"));
+        n.run_for(secs(2)).unwrap();
+        let c = closed_reason(&n.client_events[0]).expect("client reports a close");
+        let s = server_closed_reason(&n).expect("server reports a close");
+        let agreed_code = |r: &steadfast_core::CloseReason| match r {
+            Local { code } | Peer { code, .. } => *code,
+            other => panic!("unexpected close {other:?}"),
+        };
+        assert_eq!(
+            agreed_code(&c),
+            agreed_code(&s),
+            "seed {seed}: {c:?} vs {s:?}"
+        );
+        assert_eq!(
+            agreed_code(&c),
+            if client_wins { 10 } else { 20 },
+            "seed {seed}"
+        );
+        assert_eq!(n.server.session_count(), 0);
+    }
+    assert!(
+        favourites[0] > 0 && favourites[1] > 0,
+        "both sides won some: {favourites:?}"
+    );
+}
+
+#[test]
+fn a_server_close_reaches_the_client_and_ends_the_session_on_both_sides() {
+    let mut n = net(1);
+    assert!(n.run_until(|n| connected(n, 0)).unwrap());
+    let id = session_of(&n, 0);
+    n.server
+        .close_session(id, 7, Bytes::from_static(b"maintenance"));
+    n.run_for(secs(2)).unwrap();
+    assert!(matches!(
+        closed_reason(&n.client_events[0]),
+        Some(steadfast_core::CloseReason::Peer { code: 7, .. })
+    ));
+    assert_eq!(
+        server_closed_reason(&n),
+        Some(steadfast_core::CloseReason::Local { code: 7 })
+    );
+    assert_eq!(n.server.session_count(), 0);
+    assert_eq!(n.server.connection_count(), 0);
+}
+
+#[test]
+fn an_overflow_under_the_close_policy_loses_the_session_loudly_on_both_sides() {
+    let mut channel = Config::new(Transport::Stream);
+    channel.max_queued_messages = 4;
+    let mut server = ServerConfig::new(channel);
+    server.disconnected_max_queued_messages = 8;
+    server
+        .stream_overflow
+        .insert(3, steadfast_core::server::Overflow::CloseSession);
+    let client = ClientConfig::new(Config::new(Transport::Stream), 1);
+    let mut n = Net::new(server, vec![client], 2);
+    assert!(n.run_until(|n| connected(n, 0)).unwrap());
+    let id = session_of(&n, 0);
+    // The client freezes, so nothing it is sent gets acknowledged and the queue fills.
+    n.freeze(0, secs(2));
+    let mut refused = 0;
+    for p in payloads(6, 8) {
+        // Stream 1 keeps the default policy: backpressure.
+        if n.server.send(id, 1, Mode::Ordered, p).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2, "backpressure on the default stream");
+    assert_eq!(n.server.session_count(), 1);
+    // Stream 3 closes the session on overflow.
+    assert!(
+        n.server
+            .send(id, 3, Mode::Ordered, Bytes::from_static(b"one too many"))
+            .is_err()
+    );
+    n.run_for(secs(3)).unwrap();
+    let lost = n.server_events.iter().find_map(|e| match e {
+        ServerEvent::Session {
+            event:
+                SessionEvent::SessionLost {
+                    reason,
+                    unacknowledged,
+                },
+            ..
+        } => Some((reason.clone(), unacknowledged.len())),
+        _ => None,
+    });
+    assert_eq!(lost, Some((LostReason::Overflow, 4)));
+    assert!(
+        n.client_events[0].iter().any(|e| matches!(
+            e,
+            SessionEvent::SessionLost {
+                reason: LostReason::Overflow,
+                ..
+            }
+        )),
+        "the client hears of it too: {:?}",
+        n.client_events[0]
+    );
+}
