@@ -310,6 +310,7 @@ fn a_silently_dead_path_is_detected_within_the_idle_timeout() {
         .unwrap();
     assert!(detected);
     let took = n.now - start;
+    eprintln!("blackhole detected after {took:?} (idle timeout {idle:?})");
     assert!(took <= idle, "detection took {took:?}, bound {idle:?}");
     assert!(matches!(
         n.client_events[0]
