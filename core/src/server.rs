@@ -141,6 +141,8 @@ struct Conn {
     awaiting_auth: Option<HelloFrame>,
     /// Close once the outbox is written.
     closing: bool,
+    /// The hello this connection was welcomed for, to answer a retry of it: (nonce, resumed).
+    welcomed: Option<(u64, bool)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -160,6 +162,8 @@ pub struct Server {
     entropy: Box<dyn Entropy>,
     sessions: BTreeMap<SessionId, Session>,
     conns: BTreeMap<ConnId, Conn>,
+    /// Connections that have not completed a handshake (bounded by `max_pending_handshakes`).
+    pending: BTreeSet<ConnId>,
     events: VecDeque<ServerEvent>,
     ready: VecDeque<ConnId>,
     ready_set: BTreeSet<ConnId>,
@@ -200,6 +204,7 @@ impl Server {
             entropy,
             sessions: BTreeMap::new(),
             conns: BTreeMap::new(),
+            pending: BTreeSet::new(),
             events: VecDeque::new(),
             ready: VecDeque::new(),
             ready_set: BTreeSet::new(),
@@ -215,7 +220,7 @@ impl Server {
     pub fn on_connection(&mut self, now: Instant, conn: ConnId) {
         let now = self.observe(now);
         let nonce = self.entropy.next_u64();
-        let pending = self.conns.values().filter(|c| c.session.is_none()).count();
+        let pending = self.pending.len();
         let mut c = Conn {
             link: Link::new(
                 self.config.channel.transport,
@@ -228,10 +233,12 @@ impl Server {
             created: now,
             awaiting_auth: None,
             closing: false,
+            welcomed: None,
         };
         // Past the bound, a connection gets no handshake at all: it is closed unread.
         c.closing = pending >= self.config.max_pending_handshakes;
         self.conns.insert(conn, c);
+        self.pending.insert(conn);
         self.mark_ready(conn);
         self.retime(Key::Conn(conn));
     }
@@ -263,6 +270,7 @@ impl Server {
     pub fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let now = self.observe(now);
         if let Some(c) = self.conns.remove(&conn) {
+            self.pending.remove(&conn);
             self.untime(Key::Conn(conn));
             if let Some(id) = c.session {
                 self.detach(now, id, conn, DisconnectCause::TransportClosed);
@@ -279,10 +287,13 @@ impl Server {
             (Frame::Hello(h), Some(id)) => {
                 // A repeated hello (datagram retry): answer it again if it is the current attach.
                 let nonce = c.link.local_nonce;
-                if let Some(s) = self.sessions.get(&id)
-                    && h.resume.is_some_and(|r| r.epoch == s.epoch)
+                if let Some((peer_nonce, resumed)) = c.welcomed
+                    && peer_nonce == h.nonce
+                    && let Some(s) = self.sessions.get(&id)
+                    && s.conn == Some(conn)
+                    && h.resume.map_or(!resumed, |r| resumed && r.epoch == s.epoch)
                 {
-                    let w = self.welcome(id, nonce, true);
+                    let w = self.welcome(id, nonce, resumed);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.link.queue(w);
                     }
@@ -329,7 +340,12 @@ impl Server {
             }
             return self.create(now, conn, &hello);
         };
-        let Some(s) = self.sessions.get_mut(&resume.session) else {
+        // A session already ended (its close frame may still be on its way out) cannot be resumed.
+        let Some(s) = self
+            .sessions
+            .get_mut(&resume.session)
+            .filter(|s| !s.channel.is_closed())
+        else {
             return self.refuse(conn, RefuseCode::UnknownSession, 0);
         };
         if !s.token.matches(&resume.token) {
@@ -376,7 +392,11 @@ impl Server {
         match resumed {
             Ok(retransmitted) => self.bind(conn, id, hello.nonce, true, retransmitted),
             Err(e) => {
-                self.bind(conn, id, hello.nonce, true, 0);
+                // It claims to hold messages never sent: a broken or forged client. No welcome.
+                self.refuse(conn, RefuseCode::Other(crate::CLOSE_PROTOCOL_VIOLATION), 0);
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.conn = None;
+                }
                 self.lose(
                     id,
                     LostReason::Violation(crate::ProtocolError::AckOfUnsent(e)),
@@ -395,7 +415,9 @@ impl Server {
         else {
             return;
         };
-        if accept {
+        if accept && self.sessions.len() >= self.config.max_sessions {
+            self.refuse(conn, RefuseCode::ServerFull, 0);
+        } else if accept {
             self.create(now, conn, &hello);
         } else {
             self.refuse(conn, RefuseCode::AuthenticationFailed, 0);
@@ -448,6 +470,8 @@ impl Server {
             return;
         };
         c.session = Some(id);
+        self.pending.remove(&conn);
+        c.welcomed = Some((peer_nonce, resumed));
         c.link.established = true;
         c.link.arbiter = Some(Arbiter::new(Role::Server, c.link.local_nonce, peer_nonce));
         let nonce = c.link.local_nonce;
@@ -529,6 +553,12 @@ impl Server {
                 session: id,
                 event: held.settle(),
             });
+            self.sessions.remove(&id);
+            self.untime(Key::Session(id));
+            return;
+        }
+        if s.channel.is_closed() {
+            // Already ended (its terminal event is out): nothing to retain.
             self.sessions.remove(&id);
             self.untime(Key::Session(id));
             return;
@@ -646,18 +676,21 @@ impl Server {
                 .and_then(|id| self.sessions.get_mut(&id))
                 .map(|s| &mut s.channel);
             let budget = self.config.channel.max_batch_bytes;
-            let len = if c.closing && c.session.is_none() && c.link.outbox.is_empty() {
+            // A closing connection without a session writes only its handshake reply, if any.
+            let silent = c.closing && c.session.is_none() && c.link.outbox.is_empty();
+            let len = if silent {
                 0
             } else {
                 c.link.transmit(now, channel, buf, budget)
             };
-            let more = c.link.wants_transmit()
+            let more = (!silent && c.link.wants_transmit())
                 || c.session
                     .and_then(|id| self.sessions.get(&id))
                     .is_some_and(|s| s.channel.wants_transmit(now));
             if c.closing && !more {
                 let session = c.session;
                 self.conns.remove(&conn);
+                self.pending.remove(&conn);
                 self.untime(Key::Conn(conn));
                 if let Some(id) = session {
                     // The session was closed on this connection: it is over.
@@ -670,10 +703,15 @@ impl Server {
                     close: true,
                 });
             }
+            let session = c.session;
             if more {
                 self.mark_ready(conn);
             }
             self.retime(Key::Conn(conn));
+            // Writing may arm the session's timers (a datagram retransmission timeout).
+            if let Some(id) = session {
+                self.retime(Key::Session(id));
+            }
             if len > 0 {
                 return Some(Transmit {
                     conn,
