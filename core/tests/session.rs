@@ -38,6 +38,41 @@ fn session_of(n: &Net, i: usize) -> steadfast_core::identity::SessionId {
     n.clients[i].session().expect("client has a session")
 }
 
+/// A raw connection `conn` presents `resume` in a hello, as a stale copy or a forger would;
+/// returns the server's refusal, if it refused, and whether it closed the connection.
+fn raw_resume(
+    n: &mut Net,
+    conn: u64,
+    resume: Resume,
+) -> Option<(steadfast_core::frame::RefuseFrame, bool)> {
+    n.server.on_connection(n.now, conn);
+    let mut wire = BytesMut::new();
+    framing::encode_preface(&mut wire);
+    let hello = Frame::Hello(HelloFrame {
+        nonce: 1,
+        recv_window: 1024,
+        resume: Some(resume),
+        credentials: Bytes::new(),
+    });
+    framing::encode_stream_frame(&hello, &mut wire);
+    n.server.handle_input(n.now, conn, wire.freeze());
+    let mut out = BytesMut::new();
+    let mut refused = None;
+    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
+        let bytes = out.split_to(t.len).freeze();
+        if t.conn == conn {
+            let mut d = framing::StreamDecoder::new(Default::default());
+            d.feed(&bytes);
+            while let Ok(Some(f)) = d.next_frame() {
+                if let Frame::Refuse(r) = f {
+                    refused = Some((r, t.close));
+                }
+            }
+        }
+    }
+    refused
+}
+
 /// Sends `count` tagged messages each way, breaking the connection with `fault` halfway.
 fn exchange_across(fault: impl FnOnce(&mut Net), count: usize) -> Net {
     let mut n = net(1);
@@ -217,37 +252,16 @@ fn an_attach_with_a_stale_epoch_is_refused_and_the_live_session_is_undisturbed()
     assert!(n.run_until(|n| connected(n, 0)).unwrap());
     let (id, token, epoch) = n.clients[0].identity().unwrap();
     // A copy of the client restored from an old snapshot attaches with the epoch it remembers.
-    let conn = 999;
-    n.server.on_connection(n.now, conn);
-    let mut wire = BytesMut::new();
-    framing::encode_preface(&mut wire);
-    let hello = Frame::Hello(HelloFrame {
-        nonce: 1,
-        recv_window: 1024,
-        resume: Some(Resume {
+    let refused = raw_resume(
+        &mut n,
+        999,
+        Resume {
             session: id,
             token,
             epoch,
             received: 0,
-        }),
-        credentials: Bytes::new(),
-    });
-    framing::encode_stream_frame(&hello, &mut wire);
-    n.server.handle_input(n.now, conn, wire.freeze());
-    let mut out = BytesMut::new();
-    let mut refused = None;
-    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
-        let bytes = out.split_to(t.len).freeze();
-        if t.conn == conn {
-            let mut d = framing::StreamDecoder::new(Default::default());
-            d.feed(&bytes);
-            while let Ok(Some(f)) = d.next_frame() {
-                if let Frame::Refuse(r) = f {
-                    refused = Some((r, t.close));
-                }
-            }
-        }
-    }
+        },
+    );
     let (refusal, closed) = refused.expect("a refusal");
     assert_eq!(
         steadfast_core::session::RefuseCode::from_wire(refusal.code),
@@ -267,24 +281,18 @@ fn a_wrong_token_is_refused_and_counted() {
     let mut n = net(1);
     assert!(n.run_until(|n| connected(n, 0)).unwrap());
     let (id, _, epoch) = n.clients[0].identity().unwrap();
-    let conn = 999;
-    n.server.on_connection(n.now, conn);
-    let mut wire = BytesMut::new();
-    framing::encode_preface(&mut wire);
     let forged = steadfast_core::identity::Token::from_bytes([0x42; 16]);
-    let hello = Frame::Hello(HelloFrame {
-        nonce: 1,
-        recv_window: 1024,
-        resume: Some(Resume {
+    let refused = raw_resume(
+        &mut n,
+        999,
+        Resume {
             session: id,
             token: forged,
             epoch: epoch + 1,
             received: 0,
-        }),
-        credentials: Bytes::new(),
-    });
-    framing::encode_stream_frame(&hello, &mut wire);
-    n.server.handle_input(n.now, conn, wire.freeze());
+        },
+    );
+    assert!(refused.is_some_and(|(_, closed)| closed));
     assert_eq!(n.server.refused_tokens(), 1);
     assert_eq!(
         n.server.epoch(id),
