@@ -195,6 +195,8 @@ impl Client {
             nonce,
             now,
         );
+        // Every attach claims a newer epoch, so a stale copy of this client is refused.
+        self.epoch += 1;
         link.queue(self.hello(nonce));
         self.phase = Phase::Linked {
             link,
@@ -202,9 +204,8 @@ impl Client {
         };
     }
 
-    fn hello(&mut self, nonce: u64) -> Frame {
-        // Every attach claims a newer epoch, so a stale copy of this client is refused.
-        self.epoch += 1;
+    /// The hello for the current attach (a datagram retry repeats it unchanged).
+    fn hello(&self, nonce: u64) -> Frame {
         Frame::Hello(HelloFrame {
             nonce,
             recv_window: self.config.channel.recv_window,
@@ -408,7 +409,6 @@ impl Client {
             {
                 *hello_at = now;
                 let nonce = link.local_nonce;
-                self.epoch -= 1; // the same attach, asked again
                 let hello = self.hello(nonce);
                 if let Phase::Linked { link, .. } = &mut self.phase {
                     link.queue(hello);

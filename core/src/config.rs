@@ -38,7 +38,7 @@ pub enum Transport {
     Datagram,
 }
 
-/// The mode [`crate::Channel::send`] uses (other modes: [`crate::Channel::send_with`]).
+/// The mode [`crate::Channel::send`] uses (other modes: [`crate::Channel::send_on`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Delivery {
