@@ -99,13 +99,20 @@ pub struct Config {
 
 impl Config {
     /// The defaults for `transport`.
+    ///
+    /// A datagram transport sends at most 256 messages ahead: a burst any larger arrives so
+    /// scrambled by per-packet jitter that the de-duplication bound turns reordering into loss.
     pub fn new(transport: Transport) -> Self {
+        let max_in_flight = match transport {
+            Transport::Stream => 1024,
+            Transport::Datagram => 256,
+        };
         Config {
             transport,
             delivery: Delivery::Ordered,
             max_queued_messages: 4096,
             max_queued_bytes: 16 << 20,
-            max_in_flight: 1024,
+            max_in_flight,
             max_unreliable_queued: 1024,
             max_unreliable_bytes: 1 << 20,
             recv_window: 1024,

@@ -21,6 +21,12 @@ use crate::config::{Config, Transport};
 use crate::rtt::RttEstimator;
 use crate::time::{Duration, Instant, earliest};
 
+/// Later transmissions acknowledged before a gap counts as a loss, to begin with (RFC 9002).
+const INITIAL_REORDER_THRESHOLD: u64 = 3;
+
+/// The widest the reordering threshold grows on a path that reorders.
+const MAX_REORDER_THRESHOLD: u64 = 256;
+
 /// Why [`crate::Channel::send`] refused a message. Each variant hands the payload back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -162,6 +168,9 @@ pub struct Sender {
     loss_at: Option<Instant>,
     /// Send-order number of the next transmission.
     next_order: u64,
+    /// How many later transmissions must be acknowledged before a gap counts as a loss: 3, as in
+    /// TCP and QUIC, widened when the path proves to reorder.
+    reorder_threshold: u64,
     /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
     largest_acked_order: Option<u64>,
     transport: Transport,
@@ -193,6 +202,7 @@ impl Sender {
             rto_at: None,
             loss_at: None,
             next_order: 0,
+            reorder_threshold: INITIAL_REORDER_THRESHOLD,
             largest_acked_order: None,
             transport: config.transport,
             conflation: BTreeMap::new(),
@@ -340,6 +350,9 @@ impl Sender {
         // a retransmitted message is ambiguous (which copy arrived?), so, as in Karn's rule, it is neither.
         let mut newest: Option<(u64, Instant)> = None;
         let mut any_sent = false;
+        let mut spurious = false;
+        // An ack this soon after a resend cannot be for the resend: the first copy was only late.
+        let too_soon = self.rtt.smoothed() / 2;
         let base = self.base;
         let mut mark = |slot: &mut Slot, out: &mut AckOutcome| {
             if slot.acked {
@@ -348,6 +361,8 @@ impl Sender {
             slot.acked = true;
             out.newly_acked += 1;
             any_sent |= slot.sent_at.is_some();
+            spurious |=
+                slot.transmissions > 1 && slot.sent_at.is_some_and(|at| now - at < too_soon);
             if let Some(at) = slot.sent_at
                 && slot.transmissions == 1
                 && newest.is_none_or(|(order, _)| slot.sent_order > order)
@@ -379,6 +394,11 @@ impl Sender {
 
         if any_sent {
             self.rto_backoff = 0;
+        }
+        if spurious {
+            // RACK's answer to reordering (RFC 8985): a path that reorders gets a wider window
+            // before a gap counts as a loss.
+            self.reorder_threshold = (self.reorder_threshold * 2).min(MAX_REORDER_THRESHOLD);
         }
         if let Some((order, sent_at)) = newest {
             self.rtt.on_sample(now - sent_at, ack_delay);
@@ -415,7 +435,7 @@ impl Sender {
             if s.acked || s.lost || s.sent_order >= largest {
                 continue;
             }
-            if s.sent_order + 3 <= largest || now - sent_at >= loss_delay {
+            if s.sent_order + self.reorder_threshold <= largest || now - sent_at >= loss_delay {
                 s.lost = true;
                 self.retransmit.push_back(base + i as u64);
                 lost += 1;
@@ -791,6 +811,29 @@ mod tests {
         let t = s.deadline().unwrap();
         assert_eq!(s.on_timeout(t).declared_lost, 1);
         assert_eq!(s.on_timeout(t), TimeoutOutcome::default());
+    }
+
+    #[test]
+    fn a_path_that_reorders_widens_the_gap_needed_to_declare_a_loss() {
+        let mut s = queued(Transport::Datagram, 8);
+        s.set_in_flight_limit(8);
+        // Prime the RTT so "too soon after a resend" means something: 100 ms.
+        s.rtt.on_sample(ms(100), Duration::ZERO);
+        flush(&mut s, at(0));
+        // 1..4 acknowledged, 0 not: declared lost at the initial threshold of 3 and resent.
+        assert_eq!(
+            s.on_ack(at(10), 0, &[1..4], Duration::ZERO)
+                .unwrap()
+                .declared_lost,
+            1
+        );
+        flush(&mut s, at(10));
+        // The first copy of 0 turns up 1 ms after the resend: it was only late.
+        s.on_ack(at(11), 4, &[], Duration::ZERO).unwrap();
+        assert_eq!(s.reorder_threshold, 2 * INITIAL_REORDER_THRESHOLD);
+        // Now three later acknowledged sends no longer declare a gap lost.
+        let out = s.on_ack(at(12), 4, &[5..8], Duration::ZERO).unwrap();
+        assert_eq!(out.declared_lost, 0);
     }
 
     #[test]
