@@ -12,6 +12,15 @@
 //! | [`marks`] | coverage marks: which fault and recovery paths a run exercised |
 //! | [`trace`] | the determinism self-check (an FNV-1a fold over every event) |
 //!
+//! Command line (the last line is machine-readable `SUMMARY {...}`; a failing seed prints its
+//! violations, its parameters and a one-line replay, and the exit status is non-zero):
+//!
+//! ```text
+//! cargo run --release -p steadfast-sim -- --seeds 1000          # a sweep, with a progress bar
+//! cargo run --release -p steadfast-sim -- --seed 42             # one seed: parameters, marks, trace hash
+//! cargo run --release -p steadfast-sim -- --seeds 20 --canary dup-delivery   # must fail
+//! ```
+//!
 //! ```
 //! use steadfast_sim::params::{Params, Workload};
 //! use steadfast_core::time::Duration;

@@ -1,0 +1,598 @@
+//! The Jepsen-style ledger: every message attempted, acknowledged, delivered and handed back, and the
+//! safety and liveness rules over them.
+//!
+//! Each payload starts with an 8-byte tag naming its ledger entry (a broadcast shares one tag between
+//! its receivers, so an entry is named by the tag and its destination session). Safety is checked as
+//! events happen; liveness once the faults have stopped (see [`Checker::finish`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use steadfast_core::time::Instant;
+
+/// A sender context: one client incarnation, or one server session in one server incarnation.
+pub type Ctx = u32;
+
+/// The destination part of an entry's name: `0` for client-to-server messages, the session id for
+/// server-to-client ones.
+pub type Dest = u64;
+
+/// How a message was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgMode {
+    /// Reliable, ordered.
+    Ordered,
+    /// Reliable, unordered.
+    Unordered,
+    /// Reliable, conflated by key.
+    Conflated,
+    /// At most once, never older after newer.
+    Sequenced,
+    /// At most once.
+    Unreliable,
+}
+
+impl MsgMode {
+    /// Whether the message must arrive (or be handed back).
+    pub fn is_reliable(self) -> bool {
+        matches!(
+            self,
+            MsgMode::Ordered | MsgMode::Unordered | MsgMode::Conflated
+        )
+    }
+}
+
+/// What part a message plays in the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A steady-stream message.
+    Steady,
+    /// A client's call.
+    Call,
+    /// The server's answer to a call.
+    CallReply,
+    /// A call fanned out to another client.
+    Event,
+    /// A client's reply to a fanned-out event.
+    EventReply,
+}
+
+/// A broken guarantee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// When it was seen (virtual time).
+    pub at: Instant,
+    /// Which rule.
+    pub rule: &'static str,
+    /// What happened.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[t={:.6}s] {}: {}",
+            self.at.as_nanos() as f64 / 1e9,
+            self.rule,
+            self.detail
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    tag: u64,
+    dest: Dest,
+    sender: Ctx,
+    stream: u64,
+    mode: MsgMode,
+    role: Role,
+    /// Position among the sender's ordered/sequenced messages on this stream.
+    index: u64,
+    seq: Option<u64>,
+    len: usize,
+    answers: Option<usize>,
+    sent_at: Instant,
+    delivered: u32,
+    delivered_to: Option<Ctx>,
+    delivered_seq: Option<u64>,
+    acked: bool,
+    handed_back: bool,
+    superseded: bool,
+    crash_lost: bool,
+    resolved: bool,
+}
+
+#[derive(Debug, Default)]
+struct CtxState {
+    /// Server contexts: the incarnation of the server they belong to.
+    server_epoch: Option<u32>,
+    /// Reliable messages not yet acknowledged, by sequence number.
+    unacked: BTreeMap<u64, usize>,
+    /// Next index to hand out, per stream.
+    next_index: BTreeMap<u64, u64>,
+    /// Receiver's view: next index expected on each ordered stream.
+    expect: BTreeMap<u64, u64>,
+    /// Receiver's view: highest index seen on each sequenced stream.
+    newest: BTreeMap<u64, u64>,
+    /// Conflated: the unacknowledged entry per key, by (stream, key).
+    conflated: BTreeMap<(u64, u64), usize>,
+}
+
+/// Totals for the summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Messages accepted by `send`/`request`/`reply`/`broadcast` (one per receiver).
+    pub attempted: u64,
+    /// Of those, reliable.
+    pub reliable: u64,
+    /// Deliveries to an application.
+    pub delivered: u64,
+    /// Messages handed back by `SessionLost`/`Closed`.
+    pub handed_back: u64,
+    /// Conflated values replaced before they were sent.
+    pub superseded: u64,
+    /// Messages that died with a crashed server process (no durable store).
+    pub crash_lost: u64,
+    /// Replies checked against the message they answer.
+    pub replies_checked: u64,
+}
+
+/// The ledger.
+#[derive(Debug, Default)]
+pub struct Checker {
+    entries: Vec<Entry>,
+    by_name: BTreeMap<(u64, Dest), usize>,
+    ctxs: Vec<CtxState>,
+    outstanding: u64,
+    violations: Vec<Violation>,
+    tally: Tally,
+}
+
+/// The most violations kept per run (the first one matters most).
+const MAX_VIOLATIONS: usize = 32;
+
+impl Checker {
+    /// A new sender context (a client incarnation, or a server session in server incarnation
+    /// `server_epoch`).
+    pub fn new_ctx(&mut self, server_epoch: Option<u32>) -> Ctx {
+        self.ctxs.push(CtxState {
+            server_epoch,
+            ..CtxState::default()
+        });
+        (self.ctxs.len() - 1) as Ctx
+    }
+
+    /// Records a violation found outside the ledger (e.g. a livelocked node).
+    pub fn report(&mut self, at: Instant, rule: &'static str, detail: String) {
+        if self.violations.len() < MAX_VIOLATIONS {
+            self.violations.push(Violation { at, rule, detail });
+        }
+    }
+
+    /// The violations seen so far.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// Reliable messages neither delivered, handed back, replaced nor lost with a crashed sender.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding
+    }
+
+    /// Totals.
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    fn resolve(&mut self, idx: usize) {
+        let e = &mut self.entries[idx];
+        if !e.resolved {
+            e.resolved = true;
+            if e.mode.is_reliable() {
+                self.outstanding -= 1;
+            }
+        }
+    }
+
+    /// A send was accepted. `replaced`: a conflated value took over the unsent value under `seq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sent(
+        &mut self,
+        now: Instant,
+        sender: Ctx,
+        dest: Dest,
+        tag: u64,
+        stream: u64,
+        mode: MsgMode,
+        role: Role,
+        seq: Option<u64>,
+        replaced: bool,
+        conflation_key: u64,
+        len: usize,
+        answers: Option<usize>,
+    ) -> usize {
+        let idx = self.entries.len();
+        let c = &mut self.ctxs[sender as usize];
+        let index = match mode {
+            MsgMode::Ordered | MsgMode::Sequenced => {
+                let n = c.next_index.entry(stream).or_insert(0);
+                *n += 1;
+                *n - 1
+            }
+            _ => 0,
+        };
+        let mut superseded = None;
+        if let Some(seq) = seq {
+            if replaced {
+                superseded = c.unacked.insert(seq, idx);
+            } else {
+                c.unacked.insert(seq, idx);
+            }
+        }
+        if mode == MsgMode::Conflated {
+            let prev = c.conflated.insert((stream, conflation_key), idx);
+            if replaced && prev != superseded {
+                let detail = format!(
+                    "conflated send on stream {stream} key {conflation_key} replaced seq {seq:?}, which held another key's value"
+                );
+                self.report(now, "conflation", detail);
+            }
+        }
+        self.entries.push(Entry {
+            tag,
+            dest,
+            sender,
+            stream,
+            mode,
+            role,
+            index,
+            seq,
+            len,
+            answers,
+            sent_at: now,
+            delivered: 0,
+            delivered_to: None,
+            delivered_seq: None,
+            acked: false,
+            handed_back: false,
+            superseded: false,
+            crash_lost: false,
+            resolved: false,
+        });
+        self.by_name.insert((tag, dest), idx);
+        self.tally.attempted += 1;
+        if mode.is_reliable() {
+            self.tally.reliable += 1;
+            self.outstanding += 1;
+        }
+        if let Some(old) = superseded {
+            self.entries[old].superseded = true;
+            self.tally.superseded += 1;
+            if self.entries[old].delivered > 0 {
+                let detail = format!(
+                    "conflated value tag {} was replaced as unsent after it had been delivered",
+                    self.entries[old].tag
+                );
+                self.report(now, "conflation", detail);
+            }
+            self.resolve(old);
+        }
+        idx
+    }
+
+    /// The entry a received payload names, or a violation if it names nothing that was sent.
+    fn lookup(&mut self, now: Instant, payload: &Bytes, dest: Dest, what: &str) -> Option<usize> {
+        let Some(tag) = tag_of(payload) else {
+            self.report(
+                now,
+                "unexpected",
+                format!("{what}: a {}-byte payload without a tag", payload.len()),
+            );
+            return None;
+        };
+        match self.by_name.get(&(tag, dest)) {
+            Some(&idx) => Some(idx),
+            None => {
+                self.report(
+                    now,
+                    "unexpected",
+                    format!("{what}: tag {tag} for destination {dest:#x} was never sent"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A message reached the application of context `receiver`. `dest` is the receiving session for
+    /// server-to-client messages, 0 for client-to-server ones; `expected_sender` is, for the
+    /// latter, the client incarnation that owns the receiving server session.
+    #[allow(clippy::too_many_arguments)]
+    pub fn delivered(
+        &mut self,
+        now: Instant,
+        receiver: Ctx,
+        expected_sender: Option<Ctx>,
+        dest: Dest,
+        stream: u64,
+        seq: Option<u64>,
+        payload: &Bytes,
+    ) -> Option<usize> {
+        let idx = self.lookup(now, payload, dest, "delivery")?;
+        self.tally.delivered += 1;
+        let e = &self.entries[idx];
+        let (tag, sender, mode, index) = (e.tag, e.sender, e.mode, e.index);
+        let mut problems: Vec<(&'static str, String)> = Vec::new();
+        if e.delivered > 0 {
+            let rule = if mode.is_reliable() {
+                "duplicate"
+            } else {
+                "at-most-once"
+            };
+            problems.push((
+                rule,
+                format!(
+                    "tag {tag} ({:?} {:?} stream {}) delivered {} times",
+                    e.role,
+                    mode,
+                    e.stream,
+                    e.delivered + 1
+                ),
+            ));
+        }
+        if let Some(exp) = expected_sender
+            && exp != sender
+        {
+            problems.push((
+                "misdelivery",
+                format!(
+                    "tag {tag} from context {sender} delivered on the session of context {exp}"
+                ),
+            ));
+        }
+        if e.stream != stream {
+            problems.push((
+                "misdelivery",
+                format!(
+                    "tag {tag} sent on stream {} delivered on stream {stream}",
+                    e.stream
+                ),
+            ));
+        }
+        if e.len != payload.len() || payload.last().copied() != Some(fill_byte(tag)) {
+            problems.push((
+                "corruption",
+                format!(
+                    "tag {tag}: {} bytes delivered, {} sent, or the padding differs",
+                    payload.len(),
+                    e.len
+                ),
+            ));
+        }
+        if let (Some(sent), Some(got)) = (e.seq, seq)
+            && sent != got
+        {
+            problems.push((
+                "misdelivery",
+                format!("tag {tag} sent as seq {sent} delivered as seq {got}"),
+            ));
+        }
+        if e.superseded {
+            problems.push((
+                "conflation",
+                format!("tag {tag} was replaced before sending, yet delivered"),
+            ));
+        }
+        let first = e.delivered == 0;
+        let c = &mut self.ctxs[sender as usize];
+        if first {
+            match mode {
+                MsgMode::Ordered => {
+                    let expect = c.expect.entry(stream).or_insert(0);
+                    if index != *expect {
+                        problems.push((
+                            "order",
+                            format!(
+                                "ordered stream {stream} of context {sender}: got message #{index} (tag {tag}) when #{} was next",
+                                *expect
+                            ),
+                        ));
+                    }
+                    *expect = (*expect).max(index + 1);
+                }
+                MsgMode::Sequenced => {
+                    if let Some(&newest) = c.newest.get(&stream)
+                        && index <= newest
+                    {
+                        problems.push((
+                            "order",
+                            format!(
+                                "sequenced stream {stream} of context {sender}: #{index} after #{newest}"
+                            ),
+                        ));
+                    }
+                    c.newest.insert(stream, index);
+                }
+                _ => {}
+            }
+        }
+        for (rule, detail) in problems {
+            self.report(now, rule, detail);
+        }
+        let e = &mut self.entries[idx];
+        e.delivered += 1;
+        e.delivered_to.get_or_insert(receiver);
+        if e.delivered_seq.is_none() {
+            e.delivered_seq = seq;
+        }
+        self.resolve(idx);
+        Some(idx)
+    }
+
+    /// A reply arrived: it is a delivery of its own, and it must answer, under the sequence number
+    /// `to`, a message that was delivered to the replier.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reply_received(
+        &mut self,
+        now: Instant,
+        receiver: Ctx,
+        expected_sender: Option<Ctx>,
+        dest: Dest,
+        to: u64,
+        payload: &Bytes,
+        reply_stream: u64,
+    ) {
+        let Some(idx) = self.delivered(
+            now,
+            receiver,
+            expected_sender,
+            dest,
+            reply_stream,
+            None,
+            payload,
+        ) else {
+            return;
+        };
+        self.tally.replies_checked += 1;
+        let r = &self.entries[idx];
+        let tag = r.tag;
+        let Some(x) = r.answers else {
+            let detail = format!("tag {tag} arrived as a reply but was not sent as one");
+            return self.report(now, "reply", detail);
+        };
+        let (replier, sent_to) = (r.sender, r.answers);
+        let q = &self.entries[x];
+        let ok = match r.role {
+            // The server answers a call: the call was the receiver's own, under seq `to`.
+            Role::CallReply => q.sender == receiver && q.seq == Some(to),
+            // A client answers an event: it was delivered to that client under seq `to`.
+            _ => q.delivered_to == Some(replier) && q.delivered_seq == Some(to),
+        };
+        if !ok {
+            let detail = format!(
+                "reply tag {tag} names seq {to}, but the message it answers (tag {}, entry {sent_to:?}) was sent as {:?} and delivered as {:?} to {:?}",
+                q.tag, q.seq, q.delivered_seq, q.delivered_to
+            );
+            self.report(now, "reply", detail);
+        }
+    }
+
+    /// Context `sender`'s peer acknowledged everything below `below`.
+    pub fn acknowledged(&mut self, now: Instant, sender: Ctx, below: u64) {
+        let c = &mut self.ctxs[sender as usize];
+        let rest = c.unacked.split_off(&below);
+        let acked = std::mem::replace(&mut c.unacked, rest);
+        for (_, idx) in acked {
+            let e = &mut self.entries[idx];
+            e.acked = true;
+            if e.mode == MsgMode::Conflated {
+                let key = self.ctxs[sender as usize]
+                    .conflated
+                    .iter()
+                    .find(|(_, v)| **v == idx)
+                    .map(|(k, _)| *k);
+                if let Some(k) = key {
+                    self.ctxs[sender as usize].conflated.remove(&k);
+                }
+            }
+            let e = &self.entries[idx];
+            if e.delivered == 0 {
+                let detail = format!(
+                    "tag {} ({:?} {:?} stream {} seq {:?}) acknowledged but never delivered",
+                    e.tag, e.role, e.mode, e.stream, e.seq
+                );
+                self.report(now, "acked-then-lost", detail);
+            }
+        }
+    }
+
+    /// A session of context `sender` ended and handed these payloads back.
+    pub fn handed_back(&mut self, now: Instant, sender: Ctx, dest: Dest, payloads: &[Bytes]) {
+        for p in payloads {
+            let Some(idx) = self.lookup(now, p, dest, "hand-back") else {
+                continue;
+            };
+            self.tally.handed_back += 1;
+            let e = &mut self.entries[idx];
+            if e.sender != sender {
+                let detail = format!(
+                    "context {sender} handed back tag {}, which context {} sent",
+                    e.tag, e.sender
+                );
+                self.report(now, "hand-back", detail);
+            }
+            let e = &mut self.entries[idx];
+            if e.acked {
+                let detail = format!("tag {} handed back after it was acknowledged", e.tag);
+                self.report(now, "hand-back", detail);
+            }
+            self.entries[idx].handed_back = true;
+            self.resolve(idx);
+        }
+        self.ctxs[sender as usize].unacked.clear();
+    }
+
+    /// The server process of incarnation `epoch` crashed: what its sessions had not yet delivered
+    /// died with it (there is no durable store).
+    pub fn server_crashed(&mut self, epoch: u32) {
+        for idx in 0..self.entries.len() {
+            let e = &self.entries[idx];
+            if e.resolved
+                || !e.mode.is_reliable()
+                || self.ctxs[e.sender as usize].server_epoch != Some(epoch)
+            {
+                continue;
+            }
+            self.entries[idx].crash_lost = true;
+            self.tally.crash_lost += 1;
+            self.resolve(idx);
+        }
+    }
+
+    /// The liveness check, once the faults have stopped and the bound has passed: every reliable
+    /// message was delivered, handed back, replaced while unsent, or died with a crashed server.
+    pub fn finish(&mut self, now: Instant, heal_at: Instant) {
+        let lost: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| !self.entries[i].resolved && self.entries[i].mode.is_reliable())
+            .collect();
+        let n = lost.len();
+        for idx in lost.into_iter().take(8) {
+            let e = &self.entries[idx];
+            let detail = format!(
+                "tag {} to {:#x} ({:?} {:?} stream {} seq {:?}, sent at {:.3}s by context {}, acked={}) neither delivered nor handed back {:.3}s after the faults stopped ({n} such)",
+                e.tag,
+                e.dest,
+                e.role,
+                e.mode,
+                e.stream,
+                e.seq,
+                e.sent_at.as_nanos() as f64 / 1e9,
+                e.sender,
+                e.acked,
+                (now - heal_at).as_secs_f64(),
+            );
+            self.report(now, "liveness", detail);
+        }
+    }
+}
+
+/// The tag a payload carries, if it has one.
+pub fn tag_of(payload: &Bytes) -> Option<u64> {
+    let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(head))
+}
+
+/// The padding byte of a tag's payload.
+pub fn fill_byte(tag: u64) -> u8 {
+    (tag % 251) as u8 ^ 0xa5
+}
+
+/// A payload of `len` bytes (at least 9) carrying `tag`.
+pub fn payload(tag: u64, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len.max(9));
+    v.extend_from_slice(&tag.to_le_bytes());
+    v.resize(len.max(9), fill_byte(tag));
+    Bytes::from(v)
+}

@@ -1,0 +1,317 @@
+//! What one run simulates: the workload (chosen by the caller) and, drawn from the seed (swarm
+//! testing), the network's latencies, the fault mix and its rates.
+
+use std::fmt;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use steadfast_core::time::Duration;
+
+/// The workload of the field report (seeds/000): calls that fan out to the other clients, whose
+/// replies come back, plus a steady stream of messages in every delivery mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// How many client nodes (one server node besides).
+    pub clients: usize,
+    /// How long the workload and the faults run; the heal phase follows.
+    pub duration: Duration,
+    /// Mean time between two calls (requests) of one client.
+    pub call_interval: Duration,
+    /// Mean time between two steady-stream messages of one client.
+    pub stream_interval: Duration,
+    /// Mean time between two steady-stream messages from the server to one session.
+    pub server_stream_interval: Duration,
+    /// The smallest payload, in bytes (at least the 16-byte tag).
+    pub payload_min: usize,
+    /// The largest payload, in bytes.
+    pub payload_max: usize,
+    /// The longest a receiver's saturated CPU takes before it replies to a fanned-out event.
+    pub think_max: Duration,
+    /// A call's deadline.
+    pub request_timeout: Duration,
+}
+
+impl Default for Workload {
+    /// Server + 8 clients for 60 s: a call every 5 s per client fanned out to the 7 others, and a
+    /// message a second each way per client in a random delivery mode.
+    fn default() -> Self {
+        Workload {
+            clients: 8,
+            duration: Duration::from_secs(60),
+            call_interval: Duration::from_secs(5),
+            stream_interval: Duration::from_secs(1),
+            server_stream_interval: Duration::from_secs(1),
+            payload_min: 16,
+            payload_max: 512,
+            think_max: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A deliberate break of one guarantee inside the simulated endpoints' application layer (never in
+/// the core), to prove that the checker notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canary {
+    /// A client application records one received message twice.
+    DupDelivery,
+    /// A client application loses one received message.
+    DropDelivery,
+    /// A client application swaps two consecutive messages of an ordered stream.
+    ReorderDelivery,
+    /// Both ends ignore the messages handed back by `SessionLost` and `Closed`.
+    ForgetHandback,
+    /// A client answers a fanned-out event under the wrong sequence number.
+    MisrouteReply,
+}
+
+impl Canary {
+    /// Every canary.
+    pub const ALL: [Canary; 5] = [
+        Canary::DupDelivery,
+        Canary::DropDelivery,
+        Canary::ReorderDelivery,
+        Canary::ForgetHandback,
+        Canary::MisrouteReply,
+    ];
+
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Canary::DupDelivery => "dup-delivery",
+            Canary::DropDelivery => "drop-delivery",
+            Canary::ReorderDelivery => "reorder-delivery",
+            Canary::ForgetHandback => "forget-handback",
+            Canary::MisrouteReply => "misroute-reply",
+        }
+    }
+
+    /// The canary called `name`.
+    pub fn parse(name: &str) -> Option<Canary> {
+        Canary::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// How the server fans a call out to the other clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fanout {
+    /// One `Server::broadcast` call.
+    Broadcast,
+    /// One `Server::send` per session.
+    PerSession,
+}
+
+/// How many faults of each kind a run injects, at uniformly drawn times during the workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultMix {
+    /// A client's connection resets; both ends are told.
+    pub resets: u32,
+    /// A client's connection goes silent both ways; nobody is told.
+    pub blackholes: u32,
+    /// A client's connection resets on the client's side only; the server is never told.
+    pub half_opens: u32,
+    /// A client's path to the server is cut for a while: bytes wait, new connects fail.
+    pub partitions: u32,
+    /// A node's process freezes for a while (the server's or a client's).
+    pub pauses: u32,
+    /// A client's VM is live-migrated: frozen, and its connection silently dead afterwards.
+    pub migrations: u32,
+    /// The server process restarts with nothing remembered.
+    pub restarts: u32,
+}
+
+impl FaultMix {
+    /// Every kind, with the count the swarm may draw up to, per minute of workload.
+    pub fn total(&self) -> u32 {
+        self.resets
+            + self.blackholes
+            + self.half_opens
+            + self.partitions
+            + self.pauses
+            + self.migrations
+            + self.restarts
+    }
+
+    /// A mix drawn for one seed: each kind is on with probability 1/2, at its own rate.
+    pub fn draw(rng: &mut ChaCha8Rng, duration: Duration) -> FaultMix {
+        let minutes = (duration.as_secs_f64() / 60.0).max(0.25);
+        let mut kind = |per_minute: f64| -> u32 {
+            if rng.random_bool(0.5) {
+                let max = (per_minute * minutes).ceil().max(1.0) as u32;
+                rng.random_range(1..=max)
+            } else {
+                0
+            }
+        };
+        FaultMix {
+            resets: kind(6.0),
+            blackholes: kind(4.0),
+            half_opens: kind(4.0),
+            partitions: kind(3.0),
+            pauses: kind(4.0),
+            migrations: kind(3.0),
+            restarts: kind(1.5),
+        }
+    }
+}
+
+/// One client's path to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkParams {
+    /// One-way base latency.
+    pub latency: Duration,
+    /// Extra one-way delay, uniform in `0..=jitter`, per delivery (never reordering a connection).
+    pub jitter: Duration,
+}
+
+/// Everything one run depends on besides the seed's own random stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    /// The seed.
+    pub seed: u64,
+    /// The workload.
+    pub workload: Workload,
+    /// Per client, its path.
+    pub links: Vec<LinkParams>,
+    /// How calls fan out.
+    pub fanout: Fanout,
+    /// How long the server keeps a disconnected session.
+    pub retention: Duration,
+    /// How long a connect into a cut path takes to fail.
+    pub connect_timeout: Duration,
+    /// Whether a connect into a cut path is refused at once (else it times out).
+    pub partition_refuses: bool,
+    /// The longest a partition, pause or migration lasts.
+    pub max_fault_len: Duration,
+    /// The longest the server stays down when it restarts.
+    pub max_downtime: Duration,
+    /// Tight queue bounds (messages, per session and side) instead of the defaults, to reach
+    /// backpressure; `None`: the core's defaults.
+    pub max_queued: Option<usize>,
+    /// Whether a full server queue closes the session (`Overflow::CloseSession`) instead of
+    /// refusing the send.
+    pub overflow_closes: bool,
+    /// The faults.
+    pub faults: FaultMix,
+    /// The deliberately broken guarantee, if any.
+    pub canary: Option<Canary>,
+}
+
+impl Params {
+    /// The parameters the swarm draws for `seed` over `workload`.
+    pub fn draw(seed: u64, workload: Workload, canary: Option<Canary>) -> Params {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5157_4152_4d00_0000);
+        let wan = rng.random_bool(0.3);
+        let links = (0..workload.clients)
+            .map(|_| {
+                let latency = if wan {
+                    Duration::from_micros(rng.random_range(5_000..=80_000))
+                } else {
+                    Duration::from_micros(rng.random_range(50..=2_000))
+                };
+                let jitter =
+                    Duration::from_nanos(rng.random_range(0..=latency.as_nanos() as u64 / 2 + 1));
+                LinkParams { latency, jitter }
+            })
+            .collect();
+        let fanout = if rng.random_bool(0.5) {
+            Fanout::Broadcast
+        } else {
+            Fanout::PerSession
+        };
+        let retention = Duration::from_secs([5, 10, 30][rng.random_range(0..3)]);
+        let connect_timeout = Duration::from_millis(rng.random_range(500..=3_000));
+        let partition_refuses = rng.random_bool(0.5);
+        let max_fault_len = Duration::from_millis(rng.random_range(500..=15_000));
+        let max_downtime = Duration::from_millis(rng.random_range(0..=5_000));
+        let faults = FaultMix::draw(&mut rng, workload.duration);
+        let max_queued = rng
+            .random_bool(0.25)
+            .then(|| rng.random_range(16..=256usize));
+        let overflow_closes = rng.random_bool(0.3);
+        Params {
+            seed,
+            workload,
+            links,
+            fanout,
+            retention,
+            connect_timeout,
+            partition_refuses,
+            max_fault_len,
+            max_downtime,
+            max_queued,
+            overflow_closes,
+            faults,
+            canary,
+        }
+    }
+
+    /// The liveness bound: once the faults stop, every outstanding reliable message must be
+    /// delivered or handed back within this much virtual time.
+    ///
+    /// A silently dead connection is found within the idle timeout plus the stall grace (3 s + 3 s),
+    /// the reconnect backoff waits at most 10 s, a connect into a dead path takes `connect_timeout`;
+    /// a session the server dropped is reported at the latest `retention` after its disconnect; 5 s
+    /// of slack covers round trips and the reply think time.
+    pub fn liveness_bound(&self) -> Duration {
+        self.retention + Duration::from_secs(3 + 3 + 10 + 5) + self.connect_timeout
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}ms", d.as_secs_f64() * 1000.0)
+}
+
+impl fmt::Display for Params {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = &self.workload;
+        writeln!(f, "seed {}", self.seed)?;
+        writeln!(
+            f,
+            "  workload: clients={} duration={}s call_interval={} stream_interval={} server_stream_interval={} payload={}..={}B think_max={} request_timeout={}",
+            w.clients,
+            w.duration.as_secs_f64(),
+            ms(w.call_interval),
+            ms(w.stream_interval),
+            ms(w.server_stream_interval),
+            w.payload_min,
+            w.payload_max,
+            ms(w.think_max),
+            ms(w.request_timeout),
+        )?;
+        write!(f, "  links (latency/jitter):")?;
+        for (i, l) in self.links.iter().enumerate() {
+            write!(f, " c{i}={}/{}", ms(l.latency), ms(l.jitter))?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  fanout={:?} retention={}s connect_timeout={} partition_refuses={} max_fault_len={} max_downtime={}",
+            self.fanout,
+            self.retention.as_secs_f64(),
+            ms(self.connect_timeout),
+            self.partition_refuses,
+            ms(self.max_fault_len),
+            ms(self.max_downtime),
+        )?;
+        writeln!(
+            f,
+            "  max_queued={} overflow_closes={}",
+            self.max_queued
+                .map_or("default".to_string(), |n| n.to_string()),
+            self.overflow_closes
+        )?;
+        let m = &self.faults;
+        writeln!(
+            f,
+            "  faults: resets={} blackholes={} half_opens={} partitions={} pauses={} migrations={} restarts={}",
+            m.resets, m.blackholes, m.half_opens, m.partitions, m.pauses, m.migrations, m.restarts
+        )?;
+        write!(
+            f,
+            "  liveness_bound={}s canary={}",
+            self.liveness_bound().as_secs_f64(),
+            self.canary.map_or("none", Canary::name)
+        )
+    }
+}

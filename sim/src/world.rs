@@ -1,0 +1,1669 @@
+//! The simulated world: one server node, N client nodes, the connections between them, the faults,
+//! the workload, all driven by one event queue in virtual time.
+//!
+//! Time jumps from event to event. Every node keeps one timer event queued no later than its
+//! `poll_timeout` (an earlier deadline supersedes it by generation; a later one lets it fire early
+//! and re-arm); every connection direction is a FIFO whose head is an event, so jitter shifts whole
+//! deliveries but never reorders a byte stream. A frozen node's inputs wait in its backlog and its
+//! timers fire late, when it wakes; a restarted server loses every session and connection.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use steadfast_core::client::{Client, ClientConfig, Directive};
+use steadfast_core::identity::SessionId;
+use steadfast_core::server::{Overflow, Server, ServerConfig, ServerEvent};
+use steadfast_core::session::{DisconnectCause, LostReason, REPLY_STREAM, SessionEvent};
+use steadfast_core::time::{Duration, Instant};
+use steadfast_core::{Config, Mode, SendError, Sent, Transport};
+
+use crate::checker::{self, Checker, Ctx, MsgMode, Role, Violation};
+use crate::marks::Marks;
+use crate::params::{Canary, Fanout, Params};
+use crate::trace::Trace;
+
+/// The stream calls travel on.
+pub const CALL_STREAM: u64 = 1;
+/// The stream fanned-out events travel on.
+pub const EVENT_STREAM: u64 = 2;
+/// Steady-stream messages use `STEADY_STREAM + mode index` (one mode per stream).
+pub const STEADY_STREAM: u64 = 10;
+/// Conflated values use keys `0..CONFLATION_KEYS`.
+pub const CONFLATION_KEYS: u64 = 4;
+
+/// How many client deliveries happen before a delivery canary strikes.
+const CANARY_AFTER: u64 = 25;
+/// A node firing this many timers at one instant is livelocked.
+const LIVELOCK_FIRES: u32 = 10_000;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The parameters it ran with.
+    pub params: Params,
+    /// Broken guarantees, first first.
+    pub violations: Vec<Violation>,
+    /// Events processed.
+    pub events: u64,
+    /// Virtual time at the end.
+    pub sim_time: Duration,
+    /// When the faults stopped.
+    pub heal_at: Duration,
+    /// How long after the faults stopped everything outstanding was settled (`None`: never).
+    pub settled_after: Option<Duration>,
+    /// The determinism self-check.
+    pub trace_hash: u64,
+    /// Which fault and recovery paths the run exercised.
+    pub marks: Marks,
+    /// Ledger totals.
+    pub tally: checker::Tally,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Reset,
+    Blackhole,
+    HalfOpen,
+    Partition(Duration),
+    Pause(Duration),
+    Migrate(Duration),
+    Restart(Duration),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Timer {
+        node: usize,
+        generation: u64,
+    },
+    Deliver {
+        conn: usize,
+        up: bool,
+    },
+    ConnectFailed {
+        client: usize,
+        conn: usize,
+    },
+    Wake {
+        node: usize,
+    },
+    ClientTick {
+        client: usize,
+        call: bool,
+    },
+    ServerTick,
+    Think {
+        client: usize,
+        inc: u32,
+        to: u64,
+        event: usize,
+    },
+    Respawn {
+        client: usize,
+    },
+    Fault(Fault),
+    ServerUp,
+    Heal,
+    Check,
+}
+
+impl Ev {
+    fn code(&self) -> [u64; 3] {
+        match *self {
+            Ev::Timer { node, generation } => [1, node as u64, generation],
+            Ev::Deliver { conn, up } => [2, conn as u64, u64::from(up)],
+            Ev::ConnectFailed { client, conn } => [3, client as u64, conn as u64],
+            Ev::Wake { node } => [4, node as u64, 0],
+            Ev::ClientTick { client, call } => [5, client as u64, u64::from(call)],
+            Ev::ServerTick => [6, 0, 0],
+            Ev::Think { client, to, .. } => [7, client as u64, to],
+            Ev::Respawn { client } => [8, client as u64, 0],
+            Ev::Fault(_) => [9, 0, 0],
+            Ev::ServerUp => [10, 0, 0],
+            Ev::Heal => [11, 0, 0],
+            Ev::Check => [12, 0, 0],
+        }
+    }
+}
+
+struct Sched {
+    at: Instant,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Sched {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Sched {}
+impl PartialOrd for Sched {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Sched {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// What travels in one direction of a connection.
+#[derive(Debug, Clone)]
+enum Wire {
+    /// Server side: the connection is accepted. Client side: the connect completed.
+    Open,
+    Bytes(Bytes),
+    /// The other end closed or reset.
+    Close,
+}
+
+#[derive(Debug, Default)]
+struct Pipe {
+    q: VecDeque<(Instant, Wire)>,
+    last: Instant,
+    scheduled: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    client: usize,
+    server_epoch: u32,
+    client_open: bool,
+    server_open: bool,
+    blackholed: bool,
+    up: Pipe,
+    down: Pipe,
+}
+
+#[derive(Debug, Default)]
+struct Timer {
+    armed: Option<Instant>,
+    generation: u64,
+    fired_at: Instant,
+    fires: u32,
+}
+
+struct ClientNode {
+    client: Client,
+    inc: u32,
+    ctx: Ctx,
+    conn: Option<usize>,
+    connecting: bool,
+    session: Option<SessionId>,
+    frozen_until: Option<Instant>,
+    backlog: VecDeque<(usize, Wire)>,
+    failed_backlog: VecDeque<usize>,
+    timer: Timer,
+    over: bool,
+}
+
+struct ServerNode {
+    server: Server,
+    epoch: u32,
+    down: bool,
+    frozen_until: Option<Instant>,
+    backlog: VecDeque<(usize, Wire)>,
+    timer: Timer,
+    /// Live sessions, with their sender context (this incarnation).
+    sessions: BTreeMap<SessionId, Ctx>,
+}
+
+/// Canary state.
+#[derive(Debug, Default)]
+struct CanaryState {
+    deliveries: u64,
+    struck: bool,
+    held: Option<(usize, u64, Bytes, u64)>,
+    replies: u64,
+}
+
+/// One simulated run.
+pub struct Sim {
+    params: Params,
+    now: Instant,
+    end: Instant,
+    heal_at: Instant,
+    settled_at: Option<Instant>,
+    stop: bool,
+    queue: BinaryHeap<Reverse<Sched>>,
+    next_seq: u64,
+    rng: ChaCha8Rng,
+    server: ServerNode,
+    clients: Vec<ClientNode>,
+    conns: Vec<Conn>,
+    partition_until: Vec<Instant>,
+    /// Which client incarnation owns each session (as the client learnt it from its welcome).
+    owner: BTreeMap<SessionId, Ctx>,
+    next_tag: u64,
+    checker: Checker,
+    trace: Trace,
+    marks: Marks,
+    events: u64,
+    buf: BytesMut,
+    canary: CanaryState,
+    server_config: ServerConfig,
+    client_config: ClientConfig,
+}
+
+fn instant(d: Duration) -> Instant {
+    Instant::from_duration(d)
+}
+
+fn mode_of(i: u64) -> (Mode, MsgMode) {
+    match i {
+        0 => (Mode::Ordered, MsgMode::Ordered),
+        1 => (Mode::Unordered, MsgMode::Unordered),
+        2 => (Mode::Conflated { key: 0 }, MsgMode::Conflated),
+        3 => (Mode::Sequenced, MsgMode::Sequenced),
+        _ => (Mode::Unreliable, MsgMode::Unreliable),
+    }
+}
+
+fn msg_mode_of_stream(stream: u64) -> MsgMode {
+    if stream >= STEADY_STREAM {
+        mode_of(stream - STEADY_STREAM).1
+    } else {
+        MsgMode::Ordered
+    }
+}
+
+impl Sim {
+    /// A world for `params`, at virtual time zero, with its workload and fault plan scheduled.
+    pub fn new(params: Params) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        let mut channel = Config::new(Transport::Stream);
+        if let Some(n) = params.max_queued {
+            channel.max_queued_messages = n;
+        }
+        let mut server_config = ServerConfig::new(channel.clone());
+        server_config.retention = params.retention;
+        if params.overflow_closes {
+            server_config.overflow = Overflow::CloseSession;
+        }
+        let client_config = ClientConfig::new(channel, 1);
+        let now = Instant::ZERO;
+        let heal_at = instant(params.workload.duration);
+        let end = heal_at + params.liveness_bound();
+        let server = Server::new(
+            server_config.clone(),
+            now,
+            Box::new(ChaCha8Rng::seed_from_u64(rng.random())),
+        )
+        .expect("server config is valid");
+        let mut checker = Checker::default();
+        let n = params.workload.clients;
+        let clients = (0..n)
+            .map(|_| ClientNode {
+                client: Client::new(
+                    client_config.clone(),
+                    now,
+                    Box::new(ChaCha8Rng::seed_from_u64(rng.random())),
+                )
+                .expect("client config is valid"),
+                inc: 0,
+                ctx: checker.new_ctx(None),
+                conn: None,
+                connecting: false,
+                session: None,
+                frozen_until: None,
+                backlog: VecDeque::new(),
+                failed_backlog: VecDeque::new(),
+                timer: Timer::default(),
+                over: false,
+            })
+            .collect();
+        let mut sim = Sim {
+            now,
+            end,
+            heal_at,
+            settled_at: None,
+            stop: false,
+            queue: BinaryHeap::new(),
+            next_seq: 0,
+            rng,
+            server: ServerNode {
+                server,
+                epoch: 0,
+                down: false,
+                frozen_until: None,
+                backlog: VecDeque::new(),
+                timer: Timer::default(),
+                sessions: BTreeMap::new(),
+            },
+            clients,
+            conns: Vec::new(),
+            partition_until: vec![Instant::ZERO; n],
+            owner: BTreeMap::new(),
+            next_tag: 1,
+            checker,
+            trace: Trace::default(),
+            marks: Marks::default(),
+            events: 0,
+            buf: BytesMut::with_capacity(64 << 10),
+            canary: CanaryState::default(),
+            server_config,
+            client_config,
+            params,
+        };
+        sim.plan();
+        sim
+    }
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse(Sched {
+            at: at.max(self.now),
+            seq,
+            ev,
+        }));
+    }
+
+    fn exp(&mut self, mean: Duration) -> Duration {
+        let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+        Duration::from_secs_f64((-u.ln() * mean.as_secs_f64()).min(3600.0))
+    }
+
+    fn uniform(&mut self, max: Duration) -> Duration {
+        let n = max.as_nanos() as u64;
+        Duration::from_nanos(if n == 0 {
+            0
+        } else {
+            self.rng.random_range(0..=n)
+        })
+    }
+
+    /// Schedules the workload, the faults, the heal phase.
+    fn plan(&mut self) {
+        let n = self.clients.len();
+        for i in 0..n {
+            self.flush_client(i);
+            let w = &self.params.workload;
+            let (call, stream) = (w.call_interval, w.stream_interval);
+            let a = self.exp(call);
+            self.schedule(
+                instant(a),
+                Ev::ClientTick {
+                    client: i,
+                    call: true,
+                },
+            );
+            let b = self.exp(stream);
+            self.schedule(
+                instant(b),
+                Ev::ClientTick {
+                    client: i,
+                    call: false,
+                },
+            );
+        }
+        if n > 0 {
+            let mean = self.params.workload.server_stream_interval / n as u32;
+            let a = self.exp(mean);
+            self.schedule(instant(a), Ev::ServerTick);
+        }
+        let f = self.params.faults;
+        let len = self.params.max_fault_len;
+        let down = self.params.max_downtime;
+        let mut faults = Vec::new();
+        for _ in 0..f.resets {
+            faults.push(Fault::Reset);
+        }
+        for _ in 0..f.blackholes {
+            faults.push(Fault::Blackhole);
+        }
+        for _ in 0..f.half_opens {
+            faults.push(Fault::HalfOpen);
+        }
+        for _ in 0..f.partitions {
+            let d = self.uniform(len);
+            faults.push(Fault::Partition(d));
+        }
+        for _ in 0..f.pauses {
+            let d = self.uniform(len);
+            faults.push(Fault::Pause(d));
+        }
+        for _ in 0..f.migrations {
+            let d = self.uniform(len);
+            faults.push(Fault::Migrate(d));
+        }
+        for _ in 0..f.restarts {
+            let d = self.uniform(down);
+            faults.push(Fault::Restart(d));
+        }
+        let span = self.params.workload.duration;
+        for fault in faults {
+            // Faults start after the first second, so sessions exist to break.
+            let at =
+                Duration::from_secs(1) + self.uniform(span.saturating_sub(Duration::from_secs(1)));
+            self.schedule(instant(at), Ev::Fault(fault));
+        }
+        self.schedule(self.heal_at, Ev::Heal);
+    }
+
+    /// Runs to the end and reports.
+    pub fn run(mut self) -> Outcome {
+        while let Some(Reverse(s)) = self.queue.pop() {
+            if s.at > self.end {
+                break;
+            }
+            self.now = s.at;
+            self.events += 1;
+            let code = s.ev.code();
+            self.trace
+                .words(&[s.at.as_nanos(), code[0], code[1], code[2]]);
+            self.dispatch(s.ev);
+            if self.stop {
+                break;
+            }
+        }
+        if self.settled_at.is_none() {
+            self.now = self.now.max(self.end);
+            self.checker.finish(self.now, self.heal_at);
+        }
+        self.collect_marks();
+        let tally = self.checker.tally();
+        self.trace
+            .words(&[tally.delivered, tally.handed_back, self.events]);
+        Outcome {
+            violations: self.checker.violations().to_vec(),
+            events: self.events,
+            sim_time: self.now - Instant::ZERO,
+            heal_at: self.heal_at - Instant::ZERO,
+            settled_after: self.settled_at.map(|t| t - self.heal_at),
+            trace_hash: self.trace.value(),
+            marks: self.marks,
+            tally,
+            params: self.params,
+        }
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Timer { node, generation } => self.on_timer(node, generation),
+            Ev::Deliver { conn, up } => self.on_deliver(conn, up),
+            Ev::ConnectFailed { client, conn } => {
+                if self.frozen(client + 1) {
+                    self.clients[client].failed_backlog.push_back(conn);
+                } else {
+                    self.connect_failed(client, conn);
+                }
+            }
+            Ev::Wake { node } => self.on_wake(node),
+            Ev::ClientTick { client, call } => self.on_client_tick(client, call),
+            Ev::ServerTick => self.on_server_tick(),
+            Ev::Think {
+                client,
+                inc,
+                to,
+                event,
+            } => self.on_think(client, inc, to, event),
+            Ev::Respawn { client } => self.respawn(client),
+            Ev::Fault(f) => self.on_fault(f),
+            Ev::ServerUp => self.server_up(),
+            Ev::Heal => {
+                self.marks.add("heal", 1);
+                self.schedule(self.now, Ev::Check);
+            }
+            Ev::Check => {
+                if self.checker.outstanding() == 0 {
+                    self.settled_at = Some(self.now);
+                    self.stop = true;
+                } else {
+                    self.schedule(self.now + Duration::from_millis(250), Ev::Check);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- nodes and timers
+
+    /// Node 0 is the server, node `i + 1` client `i`.
+    fn frozen(&self, node: usize) -> bool {
+        let until = if node == 0 {
+            self.server.frozen_until
+        } else {
+            self.clients[node - 1].frozen_until
+        };
+        until.is_some_and(|t| t > self.now)
+    }
+
+    /// Makes sure a timer event is queued no later than the node's next deadline. One event per
+    /// node stays pending at a time: a later deadline leaves it in place (it fires early, finds
+    /// nothing due and re-arms), an earlier one supersedes it by generation.
+    fn rearm(&mut self, node: usize) {
+        if self.frozen(node) {
+            return;
+        }
+        let (deadline, timer) = if node == 0 {
+            if self.server.down {
+                return;
+            }
+            (self.server.server.poll_timeout(), &mut self.server.timer)
+        } else {
+            let c = &mut self.clients[node - 1];
+            (c.client.poll_timeout(), &mut c.timer)
+        };
+        let Some(at) = deadline else {
+            return;
+        };
+        if timer.armed.is_some_and(|p| p <= at) {
+            return;
+        }
+        timer.armed = Some(at);
+        timer.generation += 1;
+        let generation = timer.generation;
+        self.schedule(at, Ev::Timer { node, generation });
+    }
+
+    fn on_timer(&mut self, node: usize, generation: u64) {
+        let now = self.now;
+        let timer = if node == 0 {
+            &mut self.server.timer
+        } else {
+            &mut self.clients[node - 1].timer
+        };
+        if timer.generation != generation {
+            return;
+        }
+        timer.armed = None;
+        if timer.fired_at == now {
+            timer.fires += 1;
+            if timer.fires == LIVELOCK_FIRES {
+                self.violation(
+                    "livelock",
+                    format!(
+                        "node {node} asked for its timer {LIVELOCK_FIRES} times at one instant"
+                    ),
+                );
+                self.stop = true;
+                return;
+            }
+        } else {
+            timer.fired_at = now;
+            timer.fires = 0;
+        }
+        if self.frozen(node) {
+            return;
+        }
+        let due = if node == 0 {
+            if self.server.down {
+                return;
+            }
+            self.server.server.poll_timeout()
+        } else {
+            self.clients[node - 1].client.poll_timeout()
+        };
+        if due.is_none_or(|d| d > now) {
+            // Woken early for a deadline that moved later.
+            return self.rearm(node);
+        }
+        if node == 0 {
+            if !self.server.down {
+                self.server.server.handle_timeout(now);
+                self.flush_server();
+            }
+        } else {
+            self.clients[node - 1].client.handle_timeout(now);
+            self.flush_client(node - 1);
+        }
+    }
+
+    fn violation(&mut self, rule: &'static str, detail: String) {
+        self.checker.report(self.now, rule, detail);
+    }
+}
+
+// -------------------------------------------------------------------- the network
+impl Sim {
+    fn delay(&mut self, client: usize) -> Duration {
+        let l = self.params.links[client];
+        l.latency + self.uniform(l.jitter)
+    }
+
+    /// Puts `wire` on one direction of `conn`, to arrive no earlier than `at` and never before
+    /// what was put there earlier.
+    fn push_at(&mut self, conn: usize, up: bool, wire: Wire, at: Instant) {
+        let c = &mut self.conns[conn];
+        if c.blackholed {
+            return;
+        }
+        let pipe = if up { &mut c.up } else { &mut c.down };
+        let at = at.max(pipe.last);
+        pipe.last = at;
+        pipe.q.push_back((at, wire));
+        if !pipe.scheduled {
+            pipe.scheduled = true;
+            self.schedule(at, Ev::Deliver { conn, up });
+        }
+    }
+
+    fn push(&mut self, conn: usize, up: bool, wire: Wire) {
+        let d = self.delay(self.conns[conn].client);
+        let at = self.now + d;
+        self.push_at(conn, up, wire, at);
+    }
+
+    fn on_deliver(&mut self, conn: usize, up: bool) {
+        let now = self.now;
+        let client = self.conns[conn].client;
+        let cut = self.partition_until[client];
+        let c = &mut self.conns[conn];
+        let pipe = if up { &mut c.up } else { &mut c.down };
+        let Some(&(at, _)) = pipe.q.front() else {
+            pipe.scheduled = false;
+            return;
+        };
+        // A cut path holds bytes back (TCP retransmits them once it heals); order is kept.
+        let hold = if at > now {
+            Some(at)
+        } else if cut > now {
+            Some(cut)
+        } else {
+            None
+        };
+        if let Some(t) = hold {
+            self.schedule(t, Ev::Deliver { conn, up });
+            return;
+        }
+        let (_, wire) = pipe.q.pop_front().expect("checked");
+        let next = pipe.q.front().map(|(t, _)| (*t).max(now));
+        pipe.scheduled = next.is_some();
+        if let Some(t) = next {
+            self.schedule(t, Ev::Deliver { conn, up });
+        }
+        if up {
+            self.server_input(conn, wire);
+        } else {
+            self.client_input(client, conn, wire);
+        }
+    }
+
+    fn server_input(&mut self, conn: usize, wire: Wire) {
+        if self.server.down || self.conns[conn].server_epoch != self.server.epoch {
+            return;
+        }
+        if self.frozen(0) {
+            self.server.backlog.push_back((conn, wire));
+            return;
+        }
+        self.apply_server(conn, wire);
+        self.flush_server();
+    }
+
+    fn apply_server(&mut self, conn: usize, wire: Wire) {
+        let now = self.now;
+        let c = &mut self.conns[conn];
+        if !c.server_open || c.server_epoch != self.server.epoch {
+            return;
+        }
+        if let Wire::Bytes(b) = &wire {
+            self.trace.word(b.len() as u64);
+        }
+        let s = &mut self.server.server;
+        match wire {
+            Wire::Open => s.on_connection(now, conn as u64),
+            Wire::Bytes(b) => s.handle_input(now, conn as u64, b),
+            Wire::Close => {
+                c.server_open = false;
+                s.on_disconnected(now, conn as u64);
+            }
+        }
+    }
+
+    fn client_input(&mut self, i: usize, conn: usize, wire: Wire) {
+        if self.frozen(i + 1) {
+            self.clients[i].backlog.push_back((conn, wire));
+            return;
+        }
+        self.apply_client(i, conn, wire);
+        self.flush_client(i);
+    }
+
+    fn apply_client(&mut self, i: usize, conn: usize, wire: Wire) {
+        let now = self.now;
+        let node = &mut self.clients[i];
+        if node.conn != Some(conn) {
+            return;
+        }
+        let c = &mut self.conns[conn];
+        if let Wire::Bytes(b) = &wire {
+            self.trace.word(b.len() as u64);
+        }
+        match wire {
+            Wire::Open => {
+                if node.connecting && c.client_open {
+                    node.connecting = false;
+                    node.client.on_connected(now);
+                }
+            }
+            Wire::Bytes(b) => {
+                if c.client_open && !node.connecting {
+                    node.client.handle_input(now, b);
+                }
+            }
+            Wire::Close => {
+                c.client_open = false;
+                node.conn = None;
+                if std::mem::take(&mut node.connecting) {
+                    self.marks.add("connect_failed", 1);
+                    node.client.on_connect_failed(now);
+                } else {
+                    node.client.on_disconnected(now);
+                }
+            }
+        }
+    }
+
+    fn connect_failed(&mut self, i: usize, conn: usize) {
+        let now = self.now;
+        let node = &mut self.clients[i];
+        if node.conn == Some(conn) && node.connecting {
+            node.conn = None;
+            node.connecting = false;
+            self.marks.add("connect_failed", 1);
+            node.client.on_connect_failed(now);
+            self.flush_client(i);
+        }
+    }
+
+    /// Client `i` opens a connection (its `Directive::Connect`).
+    fn connect(&mut self, i: usize) {
+        let now = self.now;
+        let id = self.conns.len();
+        let epoch = self.server.epoch;
+        self.conns.push(Conn {
+            client: i,
+            server_epoch: epoch,
+            client_open: true,
+            server_open: true,
+            blackholed: false,
+            up: Pipe::default(),
+            down: Pipe::default(),
+        });
+        self.clients[i].conn = Some(id);
+        self.clients[i].connecting = true;
+        let latency = self.params.links[i].latency;
+        let fail_at = if self.server.down {
+            // Nothing listens: refused after a round trip.
+            Some(now + latency * 2)
+        } else if self.partition_until[i] > now {
+            Some(if self.params.partition_refuses {
+                now + latency * 2
+            } else {
+                now + self.params.connect_timeout
+            })
+        } else {
+            None
+        };
+        if let Some(at) = fail_at {
+            let c = &mut self.conns[id];
+            c.client_open = false;
+            c.server_open = false;
+            self.schedule(
+                at,
+                Ev::ConnectFailed {
+                    client: i,
+                    conn: id,
+                },
+            );
+            return;
+        }
+        let accept_at = now + self.delay(i);
+        self.push_at(id, true, Wire::Open, accept_at);
+        let open_at = accept_at + self.delay(i);
+        self.push_at(id, false, Wire::Open, open_at);
+    }
+
+    /// The client closes its end (a `Directive::Disconnect`): the server hears a FIN.
+    fn close_client_side(&mut self, conn: usize) {
+        let c = &mut self.conns[conn];
+        if c.client_open {
+            c.client_open = false;
+            self.push(conn, true, Wire::Close);
+        }
+    }
+
+    fn clear_pipes(&mut self, conn: usize) {
+        let c = &mut self.conns[conn];
+        c.up.q.clear();
+        c.down.q.clear();
+    }
+}
+
+// -------------------------------------------------------------------- driving the endpoints
+impl Sim {
+    fn flush_client(&mut self, i: usize) {
+        let now = self.now;
+        while let Some(e) = self.clients[i].client.poll_event() {
+            self.client_event(i, e);
+        }
+        self.transmit_client(i);
+        while let Some(d) = self.clients[i].client.poll_directive(now) {
+            self.trace.word(match d {
+                Directive::Connect { attempt, .. } => u64::from(attempt),
+                _ => u64::MAX,
+            });
+            match d {
+                Directive::Connect { .. } => self.connect(i),
+                Directive::Disconnect => {
+                    self.clients[i].connecting = false;
+                    if let Some(conn) = self.clients[i].conn.take() {
+                        self.close_client_side(conn);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.rearm(i + 1);
+    }
+
+    fn transmit_client(&mut self, i: usize) {
+        let now = self.now;
+        loop {
+            let node = &mut self.clients[i];
+            let Some(n) = node.client.poll_transmit(now, &mut self.buf) else {
+                break;
+            };
+            let bytes = self.buf.split_to(n).freeze();
+            if let Some(conn) = node.conn
+                && !node.connecting
+                && self.conns[conn].client_open
+            {
+                self.push(conn, true, Wire::Bytes(bytes));
+            }
+        }
+    }
+
+    fn flush_server(&mut self) {
+        if self.server.down {
+            return;
+        }
+        let now = self.now;
+        while let Some(e) = self.server.server.poll_event() {
+            self.server_event(e);
+        }
+        let epoch = self.server.epoch;
+        while let Some(t) = self.server.server.poll_transmit(now, &mut self.buf) {
+            let bytes = self.buf.split_to(t.len).freeze();
+            let conn = t.conn as usize;
+            let c = &mut self.conns[conn];
+            if c.server_epoch != epoch || !c.server_open {
+                continue;
+            }
+            if t.close {
+                c.server_open = false;
+            }
+            if t.len > 0 {
+                self.push(conn, false, Wire::Bytes(bytes));
+            }
+            if t.close {
+                self.push(conn, false, Wire::Close);
+            }
+        }
+        self.rearm(0);
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        t
+    }
+
+    fn payload_len(&mut self) -> usize {
+        let w = &self.params.workload;
+        let (lo, hi) = (
+            w.payload_min.max(9),
+            w.payload_max.max(w.payload_min.max(9)),
+        );
+        self.rng.random_range(lo..=hi)
+    }
+
+    fn session_ctx(&mut self, session: SessionId) -> Ctx {
+        if let Some(&c) = self.server.sessions.get(&session) {
+            return c;
+        }
+        let c = self.checker.new_ctx(Some(self.server.epoch));
+        self.server.sessions.insert(session, c);
+        c
+    }
+
+    fn server_event(&mut self, e: ServerEvent) {
+        let now = self.now;
+        let ServerEvent::Session { session, event } = e else {
+            return;
+        };
+        let ctx = self.session_ctx(session);
+        let owner = self.owner.get(&session).copied();
+        match event {
+            SessionEvent::Connected { resumed, .. } => {
+                self.marks.add("server_resume", u64::from(resumed));
+            }
+            SessionEvent::Disconnected { cause } => match cause {
+                DisconnectCause::Superseded => self.marks.add("supersede", 1),
+                DisconnectCause::IdleTimeout { .. } => self.marks.add("server_idle_timeout", 1),
+                _ => self.marks.add("server_disconnect", 1),
+            },
+            SessionEvent::Received(m) => {
+                self.trace.word(checker::tag_of(&m.payload).unwrap_or(0));
+                let idx =
+                    self.checker
+                        .delivered(now, ctx, owner, 0, m.stream, Some(m.seq), &m.payload);
+                if m.stream == CALL_STREAM
+                    && now < self.heal_at
+                    && let Some(idx) = idx
+                {
+                    self.fan_out(session, ctx, m.seq, idx);
+                }
+            }
+            SessionEvent::ReceivedUnreliable { stream, payload } => {
+                self.trace.word(checker::tag_of(&payload).unwrap_or(0));
+                self.checker
+                    .delivered(now, ctx, owner, 0, stream, None, &payload);
+            }
+            SessionEvent::Acknowledged { below } => self.checker.acknowledged(now, ctx, below),
+            SessionEvent::Reply { to, payload } => {
+                self.trace.word(checker::tag_of(&payload).unwrap_or(0));
+                self.checker.reply_received(
+                    now,
+                    ctx,
+                    owner,
+                    0,
+                    to,
+                    &payload,
+                    REPLY_STREAM.saturating_add(to),
+                );
+            }
+            SessionEvent::RequestTimedOut { .. } => self.marks.add("request_timeout", 1),
+            SessionEvent::SessionLost {
+                reason,
+                unacknowledged,
+            } => {
+                self.marks.add("session_lost", 1);
+                match reason {
+                    LostReason::RetentionExpired => self.marks.add("retention_expired", 1),
+                    LostReason::Overflow => self.marks.add("overflow_close", 1),
+                    _ => {}
+                }
+                self.server_session_over(session, ctx, unacknowledged);
+            }
+            SessionEvent::Closed { unacknowledged, .. } => {
+                self.marks.add("closed", 1);
+                self.server_session_over(session, ctx, unacknowledged);
+            }
+            _ => {}
+        }
+    }
+
+    fn server_session_over(
+        &mut self,
+        session: SessionId,
+        ctx: Ctx,
+        unacknowledged: Vec<steadfast_core::Message>,
+    ) {
+        self.marks
+            .add("handback", u64::from(!unacknowledged.is_empty()));
+        if self.params.canary != Some(Canary::ForgetHandback) {
+            let payloads: Vec<Bytes> = unacknowledged.into_iter().map(|m| m.payload).collect();
+            self.checker
+                .handed_back(self.now, ctx, session.0, &payloads);
+        }
+        self.server.sessions.remove(&session);
+    }
+
+    /// A call arrived: the event goes to every other session, and the caller gets its answer.
+    fn fan_out(&mut self, from: SessionId, from_ctx: Ctx, call_seq: u64, call: usize) {
+        let now = self.now;
+        let targets: Vec<(SessionId, Ctx)> = self
+            .server
+            .sessions
+            .iter()
+            .filter(|(s, _)| **s != from)
+            .map(|(s, c)| (*s, *c))
+            .collect();
+        let tag = self.next_tag();
+        let len = self.payload_len();
+        let p = checker::payload(tag, len);
+        let mut sent: Vec<(SessionId, Ctx, Option<u64>)> = Vec::new();
+        match self.params.fanout {
+            Fanout::Broadcast => {
+                let next: Vec<Option<u64>> = targets
+                    .iter()
+                    .map(|(s, _)| self.server.server.channel(*s).map(|c| c.sender().end()))
+                    .collect();
+                let refused = self.server.server.broadcast(
+                    targets.iter().map(|(s, _)| *s),
+                    EVENT_STREAM,
+                    Mode::Ordered,
+                    &p,
+                );
+                for ((s, c), seq) in targets.iter().zip(next) {
+                    match refused.iter().find(|(r, _)| r == s) {
+                        None => sent.push((*s, *c, seq)),
+                        Some((_, SendError::QueueFull(_))) => self.marks.add("backpressure", 1),
+                        Some(_) => {}
+                    }
+                }
+            }
+            Fanout::PerSession => {
+                for (s, c) in &targets {
+                    match self
+                        .server
+                        .server
+                        .send(*s, EVENT_STREAM, Mode::Ordered, p.clone())
+                    {
+                        Ok(r) => sent.push((*s, *c, r.seq())),
+                        Err(SendError::QueueFull(_)) => self.marks.add("backpressure", 1),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        for (s, c, seq) in sent {
+            self.checker.sent(
+                now,
+                c,
+                s.0,
+                tag,
+                EVENT_STREAM,
+                MsgMode::Ordered,
+                Role::Event,
+                seq,
+                false,
+                0,
+                len,
+                None,
+            );
+        }
+        let tag = self.next_tag();
+        let len = self.payload_len();
+        let stream = REPLY_STREAM.saturating_add(call_seq);
+        match self
+            .server
+            .server
+            .reply(from, call_seq, checker::payload(tag, len))
+        {
+            Ok(seq) => {
+                self.checker.sent(
+                    now,
+                    from_ctx,
+                    from.0,
+                    tag,
+                    stream,
+                    MsgMode::Ordered,
+                    Role::CallReply,
+                    Some(seq),
+                    false,
+                    0,
+                    len,
+                    Some(call),
+                );
+            }
+            Err(SendError::QueueFull(_)) => self.marks.add("backpressure", 1),
+            Err(_) => {}
+        }
+    }
+
+    fn client_event(&mut self, i: usize, e: SessionEvent) {
+        let now = self.now;
+        let ctx = self.clients[i].ctx;
+        let dest = self.clients[i].session.map_or(0, |s| s.0);
+        match e {
+            SessionEvent::Connected {
+                session,
+                resumed,
+                retransmitted,
+                ..
+            } => {
+                self.clients[i].session = Some(session);
+                self.owner.insert(session, ctx);
+                self.marks.add("resume", u64::from(resumed));
+                self.marks
+                    .add("resent_on_resume", u64::from(retransmitted > 0));
+            }
+            SessionEvent::Disconnected {
+                cause: DisconnectCause::IdleTimeout { .. },
+            } => self.marks.add("idle_timeout", 1),
+            SessionEvent::Received(m) => self.client_received(i, m.stream, m.seq, m.payload),
+            SessionEvent::ReceivedUnreliable { stream, payload } => {
+                self.trace.word(checker::tag_of(&payload).unwrap_or(0));
+                self.checker
+                    .delivered(now, ctx, None, dest, stream, None, &payload);
+            }
+            SessionEvent::Acknowledged { below } => self.checker.acknowledged(now, ctx, below),
+            SessionEvent::Reply { to, payload } => {
+                self.trace.word(checker::tag_of(&payload).unwrap_or(0));
+                self.checker.reply_received(
+                    now,
+                    ctx,
+                    None,
+                    dest,
+                    to,
+                    &payload,
+                    REPLY_STREAM.saturating_add(to),
+                );
+            }
+            SessionEvent::RequestTimedOut { .. } => self.marks.add("request_timeout", 1),
+            SessionEvent::SessionLost {
+                reason,
+                unacknowledged,
+            } => {
+                self.marks.add("session_lost", 1);
+                self.marks.add(
+                    match reason {
+                        LostReason::Expired => "lost_expired",
+                        LostReason::StaleEpoch { .. } => "lost_stale_epoch",
+                        LostReason::GaveUp(_) => "lost_gave_up",
+                        LostReason::Overflow => "overflow_close",
+                        _ => "lost_other",
+                    },
+                    1,
+                );
+                self.client_session_over(i, unacknowledged);
+            }
+            SessionEvent::Closed { unacknowledged, .. } => {
+                self.marks.add("closed", 1);
+                self.client_session_over(i, unacknowledged);
+            }
+            _ => {}
+        }
+    }
+
+    fn client_session_over(&mut self, i: usize, unacknowledged: Vec<steadfast_core::Message>) {
+        self.marks
+            .add("handback", u64::from(!unacknowledged.is_empty()));
+        let ctx = self.clients[i].ctx;
+        if self.params.canary != Some(Canary::ForgetHandback) {
+            let payloads: Vec<Bytes> = unacknowledged.into_iter().map(|m| m.payload).collect();
+            self.checker.handed_back(self.now, ctx, 0, &payloads);
+        }
+        self.clients[i].over = true;
+        self.schedule(
+            self.now + Duration::from_millis(200),
+            Ev::Respawn { client: i },
+        );
+    }
+
+    /// The client application takes a message (where the delivery canaries strike).
+    fn client_received(&mut self, i: usize, stream: u64, seq: u64, payload: Bytes) {
+        let ordered = msg_mode_of_stream(stream) == MsgMode::Ordered;
+        let canary = self.params.canary;
+        if ordered && !self.canary.struck {
+            self.canary.deliveries += 1;
+            if self.canary.deliveries >= CANARY_AFTER {
+                match canary {
+                    Some(Canary::DupDelivery) => {
+                        self.canary.struck = true;
+                        self.record_client_delivery(i, stream, seq, payload.clone());
+                    }
+                    Some(Canary::DropDelivery) => {
+                        self.canary.struck = true;
+                        return;
+                    }
+                    Some(Canary::ReorderDelivery) => {
+                        self.canary.struck = true;
+                        self.canary.held = Some((i, stream, payload, seq));
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.record_client_delivery(i, stream, seq, payload);
+        if let Some((c, s, _, _)) = &self.canary.held
+            && *c == i
+            && *s == stream
+            && let Some((_, _, p, q)) = self.canary.held.take()
+        {
+            self.record_client_delivery(i, stream, q, p);
+        }
+    }
+
+    fn record_client_delivery(&mut self, i: usize, stream: u64, seq: u64, payload: Bytes) {
+        let now = self.now;
+        let ctx = self.clients[i].ctx;
+        let dest = self.clients[i].session.map_or(0, |s| s.0);
+        self.trace.word(checker::tag_of(&payload).unwrap_or(0));
+        let idx = self
+            .checker
+            .delivered(now, ctx, None, dest, stream, Some(seq), &payload);
+        if stream == EVENT_STREAM
+            && now < self.heal_at
+            && let Some(event) = idx
+        {
+            let think = self.uniform(self.params.workload.think_max);
+            let inc = self.clients[i].inc;
+            self.schedule(
+                now + think,
+                Ev::Think {
+                    client: i,
+                    inc,
+                    to: seq,
+                    event,
+                },
+            );
+        }
+    }
+}
+
+// -------------------------------------------------------------------- the workload
+impl Sim {
+    fn on_client_tick(&mut self, i: usize, call: bool) {
+        let now = self.now;
+        if now >= self.heal_at {
+            return;
+        }
+        if let Some(t) = self.clients[i].frozen_until.filter(|t| *t > now) {
+            // A frozen process does nothing; its application catches up when it wakes.
+            self.schedule(t, Ev::ClientTick { client: i, call });
+            return;
+        }
+        let w = &self.params.workload;
+        let mean = if call {
+            w.call_interval
+        } else {
+            w.stream_interval
+        };
+        let next = now + self.exp(mean);
+        self.schedule(next, Ev::ClientTick { client: i, call });
+        if self.clients[i].over {
+            return;
+        }
+        let tag = self.next_tag();
+        let len = self.payload_len();
+        let p = checker::payload(tag, len);
+        let ctx = self.clients[i].ctx;
+        if call {
+            let deadline = now + self.params.workload.request_timeout;
+            match self.clients[i].client.request(CALL_STREAM, p, deadline) {
+                Ok(seq) => {
+                    self.checker.sent(
+                        now,
+                        ctx,
+                        0,
+                        tag,
+                        CALL_STREAM,
+                        MsgMode::Ordered,
+                        Role::Call,
+                        Some(seq),
+                        false,
+                        0,
+                        len,
+                        None,
+                    );
+                }
+                Err(SendError::QueueFull(_)) => self.marks.add("backpressure", 1),
+                Err(_) => {}
+            }
+        } else {
+            let m = self.rng.random_range(0..5u64);
+            let (mut mode, mm) = mode_of(m);
+            let mut key = 0;
+            if mm == MsgMode::Conflated {
+                key = self.rng.random_range(0..CONFLATION_KEYS);
+                mode = Mode::Conflated { key };
+            }
+            let stream = STEADY_STREAM + m;
+            let r = self.clients[i].client.send(stream, mode, p);
+            self.record_send(ctx, 0, tag, stream, mm, key, len, r);
+        }
+        self.flush_client(i);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_send(
+        &mut self,
+        ctx: Ctx,
+        dest: u64,
+        tag: u64,
+        stream: u64,
+        mm: MsgMode,
+        key: u64,
+        len: usize,
+        r: Result<Sent, SendError>,
+    ) {
+        let (seq, replaced) = match r {
+            Ok(Sent::Reliable(s)) => (Some(s), false),
+            Ok(Sent::Replaced(s)) => {
+                self.marks.add("conflated_replace", 1);
+                (Some(s), true)
+            }
+            Ok(_) => (None, false),
+            Err(SendError::QueueFull(_)) => {
+                self.marks.add("backpressure", 1);
+                return;
+            }
+            Err(_) => return,
+        };
+        self.checker.sent(
+            self.now,
+            ctx,
+            dest,
+            tag,
+            stream,
+            mm,
+            Role::Steady,
+            seq,
+            replaced,
+            key,
+            len,
+            None,
+        );
+    }
+
+    fn on_server_tick(&mut self) {
+        let now = self.now;
+        if now >= self.heal_at {
+            return;
+        }
+        let n = self.clients.len().max(1) as u32;
+        let mean = self.params.workload.server_stream_interval / n;
+        let next = now + self.exp(mean);
+        self.schedule(next, Ev::ServerTick);
+        if self.server.down || self.frozen(0) || self.server.sessions.is_empty() {
+            return;
+        }
+        let k = self.rng.random_range(0..self.server.sessions.len());
+        let (session, ctx) = self
+            .server
+            .sessions
+            .iter()
+            .nth(k)
+            .map(|(s, c)| (*s, *c))
+            .expect("in range");
+        let tag = self.next_tag();
+        let len = self.payload_len();
+        let m = self.rng.random_range(0..5u64);
+        let (mut mode, mm) = mode_of(m);
+        let mut key = 0;
+        if mm == MsgMode::Conflated {
+            key = self.rng.random_range(0..CONFLATION_KEYS);
+            mode = Mode::Conflated { key };
+        }
+        let stream = STEADY_STREAM + m;
+        let r = self
+            .server
+            .server
+            .send(session, stream, mode, checker::payload(tag, len));
+        self.record_send(ctx, session.0, tag, stream, mm, key, len, r);
+        self.flush_server();
+    }
+
+    fn on_think(&mut self, i: usize, inc: u32, to: u64, event: usize) {
+        let now = self.now;
+        if self.clients[i].inc != inc || self.clients[i].over || now >= self.heal_at {
+            return;
+        }
+        if let Some(t) = self.clients[i].frozen_until.filter(|t| *t > now) {
+            self.schedule(
+                t,
+                Ev::Think {
+                    client: i,
+                    inc,
+                    to,
+                    event,
+                },
+            );
+            return;
+        }
+        self.canary.replies += 1;
+        let to = if self.params.canary == Some(Canary::MisrouteReply) && self.canary.replies == 3 {
+            to + 1
+        } else {
+            to
+        };
+        let tag = self.next_tag();
+        let len = self.payload_len();
+        let ctx = self.clients[i].ctx;
+        match self.clients[i].client.reply(to, checker::payload(tag, len)) {
+            Ok(seq) => {
+                self.checker.sent(
+                    now,
+                    ctx,
+                    0,
+                    tag,
+                    REPLY_STREAM.saturating_add(to),
+                    MsgMode::Ordered,
+                    Role::EventReply,
+                    Some(seq),
+                    false,
+                    0,
+                    len,
+                    Some(event),
+                );
+            }
+            Err(SendError::QueueFull(_)) => self.marks.add("backpressure", 1),
+            Err(_) => {}
+        }
+        self.flush_client(i);
+    }
+
+    fn respawn(&mut self, i: usize) {
+        let now = self.now;
+        if let Some(t) = self.clients[i].frozen_until.filter(|t| *t > now) {
+            self.schedule(t, Ev::Respawn { client: i });
+            return;
+        }
+        self.collect_client_marks(i);
+        let entropy = Box::new(ChaCha8Rng::seed_from_u64(self.rng.random()));
+        let client =
+            Client::new(self.client_config.clone(), now, entropy).expect("client config is valid");
+        let ctx = self.checker.new_ctx(None);
+        if let Some(conn) = self.clients[i].conn.take() {
+            self.close_client_side(conn);
+        }
+        let node = &mut self.clients[i];
+        node.client = client;
+        node.inc += 1;
+        node.ctx = ctx;
+        node.connecting = false;
+        node.session = None;
+        node.over = false;
+        node.backlog.clear();
+        node.failed_backlog.clear();
+        node.timer.generation += 1;
+        node.timer.armed = None;
+        self.marks.add("respawn", 1);
+        self.flush_client(i);
+    }
+}
+
+// -------------------------------------------------------------------- faults
+impl Sim {
+    fn on_fault(&mut self, f: Fault) {
+        let n = self.clients.len();
+        if n == 0 || self.now >= self.heal_at {
+            return;
+        }
+        let i = self.rng.random_range(0..n);
+        self.trace.word(i as u64);
+        let now = self.now;
+        let live = self.clients[i].conn.filter(|_| !self.clients[i].connecting);
+        match f {
+            Fault::Reset => {
+                if let Some(conn) = live {
+                    self.marks.add("reset", 1);
+                    self.clear_pipes(conn);
+                    self.push(conn, true, Wire::Close);
+                    self.push(conn, false, Wire::Close);
+                }
+            }
+            Fault::Blackhole => {
+                if let Some(conn) = live {
+                    self.marks.add("blackhole", 1);
+                    self.clear_pipes(conn);
+                    self.conns[conn].blackholed = true;
+                }
+            }
+            Fault::HalfOpen => {
+                if let Some(conn) = live {
+                    self.marks.add("half_open", 1);
+                    self.conns[conn].down.q.clear();
+                    self.push(conn, false, Wire::Close);
+                }
+            }
+            Fault::Partition(d) => {
+                self.marks.add("partition", 1);
+                let until = (now + d).min(self.heal_at);
+                self.partition_until[i] = self.partition_until[i].max(until);
+            }
+            Fault::Pause(d) => {
+                let node = self.rng.random_range(0..=n);
+                self.pause(node, d);
+            }
+            Fault::Migrate(d) => {
+                self.marks.add("migration", 1);
+                self.pause(i + 1, d);
+                if let Some(conn) = live {
+                    self.marks.add("blackhole", 1);
+                    self.clear_pipes(conn);
+                    self.conns[conn].blackholed = true;
+                }
+            }
+            Fault::Restart(d) => self.restart(d),
+        }
+    }
+
+    fn pause(&mut self, node: usize, d: Duration) {
+        let now = self.now;
+        if node == 0 && self.server.down {
+            return;
+        }
+        let until = (now + d).min(self.heal_at);
+        if until <= now {
+            return;
+        }
+        self.marks.add("pause", 1);
+        let slot = if node == 0 {
+            &mut self.server.frozen_until
+        } else {
+            &mut self.clients[node - 1].frozen_until
+        };
+        let until = slot.map_or(until, |t| t.max(until));
+        *slot = Some(until);
+        self.schedule(until, Ev::Wake { node });
+    }
+
+    fn on_wake(&mut self, node: usize) {
+        let now = self.now;
+        if self.frozen(node) {
+            return;
+        }
+        if node == 0 {
+            if self.server.frozen_until.take().is_none() || self.server.down {
+                return;
+            }
+            // The late timer first: the process must not take its own freeze for a dead peer.
+            self.server.server.handle_timeout(now);
+            self.flush_server();
+            while let Some((conn, wire)) = self.server.backlog.pop_front() {
+                self.apply_server(conn, wire);
+                self.flush_server();
+            }
+            self.server.timer.armed = None;
+            self.rearm(0);
+        } else {
+            let i = node - 1;
+            if self.clients[i].frozen_until.take().is_none() {
+                return;
+            }
+            self.clients[i].client.handle_timeout(now);
+            self.flush_client(i);
+            while let Some((conn, wire)) = self.clients[i].backlog.pop_front() {
+                self.apply_client(i, conn, wire);
+                self.flush_client(i);
+            }
+            while let Some(conn) = self.clients[i].failed_backlog.pop_front() {
+                self.connect_failed(i, conn);
+            }
+            self.clients[i].timer.armed = None;
+            self.rearm(node);
+        }
+    }
+
+    fn restart(&mut self, downtime: Duration) {
+        if self.server.down {
+            return;
+        }
+        self.marks.add("server_restart", 1);
+        self.collect_server_marks();
+        let old = self.server.epoch;
+        self.checker.server_crashed(old);
+        self.server.epoch += 1;
+        self.server.down = true;
+        self.server.sessions.clear();
+        self.server.backlog.clear();
+        self.server.frozen_until = None;
+        self.server.timer.generation += 1;
+        self.server.timer.armed = None;
+        for conn in 0..self.conns.len() {
+            let c = &mut self.conns[conn];
+            if c.server_epoch == old && c.server_open {
+                c.server_open = false;
+                c.up.q.clear();
+                // The kernel resets the dead process's connections.
+                self.push(conn, false, Wire::Close);
+            }
+        }
+        let up = (self.now + downtime).min(self.heal_at);
+        self.schedule(up, Ev::ServerUp);
+    }
+
+    fn server_up(&mut self) {
+        let entropy = Box::new(ChaCha8Rng::seed_from_u64(self.rng.random()));
+        self.server.server = Server::new(self.server_config.clone(), self.now, entropy)
+            .expect("server config is valid");
+        self.server.down = false;
+        self.flush_server();
+    }
+
+    fn collect_client_marks(&mut self, i: usize) {
+        let c = &self.clients[i].client;
+        let k = *c.counters();
+        let s = *c.channel().stats();
+        self.marks.add("stall", k.stalls);
+        self.marks.add("client_disconnects", k.disconnects);
+        self.marks.add("retransmitted", s.retransmitted);
+        self.marks.add("dedup_hit", s.duplicates_received);
+    }
+
+    fn collect_server_marks(&mut self) {
+        if self.server.down {
+            return;
+        }
+        let sessions: Vec<SessionId> = self.server.sessions.keys().copied().collect();
+        for id in sessions {
+            if let Some(k) = self.server.server.counters(id) {
+                self.marks.add("stall", k.stalls);
+            }
+            if let Some(ch) = self.server.server.channel(id) {
+                self.marks.add("retransmitted", ch.stats().retransmitted);
+                self.marks.add("dedup_hit", ch.stats().duplicates_received);
+            }
+        }
+    }
+
+    fn collect_marks(&mut self) {
+        for i in 0..self.clients.len() {
+            self.collect_client_marks(i);
+        }
+        self.collect_server_marks();
+    }
+}
+
+/// Runs one seed.
+pub fn run(params: Params) -> Outcome {
+    Sim::new(params).run()
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Outcome>();
+    let _ = BTreeSet::<u8>::new();
+}
