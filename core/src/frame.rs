@@ -300,6 +300,8 @@ pub enum DecodeError {
     BadPreface,
     /// The peer speaks a protocol version this build does not.
     UnsupportedVersion(u8),
+    /// A datagram's frame does not match its checksum: corrupted on the way.
+    BadChecksum,
     /// A varint field too large for the type it must fit, or a sum of fields that overflows.
     ValueTooLarge,
 }
@@ -321,6 +323,7 @@ impl fmt::Display for DecodeError {
             Self::TrailingBytes => f.write_str("trailing bytes after the frame"),
             Self::BadPreface => f.write_str("connection did not start with the steadfast preface"),
             Self::UnsupportedVersion(v) => write!(f, "unsupported protocol version {v}"),
+            Self::BadChecksum => f.write_str("datagram checksum mismatch"),
             Self::ValueTooLarge => f.write_str("value too large for its field"),
         }
     }

@@ -15,8 +15,17 @@
 //!
 //! # Datagram transports (UDP)
 //!
-//! One frame per datagram, after the [`VERSION`] byte: `VERSION`, frame. There is no length: the
-//! datagram delimits the frame.
+//! One frame per datagram: the [`VERSION`] byte, a CRC-32 of the frame (big-endian), the frame.
+//! There is no length: the datagram delimits the frame. UDP's own checksum is optional and weak,
+//! so a flipped bit that still decoded would be delivered as data; the CRC turns corruption into
+//! a dropped datagram, which retransmission already handles. It goes first so that decoding can
+//! skip past it without copying or allocating.
+//!
+//! | bytes | content |
+//! |-------|---------|
+//! | 1 | [`VERSION`] |
+//! | 4 | CRC-32 (IEEE) of the frame bytes |
+//! | `n` | one [frame](crate::frame) |
 //!
 //! ```
 //! use steadfast_core::frame::{DecodeLimits, Frame};
@@ -214,15 +223,35 @@ impl StreamDecoder {
     }
 }
 
-/// Writes `frame` as a datagram: the [`VERSION`] byte, then the frame.
-pub fn encode_datagram<B: BufMut>(frame: &Frame, buf: &mut B) {
-    buf.put_u8(VERSION);
+/// Bytes a datagram spends before its frame: the version and the checksum.
+pub const DATAGRAM_OVERHEAD: usize = 1 + 4;
+
+/// Writes `frame` as a datagram: the [`VERSION`] byte, the checksum, then the frame.
+pub fn encode_datagram<B: BufMut + AsMut<[u8]>>(frame: &Frame, buf: &mut B) {
+    let start = begin_datagram(buf);
     frame.encode(buf);
+    seal_datagram(buf, start);
+}
+
+/// Writes the version and a checksum placeholder; returns where the datagram starts.
+fn begin_datagram<B: BufMut + AsMut<[u8]>>(buf: &mut B) -> usize {
+    let start = buf.as_mut().len();
+    buf.put_u8(VERSION);
+    buf.put_u32(0);
+    start
+}
+
+/// Fills in the checksum of the frame written since `start`.
+fn seal_datagram<B: AsMut<[u8]>>(buf: &mut B, start: usize) {
+    let bytes = buf.as_mut();
+    let crc = crc32fast::hash(&bytes[start + DATAGRAM_OVERHEAD..]);
+    bytes[start + 1..start + DATAGRAM_OVERHEAD].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Writes a data frame as a datagram straight from a payload slice, with no [`Frame`] built.
-/// Writes exactly `1 + DataFrame::header_len(stream, seq, ack) + payload.len()` bytes.
-pub fn encode_datagram_data_frame<B: BufMut>(
+/// Writes exactly `DATAGRAM_OVERHEAD + DataFrame::header_len(stream, seq, ack) + payload.len()`
+/// bytes.
+pub fn encode_datagram_data_frame<B: BufMut + AsMut<[u8]>>(
     stream: u64,
     seq: Seq,
     ack: Option<Seq>,
@@ -230,14 +259,16 @@ pub fn encode_datagram_data_frame<B: BufMut>(
     payload: &[u8],
     buf: &mut B,
 ) {
-    buf.put_u8(VERSION);
+    let start = begin_datagram(buf);
     DataFrame::encode_header(stream, seq, ack, unordered, buf);
     buf.put_slice(payload);
+    seal_datagram(buf, start);
 }
 
 /// Decodes one datagram. Never panics and never allocates; a payload shares `datagram`'s memory.
 ///
-/// The size limit applies to the frame, not counting the version byte.
+/// The size limit applies to the frame, not counting the version byte and checksum. A datagram
+/// whose frame does not match its checksum is [`DecodeError::BadChecksum`].
 ///
 /// ```
 /// use bytes::Bytes;
@@ -249,8 +280,15 @@ pub fn encode_datagram_data_frame<B: BufMut>(
 /// let limits = DecodeLimits::default();
 /// assert_eq!(framing::decode_datagram(Bytes::from(buf), &limits), Ok(Frame::Pong { id: 3 }));
 /// assert_eq!(
-///     framing::decode_datagram(Bytes::from_static(&[2, 0x30, 3]), &limits),
+///     framing::decode_datagram(Bytes::from_static(&[2, 0, 0, 0, 0, 0x30, 3]), &limits),
 ///     Err(DecodeError::UnsupportedVersion(2))
+/// );
+/// let mut flipped = Vec::new();
+/// framing::encode_datagram(&Frame::Pong { id: 3 }, &mut flipped);
+/// *flipped.last_mut().unwrap() ^= 0x01;
+/// assert_eq!(
+///     framing::decode_datagram(Bytes::from(flipped), &limits),
+///     Err(DecodeError::BadChecksum)
 /// );
 /// ```
 pub fn decode_datagram(mut datagram: Bytes, limits: &DecodeLimits) -> Result<Frame, DecodeError> {
@@ -259,6 +297,18 @@ pub fn decode_datagram(mut datagram: Bytes, limits: &DecodeLimits) -> Result<Fra
     };
     if version != VERSION {
         return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let Ok(crc) = datagram.try_get_u32() else {
+        return Err(DecodeError::Truncated);
+    };
+    if datagram.len() > limits.max_frame_size {
+        return Err(DecodeError::FrameTooLarge {
+            len: u64::try_from(datagram.len()).unwrap_or(u64::MAX),
+            max: limits.max_frame_size,
+        });
+    }
+    if crc32fast::hash(&datagram) != crc {
+        return Err(DecodeError::BadChecksum);
     }
     Frame::decode(datagram, limits)
 }
@@ -485,7 +535,7 @@ mod tests {
         for frame in sample_frames() {
             let mut buf = Vec::new();
             encode_datagram(&frame, &mut buf);
-            assert_eq!(buf.len(), 1 + frame.encoded_len());
+            assert_eq!(buf.len(), DATAGRAM_OVERHEAD + frame.encoded_len());
             assert_eq!(
                 decode_datagram(Bytes::from(buf), &DecodeLimits::default()),
                 Ok(frame)
@@ -494,22 +544,66 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_datagram_is_empty() {
+    fn an_empty_datagram_is_empty_and_one_cut_inside_its_checksum_is_truncated() {
         let limits = DecodeLimits::default();
         assert_eq!(
             decode_datagram(Bytes::new(), &limits),
             Err(DecodeError::Empty)
         );
         assert_eq!(
-            decode_datagram(Bytes::from_static(&[VERSION]), &limits),
+            decode_datagram(Bytes::from_static(&[VERSION, 0, 0]), &limits),
+            Err(DecodeError::Truncated)
+        );
+        let empty_frame_crc = crc32fast::hash(&[]).to_be_bytes();
+        let mut no_frame = alloc::vec![VERSION];
+        no_frame.extend_from_slice(&empty_frame_crc);
+        assert_eq!(
+            decode_datagram(Bytes::from(no_frame), &limits),
             Err(DecodeError::Empty)
         );
     }
 
     #[test]
+    fn every_single_bit_flip_in_a_datagram_is_caught() {
+        let mut clean = Vec::new();
+        encode_datagram_data_frame(3, 77, Some(70), false, b"payload bytes", &mut clean);
+        for bit in 0..clean.len() * 8 {
+            let mut bad = clean.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let got = decode_datagram(Bytes::from(bad), &DecodeLimits::default());
+            assert!(
+                matches!(
+                    got,
+                    Err(DecodeError::BadChecksum | DecodeError::UnsupportedVersion(_))
+                ),
+                "bit {bit}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_truncated_datagram_fails_its_checksum() {
+        let mut clean = Vec::new();
+        encode_datagram_data_frame(0, 1, None, false, b"0123456789", &mut clean);
+        for len in DATAGRAM_OVERHEAD..clean.len() {
+            let cut = Bytes::copy_from_slice(&clean[..len]);
+            assert_ne!(
+                decode_datagram(cut, &DecodeLimits::default())
+                    .ok()
+                    .map(|_| ()),
+                Some(()),
+                "cut at {len}"
+            );
+        }
+    }
+
+    #[test]
     fn a_datagram_of_another_version_is_unsupported() {
         assert_eq!(
-            decode_datagram(Bytes::from_static(&[0, 0x20, 0]), &DecodeLimits::default()),
+            decode_datagram(
+                Bytes::from_static(&[0, 0, 0, 0, 0, 0x20, 0]),
+                &DecodeLimits::default()
+            ),
             Err(DecodeError::UnsupportedVersion(0))
         );
     }

@@ -343,6 +343,28 @@ proptest! {
     }
 
     #[test]
+    fn a_corrupted_or_truncated_datagram_never_decodes_as_a_different_frame(
+        frame in frame(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+        cut in any::<prop::sample::Index>(),
+        truncate in any::<bool>(),
+    ) {
+        let mut bytes = Vec::new();
+        framing::encode_datagram(&frame, &mut bytes);
+        let clean = bytes.clone();
+        for (at, mask) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= mask;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        prop_assume!(bytes != clean);
+        let decoded = framing::decode_datagram(Bytes::from(bytes), &DecodeLimits::default());
+        prop_assert!(decoded.is_err(), "a damaged datagram decoded as {decoded:?}");
+    }
+
+    #[test]
     fn a_corrupted_encoding_never_panics(
         frame in frame(),
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
@@ -431,7 +453,7 @@ proptest! {
 
         let mut datagram = Vec::new();
         framing::encode_datagram(&frame, &mut datagram);
-        prop_assert_eq!(datagram.len(), 1 + frame.encoded_len());
+        prop_assert_eq!(datagram.len(), framing::DATAGRAM_OVERHEAD + frame.encoded_len());
     }
 
     #[test]
