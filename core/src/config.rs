@@ -95,6 +95,9 @@ pub struct Config {
     /// The most bytes one [`crate::Channel::poll_transmit`] call writes for a stream transport, so one
     /// write syscall carries many frames without an unbounded buffer.
     pub max_batch_bytes: usize,
+    /// A deliberate bug to plant (simulator canaries only).
+    #[cfg(feature = "canary")]
+    pub canary: Option<crate::canary::Canary>,
 }
 
 impl Config {
@@ -124,6 +127,8 @@ impl Config {
             min_rto: Duration::from_millis(100),
             max_rto: Duration::from_secs(2),
             max_batch_bytes: 64 << 10,
+            #[cfg(feature = "canary")]
+            canary: None,
         }
     }
 

@@ -29,6 +29,8 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "canary")]
+pub mod canary;
 pub mod channel;
 pub mod client;
 pub mod config;

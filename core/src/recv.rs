@@ -52,6 +52,8 @@ pub struct Receiver {
     window: u64,
     max_reorder_bytes: usize,
     ack: AckPolicy,
+    #[cfg(feature = "canary")]
+    canary: Option<crate::canary::Canary>,
 }
 
 /// When to acknowledge: after `ack_every` data frames, after `max_ack_delay`, or at once when the peer
@@ -80,6 +82,8 @@ impl Receiver {
             reorder_bytes: 0,
             window: config.recv_window,
             max_reorder_bytes: config.max_reorder_bytes,
+            #[cfg(feature = "canary")]
+            canary: config.canary,
             ack: AckPolicy {
                 every: config.ack_every,
                 max_delay: config.max_ack_delay,
@@ -107,6 +111,10 @@ impl Receiver {
         if seq < self.watermark || self.above.contains(seq) {
             // Our ack was lost or is late: tell the sender again, promptly, so it stops resending.
             self.ack.note(now, true);
+            #[cfg(feature = "canary")]
+            if self.canary == Some(crate::canary::Canary::SkipDedup) {
+                deliver(stream, seq, payload);
+            }
             return Arrival::Duplicate;
         }
         let offset = seq - self.watermark;
@@ -123,6 +131,8 @@ impl Receiver {
             return Arrival::Delivered;
         }
         let ordered = !unordered;
+        #[cfg(feature = "canary")]
+        let ordered = ordered && self.canary != Some(crate::canary::Canary::DeliverOutOfOrder);
         if ordered && self.reorder_bytes.saturating_add(payload.len()) > self.max_reorder_bytes {
             return Arrival::NoRoom;
         }

@@ -176,6 +176,8 @@ pub struct Sender {
     transport: Transport,
     /// Unsent conflatable messages by (stream, key).
     conflation: BTreeMap<(u64, u64), Seq>,
+    #[cfg(feature = "canary")]
+    canary: Option<crate::canary::Canary>,
     max_messages: usize,
     max_bytes: usize,
     max_payload: usize,
@@ -206,6 +208,8 @@ impl Sender {
             largest_acked_order: None,
             transport: config.transport,
             conflation: BTreeMap::new(),
+            #[cfg(feature = "canary")]
+            canary: config.canary,
             max_messages: config.max_queued_messages,
             max_bytes: config.max_queued_bytes,
             max_payload: config.max_payload(),
@@ -495,6 +499,10 @@ impl Sender {
     /// already holds is not resent.
     pub fn rewind(&mut self) -> u64 {
         self.retransmit.clear();
+        #[cfg(feature = "canary")]
+        if self.canary == Some(crate::canary::Canary::SkipResumeRetransmit) {
+            return 0;
+        }
         let base = self.base;
         let mut n = 0;
         for (i, s) in self.slots.iter_mut().enumerate() {
