@@ -290,7 +290,9 @@ impl Client {
             return;
         };
         let mut frames: Vec<Incoming> = Vec::new();
+        let malformed = link.malformed;
         link.input(now, data, |_, inc| frames.push(inc));
+        self.counters.malformed_datagrams += link.malformed - malformed;
         for inc in frames {
             match inc {
                 Incoming::Frame(frame) => self.on_frame(now, frame),
@@ -311,6 +313,11 @@ impl Client {
             return;
         };
         match frame {
+            Frame::Refuse(r) if RefuseCode::from_wire(r.code) == RefuseCode::NotAttached => {
+                // The server forgot this connection, not necessarily the session: resume anew.
+                self.disconnect_due = true;
+                self.connection_lost(now, DisconnectCause::NotAttached);
+            }
             Frame::Welcome(w) if !link.established => self.on_welcome(now, w),
             Frame::Refuse(r) if !link.established => {
                 let code = RefuseCode::from_wire(r.code);

@@ -253,7 +253,14 @@ impl Server {
             return;
         }
         let mut incoming = Vec::new();
+        let malformed = c.link.malformed;
         c.link.input(now, data, |_, i| incoming.push(i));
+        let malformed = c.link.malformed - malformed;
+        if malformed > 0
+            && let Some(s) = c.session.and_then(|id| self.sessions.get_mut(&id))
+        {
+            s.counters.malformed_datagrams += malformed;
+        }
         for i in incoming {
             match i {
                 Incoming::Frame(f) => self.on_frame(now, conn, f),
@@ -319,7 +326,12 @@ impl Server {
                 }
                 self.drain_session(id);
             }
-            // Anything before a hello is noise: the connection has not said who it is.
+            // Anything but a hello on a connection with no session: the peer believes in an attach
+            // this server does not hold (it restarted, or forgot a datagram binding). Tell it, or
+            // it would wait on a connection that can never carry its session.
+            (_, None) if c.awaiting_auth.is_none() && !c.closing => {
+                self.refuse(conn, RefuseCode::NotAttached, 0);
+            }
             (_, None) => {}
         }
     }

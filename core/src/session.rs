@@ -112,6 +112,9 @@ pub enum DisconnectCause {
     Superseded,
     /// The peer's bytes did not decode.
     Decode(DecodeError),
+    /// The server no longer knew this connection (it restarted, or dropped a datagram binding);
+    /// the session resumes on a new one if the server still holds it.
+    NotAttached,
 }
 
 /// Why a session was lost.
@@ -159,6 +162,10 @@ pub enum RefuseCode {
     AuthenticationFailed,
     /// The server holds as many sessions as it is configured for.
     ServerFull,
+    /// This connection carries no session on the server (it never said hello, or the server
+    /// forgot it: restarted, or dropped a datagram binding). Not the end of the session: say hello
+    /// again on a new connection. The counterpart of QUIC's stateless reset.
+    NotAttached,
     /// A code this version does not know.
     Other(u64),
 }
@@ -172,6 +179,7 @@ impl RefuseCode {
             RefuseCode::StaleEpoch => 3,
             RefuseCode::AuthenticationFailed => 4,
             RefuseCode::ServerFull => 5,
+            RefuseCode::NotAttached => 6,
             RefuseCode::Other(c) => c,
         }
     }
@@ -184,6 +192,7 @@ impl RefuseCode {
             3 => RefuseCode::StaleEpoch,
             4 => RefuseCode::AuthenticationFailed,
             5 => RefuseCode::ServerFull,
+            6 => RefuseCode::NotAttached,
             c => RefuseCode::Other(c),
         }
     }
@@ -197,6 +206,7 @@ impl fmt::Display for RefuseCode {
             RefuseCode::StaleEpoch => f.write_str("stale attach epoch"),
             RefuseCode::AuthenticationFailed => f.write_str("authentication failed"),
             RefuseCode::ServerFull => f.write_str("server full"),
+            RefuseCode::NotAttached => f.write_str("connection not attached to a session"),
             RefuseCode::Other(c) => write!(f, "refused ({c})"),
         }
     }
@@ -220,6 +230,8 @@ pub struct SessionCounters {
     pub stalls: u64,
     /// Requests that timed out.
     pub request_timeouts: u64,
+    /// Datagrams dropped because they did not decode (corrupted, truncated, foreign).
+    pub malformed_datagrams: u64,
 }
 
 /// How long a local close waits for the peer to close too (or its transport to end) before the
@@ -370,6 +382,8 @@ pub(crate) struct Link {
     /// Pongs owed to the peer's pings.
     pongs: heapless::Deque<u64, 4>,
     pub(crate) established: bool,
+    /// Datagrams that did not decode (corrupted, truncated, foreign).
+    pub(crate) malformed: u64,
     pub(crate) arbiter: Option<Arbiter>,
     pub(crate) local_nonce: u64,
     limits: DecodeLimits,
@@ -402,6 +416,7 @@ impl Link {
             outbox: heapless::Deque::new(),
             pongs: heapless::Deque::new(),
             established: false,
+            malformed: 0,
             arbiter: None,
             local_nonce,
             limits,
@@ -415,7 +430,6 @@ impl Link {
         data: Bytes,
         mut on: impl FnMut(&mut Self, Incoming),
     ) {
-        self.liveness.on_receive(now);
         match &mut self.decoder {
             Some(decoder) => {
                 decoder.feed(&data);
@@ -426,6 +440,7 @@ impl Link {
                     };
                     match next {
                         Ok(Some(frame)) => {
+                            self.liveness.on_receive(now);
                             if let Some(frame) = self.intercept(now, frame) {
                                 on(self, Incoming::Frame(frame));
                             }
@@ -438,20 +453,27 @@ impl Link {
                     }
                 }
             }
-            // A mangled datagram is dropped like a lost one.
-            None => {
-                if let Ok(frame) = framing::decode_datagram(data, &self.limits)
-                    && let Some(frame) = self.intercept(now, frame)
-                {
-                    on(self, Incoming::Frame(frame));
+            // A mangled datagram is dropped like a lost one, and proves nothing about the peer.
+            None => match framing::decode_datagram(data, &self.limits) {
+                Ok(frame) => {
+                    self.liveness.on_receive(now);
+                    if let Some(frame) = self.intercept(now, frame) {
+                        on(self, Incoming::Frame(frame));
+                    }
                 }
-            }
+                Err(_) => self.malformed += 1,
+            },
         }
     }
 
     /// Liveness probes are the link's own business.
     fn intercept(&mut self, now: Instant, frame: Frame) -> Option<Frame> {
         match frame {
+            // Before a handshake there is nothing to vouch for: answering would keep alive a peer
+            // that believes in a session this end does not hold (a server that forgot a datagram
+            // binding). The session layer answers with a refusal instead.
+            Frame::Ping { .. } if !self.established => Some(frame),
+            Frame::Pong { .. } if !self.established => None,
             Frame::Ping { id } => {
                 if self.pongs.is_full() {
                     self.pongs.pop_front();
@@ -488,7 +510,7 @@ impl Link {
                 Some(f) => f,
                 None => match self.pongs.pop_front() {
                     Some(id) => Frame::Pong { id },
-                    None => match self.liveness.poll_ping(now) {
+                    None => match self.liveness.poll_ping(now).filter(|_| self.established) {
                         Some(id) => Frame::Ping { id },
                         None => break,
                     },

@@ -742,3 +742,71 @@ fn an_overflow_under_the_close_policy_loses_the_session_loudly_on_both_sides() {
         n.client_events[0]
     );
 }
+
+#[test]
+fn traffic_on_a_connection_without_a_session_is_refused_not_attached_and_pings_go_unanswered() {
+    let mut n = net(1);
+    let conn = 4242;
+    n.server.on_connection(n.now, conn);
+    let mut wire = BytesMut::new();
+    framing::encode_preface(&mut wire);
+    framing::encode_stream_frame(&Frame::Ping { id: 1 }, &mut wire);
+    n.server.handle_input(n.now, conn, wire.freeze());
+    let mut out = BytesMut::new();
+    let mut frames = Vec::new();
+    let mut closed = false;
+    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
+        let bytes = out.split_to(t.len).freeze();
+        if t.conn == conn {
+            closed |= t.close;
+            let mut d = framing::StreamDecoder::new(Default::default());
+            d.feed(&bytes);
+            while let Ok(Some(f)) = d.next_frame() {
+                frames.push(f);
+            }
+        }
+    }
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Pong { .. })),
+        "{frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| matches!(f, Frame::Refuse(r)
+            if steadfast_core::session::RefuseCode::from_wire(r.code)
+                == steadfast_core::session::RefuseCode::NotAttached)),
+        "{frames:?}"
+    );
+    assert!(closed);
+}
+
+#[test]
+fn a_client_told_its_connection_is_not_attached_resumes_on_a_new_one() {
+    let mut n = net(1);
+    assert!(n.run_until(|n| connected(n, 0)).unwrap());
+    let id = session_of(&n, 0);
+    // The server forgets the connection without a word to the client (a dropped datagram
+    // binding); the client's next bytes then meet a connection with no session.
+    let stale = n.server.connection_count();
+    assert_eq!(stale, 1);
+    let mut wire = BytesMut::new();
+    framing::encode_stream_frame(
+        &Frame::Refuse(steadfast_core::frame::RefuseFrame {
+            code: steadfast_core::session::RefuseCode::NotAttached.to_wire(),
+            epoch: 0,
+            reason: Bytes::new(),
+        }),
+        &mut wire,
+    );
+    n.clients[0].handle_input(n.now, wire.freeze());
+    assert!(n.clients[0].poll_directive(n.now) == Some(Directive::Disconnect));
+    let resumed = n
+        .run_until(|n| n.clients[0].counters().resumes == 1)
+        .unwrap();
+    assert!(resumed);
+    assert!(
+        n.clients[0]
+            .poll_event()
+            .is_none_or(|e| !matches!(e, SessionEvent::SessionLost { .. }))
+    );
+    assert!(n.server.is_connected(id));
+}
