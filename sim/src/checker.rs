@@ -361,7 +361,8 @@ impl Checker {
                 ),
             ));
         }
-        if e.len != payload.len() || payload.last().copied() != Some(fill_byte(tag)) {
+        let fill = fill_byte(tag);
+        if e.len != payload.len() || payload[8..].iter().any(|b| *b != fill) {
             problems.push((
                 "corruption",
                 format!(

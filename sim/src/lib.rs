@@ -19,14 +19,23 @@
 //! cargo run --release -p steadfast-sim -- --seeds 1000          # a sweep, with a progress bar
 //! cargo run --release -p steadfast-sim -- --seed 42             # one seed: parameters, marks, trace hash
 //! cargo run --release -p steadfast-sim -- --seeds 20 --canary dup-delivery   # must fail
+//! cargo run --release -p steadfast-sim -- --seeds 300 --transport datagram     # datagrams only
+//! STEADFAST_SIM_DUMP=1 cargo run --release -p steadfast-sim -- --seed 1       # end state of a hang
 //! ```
+//!
+//! Each seed draws its transport. Over streams the faults are resets, blackholes, half-open
+//! connections and partitions that hold bytes back; over datagrams every packet of each path
+//! direction goes through its own drawn faults (latency with jitter that reorders, uniform and
+//! Gilbert–Elliott bursty loss, duplication, bit flips, truncation, a capacity in packets in
+//! flight), which stop when the network heals. Both get one-way partitions and swizzle-clogging.
 //!
 //! ```
 //! use steadfast_sim::params::{Params, Workload};
-//! use steadfast_core::time::Duration;
+//! use steadfast_core::{Transport, time::Duration};
 //! let mut w = Workload::default();
 //! w.clients = 3;
 //! w.duration = Duration::from_secs(5);
+//! w.transport = Some(Transport::Stream); // the swarm draws it per seed when `None`
 //! let a = steadfast_sim::run(Params::draw(7, w.clone(), None));
 //! let b = steadfast_sim::run(Params::draw(7, w, None));
 //! assert_eq!(a.trace_hash, b.trace_hash);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant as WallClock;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use steadfast_core::Transport;
 use steadfast_core::time::Duration;
 use steadfast_sim::marks::Marks;
 use steadfast_sim::params::{Canary, Params, Workload};
@@ -20,12 +21,16 @@ OPTIONS:
     --seeds N              run seeds first..first+N (default: 100 seeds from 0)
     --first S              the first seed of a sweep (default 0)
     --canary NAME          break one guarantee in the simulated applications:
-                           dup-delivery, drop-delivery, reorder-delivery, forget-handback, misroute-reply
+                           dup-delivery, drop-delivery, reorder-delivery, forget-handback, misroute-reply,
+                           corrupt-past-checksum
     --clients N            client nodes (default 8)
     --duration SECS        workload-and-faults phase, virtual seconds (default 60)
     --call-ms MS           mean time between a client's calls (default 5000)
     --stream-ms MS         mean time between a client's steady messages, and the server's per session (default 1000)
     --payload-max BYTES    largest payload (default 512)
+    --transport KIND       stream or datagram for every seed (default: the swarm draws it per seed)
+    --no-corrupt           datagram paths never flip bits (by default the swarm may draw corruption;
+                           the core's CRC-32 turns it into a drop)
     --verbose              print every seed's parameters
     --quiet                no progress bar
 ";
@@ -71,6 +76,15 @@ fn parse() -> Result<Args, String> {
                 a.workload.server_stream_interval = d;
             }
             "--payload-max" => a.workload.payload_max = value("--payload-max")? as usize,
+            "--transport" => {
+                let kind = it.next().ok_or("--transport needs stream or datagram")?;
+                a.workload.transport = Some(match kind.as_str() {
+                    "stream" => Transport::Stream,
+                    "datagram" => Transport::Datagram,
+                    other => return Err(format!("unknown transport {other}")),
+                });
+            }
+            "--no-corrupt" => a.workload.corrupt = false,
             "--canary" => {
                 let name = it.next().ok_or("--canary needs a name")?;
                 a.canary = Some(Canary::parse(&name).ok_or(format!("unknown canary {name}"))?);
@@ -103,6 +117,14 @@ fn workload_flags(a: &Args) -> String {
     }
     if w.payload_max != d.payload_max {
         s += &format!(" --payload-max {}", w.payload_max);
+    }
+    match w.transport {
+        Some(Transport::Stream) => s += " --transport stream",
+        Some(Transport::Datagram) => s += " --transport datagram",
+        _ => {}
+    }
+    if !w.corrupt {
+        s += " --no-corrupt";
     }
     if let Some(c) = a.canary {
         s += &format!(" --canary {}", c.name());
@@ -150,9 +172,6 @@ fn main() -> ExitCode {
     let mut tally = steadfast_sim::checker::Tally::default();
     for &seed in &seeds {
         let params = Params::draw(seed, args.workload.clone(), args.canary);
-        if single || args.verbose {
-            bar.suspend(|| println!("{params}"));
-        }
         let out = steadfast_sim::run(params);
         events += out.events;
         sim_seconds += out.sim_time.as_secs_f64();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// The marks every summary lists, reached or not, so a path never exercised shows as a zero.
-pub const KEY_MARKS: [&str; 16] = [
+pub const KEY_MARKS: [&str; 26] = [
     "resume",
     "resent_on_resume",
     "idle_timeout",
@@ -22,6 +22,16 @@ pub const KEY_MARKS: [&str; 16] = [
     "retention_expired",
     "pause",
     "blackhole",
+    "retransmitted",
+    "one_way_partition",
+    "swizzle_clog",
+    "datagram_binding",
+    "packet_lost",
+    "packet_burst_lost",
+    "packet_dup",
+    "packet_truncated",
+    "packet_reordered",
+    "malformed_datagram",
 ];
 
 /// Named counters.

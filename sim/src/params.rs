@@ -5,6 +5,7 @@ use std::fmt;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use steadfast_core::Transport;
 use steadfast_core::time::Duration;
 
 /// The workload of the field report (seeds/000): calls that fan out to the other clients, whose
@@ -29,6 +30,12 @@ pub struct Workload {
     pub think_max: Duration,
     /// A call's deadline.
     pub request_timeout: Duration,
+    /// The transport every run uses; `None`: the swarm draws it per seed.
+    pub transport: Option<Transport>,
+    /// Whether datagram paths may corrupt (flip a bit of) datagrams. On by default: the core
+    /// verifies a CRC-32 on every datagram, so a corrupted one is a drop; were one delivered, the
+    /// ledger would report it (the `corrupt-past-checksum` canary proves it).
+    pub corrupt: bool,
 }
 
 impl Default for Workload {
@@ -45,6 +52,8 @@ impl Default for Workload {
             payload_max: 512,
             think_max: Duration::from_millis(300),
             request_timeout: Duration::from_secs(10),
+            transport: None,
+            corrupt: true,
         }
     }
 }
@@ -63,16 +72,20 @@ pub enum Canary {
     ForgetHandback,
     /// A client answers a fanned-out event under the wrong sequence number.
     MisrouteReply,
+    /// The network flips a payload bit of datagrams and fixes up their checksum, as a corruption
+    /// the checksum cannot see would (the run is forced onto datagrams).
+    CorruptPastChecksum,
 }
 
 impl Canary {
     /// Every canary.
-    pub const ALL: [Canary; 5] = [
+    pub const ALL: [Canary; 6] = [
         Canary::DupDelivery,
         Canary::DropDelivery,
         Canary::ReorderDelivery,
         Canary::ForgetHandback,
         Canary::MisrouteReply,
+        Canary::CorruptPastChecksum,
     ];
 
     /// Its command-line name.
@@ -83,6 +96,7 @@ impl Canary {
             Canary::ReorderDelivery => "reorder-delivery",
             Canary::ForgetHandback => "forget-handback",
             Canary::MisrouteReply => "misroute-reply",
+            Canary::CorruptPastChecksum => "corrupt-past-checksum",
         }
     }
 
@@ -118,6 +132,12 @@ pub struct FaultMix {
     pub migrations: u32,
     /// The server process restarts with nothing remembered.
     pub restarts: u32,
+    /// One direction of a client's path drops (datagrams) or holds (streams) everything for a
+    /// while; the other direction passes.
+    pub one_way_partitions: u32,
+    /// Swizzle-clogging: a random set of client paths is cut one by one, then restored one by one
+    /// in another order.
+    pub swizzles: u32,
 }
 
 impl FaultMix {
@@ -130,6 +150,8 @@ impl FaultMix {
             + self.pauses
             + self.migrations
             + self.restarts
+            + self.one_way_partitions
+            + self.swizzles
     }
 
     /// A mix drawn for one seed: each kind is on with probability 1/2, at its own rate.
@@ -151,6 +173,8 @@ impl FaultMix {
             pauses: kind(4.0),
             migrations: kind(3.0),
             restarts: kind(1.5),
+            one_way_partitions: kind(3.0),
+            swizzles: kind(1.5),
         }
     }
 }
@@ -164,8 +188,87 @@ pub struct LinkParams {
     pub jitter: Duration,
 }
 
+/// Bursty loss (Gilbert–Elliott): a path is in a good or a bad state, each with its own loss rate;
+/// every datagram may move it to the other state first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GilbertElliott {
+    /// Per datagram, the chance a good path turns bad.
+    pub to_bad: f64,
+    /// Per datagram, the chance a bad path turns good.
+    pub to_good: f64,
+    /// The loss rate in the good state.
+    pub loss_good: f64,
+    /// The loss rate in the bad state.
+    pub loss_bad: f64,
+}
+
+/// The per-datagram faults of one direction of one datagram path. They stop when the network
+/// heals (latency and jitter, hence reordering, do not).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathFaults {
+    /// Uniform loss rate.
+    pub loss: f64,
+    /// Bursty loss, on top of the uniform loss.
+    pub burst: Option<GilbertElliott>,
+    /// The chance a datagram arrives twice (each copy with its own delay).
+    pub dup: f64,
+    /// The chance a datagram has one random bit flipped.
+    pub corrupt: f64,
+    /// The chance a datagram is cut short.
+    pub truncate: f64,
+    /// The most datagrams in flight on this direction; the excess is dropped.
+    pub capacity: u32,
+}
+
+impl PathFaults {
+    fn draw(rng: &mut ChaCha8Rng, on: &[bool; 6]) -> PathFaults {
+        let mut rate = |on: bool, max: f64| if on { rng.random_range(0.0..=max) } else { 0.0 };
+        let loss = rate(on[0], 0.15);
+        let dup = rate(on[2], 0.10);
+        let corrupt = rate(on[3], 0.05);
+        let truncate = rate(on[4], 0.05);
+        let burst = on[1].then(|| GilbertElliott {
+            to_bad: rng.random_range(0.001..=0.05),
+            to_good: rng.random_range(0.05..=0.5),
+            loss_good: rng.random_range(0.0..=0.02),
+            loss_bad: rng.random_range(0.3..=1.0),
+        });
+        let capacity = if on[5] {
+            rng.random_range(4..=256)
+        } else {
+            1024
+        };
+        PathFaults {
+            loss,
+            burst,
+            dup,
+            corrupt,
+            truncate,
+            capacity,
+        }
+    }
+}
+
+impl fmt::Display for PathFaults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "loss={:.4} dup={:.4} corrupt={:.4} truncate={:.4} capacity={}",
+            self.loss, self.dup, self.corrupt, self.truncate, self.capacity
+        )?;
+        match self.burst {
+            Some(b) => write!(
+                f,
+                " burst(to_bad={:.4} to_good={:.4} loss_good={:.4} loss_bad={:.4})",
+                b.to_bad, b.to_good, b.loss_good, b.loss_bad
+            ),
+            None => write!(f, " burst=off"),
+        }
+    }
+}
+
 /// Everything one run depends on besides the seed's own random stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     /// The seed.
     pub seed: u64,
@@ -193,6 +296,10 @@ pub struct Params {
     pub overflow_closes: bool,
     /// The faults.
     pub faults: FaultMix,
+    /// What the sessions run over.
+    pub transport: Transport,
+    /// Datagram runs: per client, the per-datagram faults of its path, `[down, up]`.
+    pub paths: Vec<[PathFaults; 2]>,
     /// The deliberately broken guarantee, if any.
     pub canary: Option<Canary>,
 }
@@ -229,6 +336,31 @@ impl Params {
             .random_bool(0.25)
             .then(|| rng.random_range(16..=256usize));
         let overflow_closes = rng.random_bool(0.3);
+        let datagram = rng.random_bool(0.5);
+        let forced = (canary == Some(Canary::CorruptPastChecksum)).then_some(Transport::Datagram);
+        let transport = forced.or(workload.transport).unwrap_or(if datagram {
+            Transport::Datagram
+        } else {
+            Transport::Stream
+        });
+        let paths = if transport == Transport::Datagram {
+            // Swarm: each kind of per-datagram fault is on or off for the whole run.
+            let mut on = [false; 6];
+            for k in &mut on {
+                *k = rng.random_bool(0.5);
+            }
+            on[3] &= workload.corrupt;
+            (0..workload.clients)
+                .map(|_| {
+                    [
+                        PathFaults::draw(&mut rng, &on),
+                        PathFaults::draw(&mut rng, &on),
+                    ]
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Params {
             seed,
             workload,
@@ -242,6 +374,8 @@ impl Params {
             max_queued,
             overflow_closes,
             faults,
+            transport,
+            paths,
             canary,
         }
     }
@@ -279,11 +413,20 @@ impl fmt::Display for Params {
             ms(w.think_max),
             ms(w.request_timeout),
         )?;
+        writeln!(
+            f,
+            "  transport={:?} corrupt_allowed={}",
+            self.transport, w.corrupt
+        )?;
         write!(f, "  links (latency/jitter):")?;
         for (i, l) in self.links.iter().enumerate() {
             write!(f, " c{i}={}/{}", ms(l.latency), ms(l.jitter))?;
         }
         writeln!(f)?;
+        for (i, [down, up]) in self.paths.iter().enumerate() {
+            writeln!(f, "  c{i} up:   {up}")?;
+            writeln!(f, "  c{i} down: {down}")?;
+        }
         writeln!(
             f,
             "  fanout={:?} retention={}s connect_timeout={} partition_refuses={} max_fault_len={} max_downtime={}",
@@ -304,8 +447,16 @@ impl fmt::Display for Params {
         let m = &self.faults;
         writeln!(
             f,
-            "  faults: resets={} blackholes={} half_opens={} partitions={} pauses={} migrations={} restarts={}",
-            m.resets, m.blackholes, m.half_opens, m.partitions, m.pauses, m.migrations, m.restarts
+            "  faults: resets={} blackholes={} half_opens={} partitions={} one_way_partitions={} swizzles={} pauses={} migrations={} restarts={}",
+            m.resets,
+            m.blackholes,
+            m.half_opens,
+            m.partitions,
+            m.one_way_partitions,
+            m.swizzles,
+            m.pauses,
+            m.migrations,
+            m.restarts
         )?;
         write!(
             f,

@@ -71,6 +71,8 @@ enum Fault {
     Pause(Duration),
     Migrate(Duration),
     Restart(Duration),
+    OneWay(Duration),
+    Swizzle(Duration),
 }
 
 #[derive(Debug)]
@@ -108,6 +110,18 @@ enum Ev {
     ServerUp,
     Heal,
     Check,
+    /// Cuts the directions of `mask` (1: down, 2: up) of a client's path until `until`.
+    Cut {
+        client: usize,
+        mask: u8,
+        until: Instant,
+    },
+    /// One datagram arrives.
+    Packet {
+        conn: usize,
+        up: bool,
+        slot: u32,
+    },
 }
 
 impl Ev {
@@ -125,6 +139,8 @@ impl Ev {
             Ev::ServerUp => [10, 0, 0],
             Ev::Heal => [11, 0, 0],
             Ev::Check => [12, 0, 0],
+            Ev::Cut { client, mask, .. } => [13, client as u64, u64::from(mask)],
+            Ev::Packet { conn, up, .. } => [14, conn as u64, u64::from(up)],
         }
     }
 }
@@ -173,6 +189,9 @@ struct Pipe {
 struct Conn {
     client: usize,
     server_epoch: u32,
+    /// Datagram transports: how many times the server bound this client socket as a connection
+    /// (a restarted or forgetful server binds it afresh when a datagram from it arrives).
+    binding: u32,
     client_open: bool,
     server_open: bool,
     blackholed: bool,
@@ -213,6 +232,43 @@ struct ServerNode {
     sessions: BTreeMap<SessionId, Ctx>,
 }
 
+/// A datagram on its way.
+#[derive(Debug)]
+struct Packet {
+    bytes: Bytes,
+    /// Its position among the datagrams sent on its path direction (to count reorderings).
+    n: u64,
+}
+
+/// What the datagram network did to the packets, for the coverage marks.
+#[derive(Debug, Default)]
+struct NetCounters {
+    sent: u64,
+    lost: u64,
+    burst_lost: u64,
+    dup: u64,
+    corrupt: u64,
+    truncated: u64,
+    overflow: u64,
+    cut: u64,
+    reordered: u64,
+}
+
+/// Per client path and direction (`[down, up]`), the datagram network's state.
+#[derive(Debug, Default, Clone, Copy)]
+struct PathState {
+    in_flight: u32,
+    bad: bool,
+    sent: u64,
+    /// One past the highest position that has arrived.
+    arrived: u64,
+}
+
+/// The server's connection id for a connection and its binding.
+fn conn_id(conn: usize, binding: u32) -> u64 {
+    conn as u64 | (u64::from(binding) << 32)
+}
+
 /// Canary state.
 #[derive(Debug, Default)]
 struct CanaryState {
@@ -236,7 +292,13 @@ pub struct Sim {
     server: ServerNode,
     clients: Vec<ClientNode>,
     conns: Vec<Conn>,
-    partition_until: Vec<Instant>,
+    /// Per client, until when each direction (`[down, up]`) of its path is cut.
+    cut_until: Vec<[Instant; 2]>,
+    datagram: bool,
+    packets: Vec<Option<Packet>>,
+    free_slots: Vec<u32>,
+    paths: Vec<[PathState; 2]>,
+    net: NetCounters,
     /// Which client incarnation owns each session (as the client learnt it from its welcome).
     owner: BTreeMap<SessionId, Ctx>,
     next_tag: u64,
@@ -276,7 +338,7 @@ impl Sim {
     /// A world for `params`, at virtual time zero, with its workload and fault plan scheduled.
     pub fn new(params: Params) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        let mut channel = Config::new(Transport::Stream);
+        let mut channel = Config::new(params.transport);
         if let Some(n) = params.max_queued {
             channel.max_queued_messages = n;
         }
@@ -337,7 +399,12 @@ impl Sim {
             },
             clients,
             conns: Vec::new(),
-            partition_until: vec![Instant::ZERO; n],
+            cut_until: vec![[Instant::ZERO; 2]; n],
+            datagram: params.transport == Transport::Datagram,
+            packets: Vec::new(),
+            free_slots: Vec::new(),
+            paths: vec![[PathState::default(); 2]; n],
+            net: NetCounters::default(),
             owner: BTreeMap::new(),
             next_tag: 1,
             checker,
@@ -436,6 +503,14 @@ impl Sim {
             let d = self.uniform(down);
             faults.push(Fault::Restart(d));
         }
+        for _ in 0..f.one_way_partitions {
+            let d = self.uniform(len);
+            faults.push(Fault::OneWay(d));
+        }
+        for _ in 0..f.swizzles {
+            let d = self.uniform(len);
+            faults.push(Fault::Swizzle(d));
+        }
         let span = self.params.workload.duration;
         for fault in faults {
             // Faults start after the first second, so sessions exist to break.
@@ -465,6 +540,9 @@ impl Sim {
         if self.settled_at.is_none() {
             self.now = self.now.max(self.end);
             self.checker.finish(self.now, self.heal_at);
+            if std::env::var_os("STEADFAST_SIM_DUMP").is_some() {
+                self.dump();
+            }
         }
         self.collect_marks();
         let tally = self.checker.tally();
@@ -518,6 +596,12 @@ impl Sim {
                     self.schedule(self.now + Duration::from_millis(250), Ev::Check);
                 }
             }
+            Ev::Cut {
+                client,
+                mask,
+                until,
+            } => self.cut(client, mask, until),
+            Ev::Packet { conn, up, slot } => self.on_packet(conn, up, slot),
         }
     }
 
@@ -614,6 +698,41 @@ impl Sim {
         }
     }
 
+    /// Prints the end state of every endpoint (`STEADFAST_SIM_DUMP=1`), to diagnose a seed that
+    /// never settled.
+    fn dump(&self) {
+        for (i, c) in self.clients.iter().enumerate() {
+            let ch = c.client.channel();
+            eprintln!(
+                "client {i}: ctx={} conn={:?} connecting={} connected={} session={:?} over={} timeout={:?} stats={:?} counters={:?}",
+                c.ctx,
+                c.conn,
+                c.connecting,
+                c.client.is_connected(),
+                c.client.session(),
+                c.over,
+                c.client.poll_timeout(),
+                ch.stats(),
+                c.client.counters()
+            );
+        }
+        for (id, ctx) in &self.server.sessions {
+            eprintln!(
+                "server session {id:?} ctx={ctx}: connected={} stats={:?}",
+                self.server.server.is_connected(*id),
+                self.server.server.channel(*id).map(|c| *c.stats())
+            );
+        }
+        eprintln!(
+            "server: down={} epoch={} sessions={} connections={} timeout={:?}",
+            self.server.down,
+            self.server.epoch,
+            self.server.server.session_count(),
+            self.server.server.connection_count(),
+            self.server.server.poll_timeout()
+        );
+    }
+
     fn violation(&mut self, rule: &'static str, detail: String) {
         self.checker.report(self.now, rule, detail);
     }
@@ -652,7 +771,12 @@ impl Sim {
     fn on_deliver(&mut self, conn: usize, up: bool) {
         let now = self.now;
         let client = self.conns[conn].client;
-        let cut = self.partition_until[client];
+        // Datagram runs use these pipes only for the local news of a socket (open, error).
+        let cut = if self.datagram {
+            Instant::ZERO
+        } else {
+            self.cut_until[client][usize::from(up)]
+        };
         let c = &mut self.conns[conn];
         let pipe = if up { &mut c.up } else { &mut c.down };
         let Some(&(at, _)) = pipe.q.front() else {
@@ -685,7 +809,10 @@ impl Sim {
     }
 
     fn server_input(&mut self, conn: usize, wire: Wire) {
-        if self.server.down || self.conns[conn].server_epoch != self.server.epoch {
+        // A datagram from a socket an earlier server process knew is news to this one.
+        if self.server.down
+            || (!self.datagram && self.conns[conn].server_epoch != self.server.epoch)
+        {
             return;
         }
         if self.frozen(0) {
@@ -699,19 +826,33 @@ impl Sim {
     fn apply_server(&mut self, conn: usize, wire: Wire) {
         let now = self.now;
         let c = &mut self.conns[conn];
+        if self.datagram
+            && matches!(wire, Wire::Bytes(_))
+            && (!c.server_open || c.server_epoch != self.server.epoch)
+        {
+            // The first datagram from a socket the server does not know binds it (UDP's accept).
+            c.server_epoch = self.server.epoch;
+            c.server_open = true;
+            c.binding += 1;
+            self.marks.add("datagram_binding", 1);
+            self.server
+                .server
+                .on_connection(now, conn_id(conn, c.binding));
+        }
         if !c.server_open || c.server_epoch != self.server.epoch {
             return;
         }
+        let id = conn_id(conn, c.binding);
         if let Wire::Bytes(b) = &wire {
             self.trace.word(b.len() as u64);
         }
         let s = &mut self.server.server;
         match wire {
-            Wire::Open => s.on_connection(now, conn as u64),
-            Wire::Bytes(b) => s.handle_input(now, conn as u64, b),
+            Wire::Open => s.on_connection(now, id),
+            Wire::Bytes(b) => s.handle_input(now, id, b),
             Wire::Close => {
                 c.server_open = false;
-                s.on_disconnected(now, conn as u64);
+                s.on_disconnected(now, id);
             }
         }
     }
@@ -780,19 +921,26 @@ impl Sim {
         self.conns.push(Conn {
             client: i,
             server_epoch: epoch,
+            binding: 0,
             client_open: true,
-            server_open: true,
+            server_open: !self.datagram,
             blackholed: false,
             up: Pipe::default(),
             down: Pipe::default(),
         });
         self.clients[i].conn = Some(id);
         self.clients[i].connecting = true;
+        if self.datagram {
+            // A UDP socket opens locally and at once; the server learns of it from its first
+            // datagram.
+            self.push_at(id, false, Wire::Open, now);
+            return;
+        }
         let latency = self.params.links[i].latency;
         let fail_at = if self.server.down {
             // Nothing listens: refused after a round trip.
             Some(now + latency * 2)
-        } else if self.partition_until[i] > now {
+        } else if self.cut_until[i].iter().any(|t| *t > now) {
             Some(if self.params.partition_refuses {
                 now + latency * 2
             } else {
@@ -825,7 +973,10 @@ impl Sim {
         let c = &mut self.conns[conn];
         if c.client_open {
             c.client_open = false;
-            self.push(conn, true, Wire::Close);
+            // Closing a UDP socket tells nobody.
+            if !self.datagram {
+                self.push(conn, true, Wire::Close);
+            }
         }
     }
 
@@ -833,6 +984,128 @@ impl Sim {
         let c = &mut self.conns[conn];
         c.up.q.clear();
         c.down.q.clear();
+    }
+}
+
+// -------------------------------------------------------------------- the datagram network
+impl Sim {
+    /// Sends one datagram on a direction of `conn`'s path, through its per-datagram faults (which
+    /// stop when the network heals); each copy gets its own delay, so jitter reorders.
+    fn send_packet(&mut self, conn: usize, up: bool, bytes: Bytes) {
+        let now = self.now;
+        let c = &self.conns[conn];
+        let client = c.client;
+        let d = usize::from(up);
+        self.net.sent += 1;
+        if c.blackholed || self.cut_until[client][d] > now {
+            self.net.cut += 1;
+            return;
+        }
+        let f = self.params.paths[client][d];
+        let faulty = now < self.heal_at;
+        if faulty {
+            if let Some(ge) = f.burst {
+                let path = &mut self.paths[client][d];
+                let flip = self
+                    .rng
+                    .random_bool(if path.bad { ge.to_good } else { ge.to_bad });
+                path.bad ^= flip;
+                let loss = if path.bad { ge.loss_bad } else { ge.loss_good };
+                if self.rng.random_bool(loss) {
+                    self.net.burst_lost += 1;
+                    return;
+                }
+            }
+            if f.loss > 0.0 && self.rng.random_bool(f.loss) {
+                self.net.lost += 1;
+                return;
+            }
+        }
+        let copies = if faulty && f.dup > 0.0 && self.rng.random_bool(f.dup) {
+            self.net.dup += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if self.paths[client][d].in_flight >= f.capacity {
+                self.net.overflow += 1;
+                continue;
+            }
+            let mut b = bytes.clone();
+            if faulty && !b.is_empty() {
+                if f.corrupt > 0.0 && self.rng.random_bool(f.corrupt) {
+                    self.net.corrupt += 1;
+                    let bit = self.rng.random_range(0..b.len() * 8);
+                    let mut v = b.to_vec();
+                    v[bit / 8] ^= 1 << (bit % 8);
+                    b = Bytes::from(v);
+                }
+                if f.truncate > 0.0 && self.rng.random_bool(f.truncate) {
+                    self.net.truncated += 1;
+                    let keep = self.rng.random_range(0..b.len());
+                    b.truncate(keep);
+                }
+            }
+            if self.params.canary == Some(Canary::CorruptPastChecksum) {
+                b = self.corrupt_past_checksum(b);
+            }
+            let at = now + self.delay(client);
+            let path = &mut self.paths[client][d];
+            path.in_flight += 1;
+            let n = path.sent;
+            path.sent += 1;
+            let packet = Packet { bytes: b, n };
+            let slot = match self.free_slots.pop() {
+                Some(s) => {
+                    self.packets[s as usize] = Some(packet);
+                    s
+                }
+                None => {
+                    self.packets.push(Some(packet));
+                    (self.packets.len() - 1) as u32
+                }
+            };
+            self.schedule(at, Ev::Packet { conn, up, slot });
+        }
+    }
+
+    /// The `corrupt-past-checksum` canary: once the run is under way, flips the last byte (payload
+    /// padding, for a data datagram) of every 64-byte-or-longer datagram and recomputes the CRC-32
+    /// the core checks (version byte, big-endian CRC of the rest, frame).
+    fn corrupt_past_checksum(&mut self, b: Bytes) -> Bytes {
+        if self.net.sent < 200 || b.len() < 64 {
+            return b;
+        }
+        let mut v = b.to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x01;
+        let crc = crc32fast::hash(&v[5..]);
+        v[1..5].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(v)
+    }
+
+    fn on_packet(&mut self, conn: usize, up: bool, slot: u32) {
+        let Packet { bytes, n } = self.packets[slot as usize].take().expect("in flight");
+        self.free_slots.push(slot);
+        let client = self.conns[conn].client;
+        let d = usize::from(up);
+        let path = &mut self.paths[client][d];
+        path.in_flight -= 1;
+        if self.conns[conn].blackholed || self.cut_until[client][d] > self.now {
+            self.net.cut += 1;
+            return;
+        }
+        if n < path.arrived {
+            self.net.reordered += 1;
+        } else {
+            path.arrived = n + 1;
+        }
+        if up {
+            self.server_input(conn, Wire::Bytes(bytes));
+        } else {
+            self.client_input(client, conn, Wire::Bytes(bytes));
+        }
     }
 }
 
@@ -875,7 +1148,11 @@ impl Sim {
                 && !node.connecting
                 && self.conns[conn].client_open
             {
-                self.push(conn, true, Wire::Bytes(bytes));
+                if self.datagram {
+                    self.send_packet(conn, true, bytes);
+                } else {
+                    self.push(conn, true, Wire::Bytes(bytes));
+                }
             }
         }
     }
@@ -891,13 +1168,20 @@ impl Sim {
         let epoch = self.server.epoch;
         while let Some(t) = self.server.server.poll_transmit(now, &mut self.buf) {
             let bytes = self.buf.split_to(t.len).freeze();
-            let conn = t.conn as usize;
+            let conn = (t.conn & u64::from(u32::MAX)) as usize;
             let c = &mut self.conns[conn];
-            if c.server_epoch != epoch || !c.server_open {
+            if c.server_epoch != epoch || !c.server_open || t.conn != conn_id(conn, c.binding) {
                 continue;
             }
             if t.close {
                 c.server_open = false;
+            }
+            if self.datagram {
+                // A server forgetting a UDP peer tells it nothing.
+                if t.len > 0 {
+                    self.send_packet(conn, false, bytes);
+                }
+                continue;
             }
             if t.len > 0 {
                 self.push(conn, false, Wire::Bytes(bytes));
@@ -1485,6 +1769,14 @@ impl Sim {
         let now = self.now;
         let live = self.clients[i].conn.filter(|_| !self.clients[i].connecting);
         match f {
+            Fault::Reset | Fault::HalfOpen if self.datagram => {
+                // A UDP socket has no peer to reset: its owner gets an error (an ICMP
+                // unreachable, a rebinding NAT), the server is never told.
+                if let Some(conn) = live {
+                    self.marks.add("socket_error", 1);
+                    self.push_at(conn, false, Wire::Close, now);
+                }
+            }
             Fault::Reset => {
                 if let Some(conn) = live {
                     self.marks.add("reset", 1);
@@ -1509,9 +1801,15 @@ impl Sim {
             }
             Fault::Partition(d) => {
                 self.marks.add("partition", 1);
-                let until = (now + d).min(self.heal_at);
-                self.partition_until[i] = self.partition_until[i].max(until);
+                self.cut(i, 3, now + d);
             }
+            Fault::OneWay(d) => {
+                self.marks.add("one_way_partition", 1);
+                let mask = if self.rng.random_bool(0.5) { 1 } else { 2 };
+                self.trace.word(mask);
+                self.cut(i, mask as u8, now + d);
+            }
+            Fault::Swizzle(hold) => self.swizzle(hold),
             Fault::Pause(d) => {
                 let node = self.rng.random_range(0..=n);
                 self.pause(node, d);
@@ -1526,6 +1824,55 @@ impl Sim {
                 }
             }
             Fault::Restart(d) => self.restart(d),
+        }
+    }
+
+    /// Cuts the directions of `mask` (1: down, 2: up) of client `i`'s path until `until` (at the
+    /// latest until the network heals). A cut stream path holds its bytes back; a cut datagram
+    /// path drops its datagrams, those in flight included.
+    fn cut(&mut self, i: usize, mask: u8, until: Instant) {
+        if self.now >= self.heal_at {
+            return;
+        }
+        let until = until.min(self.heal_at);
+        for (d, t) in self.cut_until[i].iter_mut().enumerate() {
+            if mask & (1 << d) != 0 {
+                *t = (*t).max(until);
+            }
+        }
+    }
+
+    /// Swizzle-clogging: cut a random set of client paths one by one, hold them all cut for
+    /// `hold`, then restore them one by one in another order.
+    fn swizzle(&mut self, hold: Duration) {
+        use rand::seq::SliceRandom;
+        let now = self.now;
+        let n = self.clients.len();
+        let mut set: Vec<usize> = (0..n).collect();
+        set.shuffle(&mut self.rng);
+        let k = self.rng.random_range(1..=n);
+        set.truncate(k);
+        let step = Duration::from_millis(self.rng.random_range(50..=1_000));
+        let mut restore = set.clone();
+        restore.shuffle(&mut self.rng);
+        if k > 1 && restore == set {
+            restore.reverse();
+        }
+        self.marks.add("swizzle_clog", 1);
+        self.marks.add("swizzle_cut", k as u64);
+        let all_cut = now + step * (k as u32 - 1);
+        for (j, &client) in set.iter().enumerate() {
+            let r = restore.iter().position(|c| *c == client).expect("same set");
+            let until = all_cut + hold + step * r as u32;
+            self.trace.words(&[client as u64, until.as_nanos()]);
+            self.schedule(
+                now + step * j as u32,
+                Ev::Cut {
+                    client,
+                    mask: 3,
+                    until,
+                },
+            );
         }
     }
 
@@ -1606,8 +1953,10 @@ impl Sim {
             if c.server_epoch == old && c.server_open {
                 c.server_open = false;
                 c.up.q.clear();
-                // The kernel resets the dead process's connections.
-                self.push(conn, false, Wire::Close);
+                // The kernel resets the dead process's connections (UDP sockets have none).
+                if !self.datagram {
+                    self.push(conn, false, Wire::Close);
+                }
             }
         }
         let up = (self.now + downtime).min(self.heal_at);
@@ -1630,6 +1979,9 @@ impl Sim {
         self.marks.add("client_disconnects", k.disconnects);
         self.marks.add("retransmitted", s.retransmitted);
         self.marks.add("dedup_hit", s.duplicates_received);
+        self.marks.add("malformed_datagram", k.malformed_datagrams);
+        self.marks.add("declared_lost", s.declared_lost);
+        self.marks.add("rto_expiry", s.rto_expiries);
     }
 
     fn collect_server_marks(&mut self) {
@@ -1640,10 +1992,14 @@ impl Sim {
         for id in sessions {
             if let Some(k) = self.server.server.counters(id) {
                 self.marks.add("stall", k.stalls);
+                self.marks.add("malformed_datagram", k.malformed_datagrams);
             }
             if let Some(ch) = self.server.server.channel(id) {
-                self.marks.add("retransmitted", ch.stats().retransmitted);
-                self.marks.add("dedup_hit", ch.stats().duplicates_received);
+                let s = ch.stats();
+                self.marks.add("retransmitted", s.retransmitted);
+                self.marks.add("dedup_hit", s.duplicates_received);
+                self.marks.add("declared_lost", s.declared_lost);
+                self.marks.add("rto_expiry", s.rto_expiries);
             }
         }
     }
@@ -1653,6 +2009,20 @@ impl Sim {
             self.collect_client_marks(i);
         }
         self.collect_server_marks();
+        let n = &self.net;
+        for (name, v) in [
+            ("datagrams", n.sent),
+            ("packet_lost", n.lost),
+            ("packet_burst_lost", n.burst_lost),
+            ("packet_dup", n.dup),
+            ("packet_corrupt", n.corrupt),
+            ("packet_truncated", n.truncated),
+            ("packet_overflow", n.overflow),
+            ("packet_cut", n.cut),
+            ("packet_reordered", n.reordered),
+        ] {
+            self.marks.add(name, v);
+        }
     }
 }
 
