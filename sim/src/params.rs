@@ -58,8 +58,9 @@ impl Default for Workload {
     }
 }
 
-/// A deliberate break of one guarantee inside the simulated endpoints' application layer (never in
-/// the core), to prove that the checker notices.
+/// A deliberate break of one guarantee, to prove that the checker notices: in the simulated
+/// applications, in the network past the checksum, or (`Core*`) planted inside the core itself
+/// through its `canary` feature, as a real protocol bug would be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Canary {
     /// A client application records one received message twice.
@@ -75,17 +76,27 @@ pub enum Canary {
     /// The network flips a payload bit of datagrams and fixes up their checksum, as a corruption
     /// the checksum cannot see would (the run is forced onto datagrams).
     CorruptPastChecksum,
+    /// The core's receivers deliver duplicates instead of discarding them (forces datagrams,
+    /// where duplicates happen).
+    CoreSkipDedup,
+    /// The core resends nothing on resume: messages in flight when a connection died are lost.
+    CoreSkipResume,
+    /// The core delivers ordered messages on arrival (forces datagrams, which reorder).
+    CoreOutOfOrder,
 }
 
 impl Canary {
     /// Every canary.
-    pub const ALL: [Canary; 6] = [
+    pub const ALL: [Canary; 9] = [
         Canary::DupDelivery,
         Canary::DropDelivery,
         Canary::ReorderDelivery,
         Canary::ForgetHandback,
         Canary::MisrouteReply,
         Canary::CorruptPastChecksum,
+        Canary::CoreSkipDedup,
+        Canary::CoreSkipResume,
+        Canary::CoreOutOfOrder,
     ];
 
     /// Its command-line name.
@@ -97,6 +108,20 @@ impl Canary {
             Canary::ForgetHandback => "forget-handback",
             Canary::MisrouteReply => "misroute-reply",
             Canary::CorruptPastChecksum => "corrupt-past-checksum",
+            Canary::CoreSkipDedup => "core-skip-dedup",
+            Canary::CoreSkipResume => "core-skip-resume",
+            Canary::CoreOutOfOrder => "core-out-of-order",
+        }
+    }
+
+    /// The deliberate bug to plant in the core's endpoints, for the `Core*` canaries.
+    pub fn in_core(self) -> Option<steadfast_core::canary::Canary> {
+        use steadfast_core::canary::Canary as Core;
+        match self {
+            Canary::CoreSkipDedup => Some(Core::SkipDedup),
+            Canary::CoreSkipResume => Some(Core::SkipResumeRetransmit),
+            Canary::CoreOutOfOrder => Some(Core::DeliverOutOfOrder),
+            _ => None,
         }
     }
 
@@ -337,7 +362,11 @@ impl Params {
             .then(|| rng.random_range(16..=256usize));
         let overflow_closes = rng.random_bool(0.3);
         let datagram = rng.random_bool(0.5);
-        let forced = (canary == Some(Canary::CorruptPastChecksum)).then_some(Transport::Datagram);
+        let forced = matches!(
+            canary,
+            Some(Canary::CorruptPastChecksum | Canary::CoreSkipDedup | Canary::CoreOutOfOrder)
+        )
+        .then_some(Transport::Datagram);
         let transport = forced.or(workload.transport).unwrap_or(if datagram {
             Transport::Datagram
         } else {

@@ -342,6 +342,7 @@ impl Sim {
         if let Some(n) = params.max_queued {
             channel.max_queued_messages = n;
         }
+        channel.canary = params.canary.and_then(Canary::in_core);
         let mut server_config = ServerConfig::new(channel.clone());
         server_config.retention = params.retention;
         if params.overflow_closes {
