@@ -293,39 +293,46 @@ impl HeldClose {
     }
 }
 
-/// Pending requests: their deadlines, bounded.
+/// Pending requests, indexed both ways: by sequence number for replies, by deadline so the next
+/// one due is found without a scan (the server asks on every timer update).
 #[derive(Debug, Default)]
 pub(crate) struct Requests {
-    deadlines: BTreeMap<Seq, Instant>,
+    by_seq: BTreeMap<Seq, Instant>,
+    by_deadline: alloc::collections::BTreeSet<(Instant, Seq)>,
 }
 
 impl Requests {
     pub(crate) fn insert(&mut self, seq: Seq, deadline: Instant) {
-        self.deadlines.insert(seq, deadline);
+        if let Some(old) = self.by_seq.insert(seq, deadline) {
+            self.by_deadline.remove(&(old, seq));
+        }
+        self.by_deadline.insert((deadline, seq));
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.deadlines.len()
+        self.by_seq.len()
     }
 
     pub(crate) fn answered(&mut self, seq: Seq) {
-        self.deadlines.remove(&seq);
+        if let Some(deadline) = self.by_seq.remove(&seq) {
+            self.by_deadline.remove(&(deadline, seq));
+        }
     }
 
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.deadlines.values().min().copied()
+        self.by_deadline.first().map(|(d, _)| *d)
     }
 
     /// Removes and returns the requests due at `now`.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Seq> {
-        let due: Vec<Seq> = self
-            .deadlines
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(s, _)| *s)
-            .collect();
-        for s in &due {
-            self.deadlines.remove(s);
+        let mut due = Vec::new();
+        while let Some(&(deadline, seq)) = self.by_deadline.first() {
+            if deadline > now {
+                break;
+            }
+            self.by_deadline.pop_first();
+            self.by_seq.remove(&seq);
+            due.push(seq);
         }
         due
     }
