@@ -132,6 +132,8 @@ struct Session {
     counters: SessionCounters,
     /// This side closed the session; waiting to see whether the client closed at the same moment.
     held: Option<HeldClose>,
+    /// Its entry in the timer set, if armed.
+    armed: Option<Instant>,
 }
 
 struct Conn {
@@ -141,6 +143,8 @@ struct Conn {
     awaiting_auth: Option<HelloFrame>,
     /// Close once the outbox is written.
     closing: bool,
+    /// Its entry in the timer set, if armed.
+    armed: Option<Instant>,
     /// The hello this connection was welcomed for, to answer a retry of it: (nonce, resumed).
     welcomed: Option<(u64, bool)>,
 }
@@ -168,7 +172,6 @@ pub struct Server {
     ready: VecDeque<ConnId>,
     ready_set: BTreeSet<ConnId>,
     timers: BTreeSet<(Instant, Key)>,
-    deadlines: BTreeMap<Key, Instant>,
     limits: DecodeLimits,
     refused_tokens: u64,
     now: Instant,
@@ -209,7 +212,6 @@ impl Server {
             ready: VecDeque::new(),
             ready_set: BTreeSet::new(),
             timers: BTreeSet::new(),
-            deadlines: BTreeMap::new(),
             limits,
             refused_tokens: 0,
             now,
@@ -233,6 +235,7 @@ impl Server {
             created: now,
             awaiting_auth: None,
             closing: false,
+            armed: None,
             welcomed: None,
         };
         // Past the bound, a connection gets no handshake at all: it is closed unread.
@@ -276,9 +279,7 @@ impl Server {
     /// The transport connection closed or reset.
     pub fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let now = self.observe(now);
-        if let Some(c) = self.conns.remove(&conn) {
-            self.pending.remove(&conn);
-            self.untime(Key::Conn(conn));
+        if let Some(c) = self.remove_conn(conn) {
             if let Some(id) = c.session {
                 self.detach(now, id, conn, DisconnectCause::TransportClosed);
             }
@@ -465,6 +466,7 @@ impl Server {
                 requests: Requests::default(),
                 counters: SessionCounters::default(),
                 held: None,
+                armed: None,
             },
         );
         self.bind(conn, id, hello.nonce, false, 0);
@@ -565,14 +567,12 @@ impl Server {
                 session: id,
                 event: held.settle(),
             });
-            self.sessions.remove(&id);
-            self.untime(Key::Session(id));
+            self.remove_session(id);
             return;
         }
         if s.channel.is_closed() {
             // Already ended (its terminal event is out): nothing to retain.
-            self.sessions.remove(&id);
-            self.untime(Key::Session(id));
+            self.remove_session(id);
             return;
         }
         s.conn = None;
@@ -603,7 +603,9 @@ impl Server {
                 break;
             }
             self.timers.pop_first();
-            self.deadlines.remove(&key);
+            if let Some(armed) = self.armed_mut(key) {
+                *armed = None;
+            }
             due.push(key);
         }
         for key in due {
@@ -701,13 +703,10 @@ impl Server {
                     .is_some_and(|s| s.channel.wants_transmit(now));
             if c.closing && !more {
                 let session = c.session;
-                self.conns.remove(&conn);
-                self.pending.remove(&conn);
-                self.untime(Key::Conn(conn));
+                self.remove_conn(conn);
                 if let Some(id) = session {
                     // The session was closed on this connection: it is over.
-                    self.sessions.remove(&id);
-                    self.untime(Key::Session(id));
+                    self.remove_session(id);
                 }
                 return Some(Transmit {
                     conn,
@@ -860,8 +859,7 @@ impl Server {
                 self.retime(Key::Session(session));
             }
             None => {
-                self.sessions.remove(&session);
-                self.untime(Key::Session(session));
+                self.remove_session(session);
             }
         }
     }
@@ -936,18 +934,16 @@ impl Server {
                 self.mark_ready(conn);
             }
             None => {
-                self.sessions.remove(&id);
-                self.untime(Key::Session(id));
+                self.remove_session(id);
             }
         }
     }
 
     fn lose(&mut self, id: SessionId, reason: LostReason) {
         self.drain_session(id);
-        let Some(mut s) = self.sessions.remove(&id) else {
+        let Some(mut s) = self.remove_session(id) else {
             return;
         };
-        self.untime(Key::Session(id));
         s.channel.abandon(CloseReason::Local { code: 0 });
         let unacknowledged = match s.channel.poll_event() {
             Some(Event::Closed { unacknowledged, .. }) => unacknowledged,
@@ -996,8 +992,7 @@ impl Server {
                 // Let the close frame go out; the session goes with its connection.
                 Some(c) => c.closing = true,
                 None => {
-                    self.sessions.remove(&id);
-                    self.untime(Key::Session(id));
+                    self.remove_session(id);
                 }
             }
         }
@@ -1050,26 +1045,49 @@ impl Server {
         }
     }
 
-    fn retime(&mut self, key: Key) {
-        let new = self.deadline_of(key);
-        let old = self.deadlines.get(&key).copied();
-        if new == old {
-            return;
-        }
-        if let Some(old) = old {
-            self.timers.remove(&(old, key));
-            self.deadlines.remove(&key);
-        }
-        if let Some(new) = new {
-            self.timers.insert((new, key));
-            self.deadlines.insert(key, new);
+    /// Where `key`'s armed deadline is kept: on the entity itself, so keeping the timer set up to
+    /// date costs no lookup beyond the entity's own.
+    fn armed_mut(&mut self, key: Key) -> Option<&mut Option<Instant>> {
+        match key {
+            Key::Conn(conn) => self.conns.get_mut(&conn).map(|c| &mut c.armed),
+            Key::Session(id) => self.sessions.get_mut(&id).map(|s| &mut s.armed),
         }
     }
 
-    fn untime(&mut self, key: Key) {
-        if let Some(old) = self.deadlines.remove(&key) {
+    fn retime(&mut self, key: Key) {
+        let new = self.deadline_of(key);
+        let Some(armed) = self.armed_mut(key) else {
+            return;
+        };
+        if *armed == new {
+            return;
+        }
+        let old = core::mem::replace(armed, new);
+        if let Some(old) = old {
             self.timers.remove(&(old, key));
         }
+        if let Some(new) = new {
+            self.timers.insert((new, key));
+        }
+    }
+
+    /// Removes a session and its timer.
+    fn remove_session(&mut self, id: SessionId) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
+        if let Some(armed) = s.armed {
+            self.timers.remove(&(armed, Key::Session(id)));
+        }
+        Some(s)
+    }
+
+    /// Removes a connection, its timer and its place among pending handshakes.
+    fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        self.pending.remove(&conn);
+        if let Some(armed) = c.armed {
+            self.timers.remove(&(armed, Key::Conn(conn)));
+        }
+        Some(c)
     }
 
     fn observe(&mut self, now: Instant) -> Instant {
