@@ -488,29 +488,22 @@ impl Sim {
         for _ in 0..f.half_opens {
             faults.push(Fault::HalfOpen);
         }
-        for _ in 0..f.partitions {
-            let d = self.uniform(len);
-            faults.push(Fault::Partition(d));
-        }
-        for _ in 0..f.pauses {
-            let d = self.uniform(len);
-            faults.push(Fault::Pause(d));
-        }
-        for _ in 0..f.migrations {
-            let d = self.uniform(len);
-            faults.push(Fault::Migrate(d));
-        }
-        for _ in 0..f.restarts {
-            let d = self.uniform(down);
-            faults.push(Fault::Restart(d));
-        }
-        for _ in 0..f.one_way_partitions {
-            let d = self.uniform(len);
-            faults.push(Fault::OneWay(d));
-        }
-        for _ in 0..f.swizzles {
-            let d = self.uniform(len);
-            faults.push(Fault::Swizzle(d));
+        // Faults that last a while: how many, which, and the longest each may last (drawn in
+        // this order, so a seed's run never changes).
+        type Timed = (u32, fn(Duration) -> Fault, Duration);
+        let timed: [Timed; 6] = [
+            (f.partitions, Fault::Partition, len),
+            (f.pauses, Fault::Pause, len),
+            (f.migrations, Fault::Migrate, len),
+            (f.restarts, Fault::Restart, down),
+            (f.one_way_partitions, Fault::OneWay, len),
+            (f.swizzles, Fault::Swizzle, len),
+        ];
+        for (count, fault, longest) in timed {
+            for _ in 0..count {
+                let d = self.uniform(longest);
+                faults.push(fault(d));
+            }
         }
         let span = self.params.workload.duration;
         for fault in faults {
