@@ -377,14 +377,15 @@ impl Channel {
         self.finish(CloseReason::Local { code });
     }
 
-    /// Ends the channel without a word to the peer (there is no connection to say it on), handing
-    /// back what is unacknowledged in [`Event::Closed`] with `reason`.
-    pub fn abandon(&mut self, reason: CloseReason) {
+    /// Ends the channel without a word to the peer (there is no connection to say it on) and
+    /// returns what was never acknowledged, oldest first. The owner reports the end in its own
+    /// terms (a session's `SessionLost`), so no [`Event::Closed`] is queued.
+    pub fn abandon(&mut self) -> Vec<Message> {
         if !matches!(self.state, State::Open) {
-            return;
+            return Vec::new();
         }
         self.state = State::Closed;
-        self.finish(reason);
+        self.take_unacknowledged()
     }
 
     /// Whether the channel has ended (the close frame may still be waiting in `poll_transmit`).
@@ -563,16 +564,19 @@ impl Channel {
         self.finish(CloseReason::Violation(error));
     }
 
-    fn finish(&mut self, reason: CloseReason) {
-        let unacknowledged: Vec<Message> = self
-            .send
+    fn take_unacknowledged(&mut self) -> Vec<Message> {
+        self.send
             .drain_unacknowledged()
             .map(|(stream, seq, payload)| Message {
                 stream,
                 seq,
                 payload,
             })
-            .collect();
+            .collect()
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        let unacknowledged = self.take_unacknowledged();
         self.events.push_back(Event::Closed {
             reason,
             unacknowledged,

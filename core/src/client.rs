@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use crate::Seq;
 use crate::channel::Channel;
 use crate::config::{Config, ConfigError};
-use crate::event::{CloseReason, Event};
+use crate::event::Event;
 use crate::frame::{DecodeLimits, Frame, HelloFrame, WelcomeFrame};
 use crate::identity::{Resume, SessionId, Token};
 use crate::liveness::{LivenessConfig, Verdict};
@@ -602,11 +602,7 @@ impl Client {
         if matches!(self.phase, Phase::Over | Phase::Closing { .. }) {
             return;
         }
-        self.channel.abandon(CloseReason::Local { code: 0 });
-        let unacknowledged = match self.channel.poll_event() {
-            Some(Event::Closed { unacknowledged, .. }) => unacknowledged,
-            _ => Vec::new(),
-        };
+        let unacknowledged = self.channel.abandon();
         self.events.push_back(SessionEvent::SessionLost {
             reason,
             unacknowledged,

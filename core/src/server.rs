@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crate::Seq;
 use crate::channel::Channel;
 use crate::config::{Config, ConfigError};
-use crate::event::{CloseReason, Event};
+use crate::event::Event;
 use crate::frame::{DecodeLimits, Frame, HelloFrame, RefuseFrame, WelcomeFrame};
 use crate::identity::{SessionId, Token};
 use crate::liveness::{LivenessConfig, Verdict};
@@ -944,11 +944,7 @@ impl Server {
         let Some(mut s) = self.remove_session(id) else {
             return;
         };
-        s.channel.abandon(CloseReason::Local { code: 0 });
-        let unacknowledged = match s.channel.poll_event() {
-            Some(Event::Closed { unacknowledged, .. }) => unacknowledged,
-            _ => Vec::new(),
-        };
+        let unacknowledged = s.channel.abandon();
         self.events.push_back(ServerEvent::Session {
             session: id,
             event: SessionEvent::SessionLost {
