@@ -287,11 +287,7 @@ impl Sender {
         }
         let (seq, retransmission) = match self.retransmit.front() {
             Some(&seq) => (seq, true),
-            None if self.next_unsent < self.end()
-                && self.next_unsent - self.base < self.in_flight_limit =>
-            {
-                (self.next_unsent, false)
-            }
+            None if self.may_send_new() => (self.next_unsent, false),
             None => return None,
         };
         let s = self.slot(seq)?;
@@ -544,8 +540,12 @@ impl Sender {
         self.retransmit
             .iter()
             .any(|&seq| self.slot(seq).is_some_and(|s| !s.acked))
-            || (self.next_unsent < self.end()
-                && self.next_unsent - self.base < self.in_flight_limit)
+            || self.may_send_new()
+    }
+
+    /// Whether a never-sent message waits and fits the in-flight window.
+    fn may_send_new(&self) -> bool {
+        self.next_unsent < self.end() && self.next_unsent - self.base < self.in_flight_limit
     }
 
     fn has_outstanding(&self) -> bool {
