@@ -10,16 +10,13 @@ use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
 use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame, UnreliableFrame};
 use crate::framing::{self, StreamDecoder};
+use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
 use crate::send::{AckOfUnsent, Pushed, SendError, Sender};
 use crate::stats::Stats;
 use crate::time::{Duration, Instant, earliest};
 use crate::unreliable::{UnreliableReceiver, UnreliableSender};
-
-/// Pings answered but not yet sent; a flood beyond this drops the oldest answers (pings are probes,
-/// the newest is the one that matters).
-const PONG_BACKLOG: usize = 4;
 
 /// One end of a reliable, de-duplicated, ordered message channel, as a sans-IO state machine.
 ///
@@ -113,7 +110,7 @@ pub struct Channel {
     limits: DecodeLimits,
     preface_sent: bool,
     events: VecDeque<Event>,
-    pongs: heapless::Deque<u64, PONG_BACKLOG>,
+    pongs: PongBacklog,
     state: State,
     now: Instant,
     stats: Stats,
@@ -147,7 +144,7 @@ impl Channel {
             limits,
             preface_sent: false,
             events: VecDeque::new(),
-            pongs: heapless::Deque::new(),
+            pongs: PongBacklog::default(),
             state: State::Open,
             now,
             stats: Stats::default(),
@@ -291,7 +288,7 @@ impl Channel {
                 self.stats.acks_sent += 1;
                 continue;
             }
-            if let Some(id) = self.pongs.pop_front() {
+            if let Some(id) = self.pongs.next() {
                 self.write_frame(&Frame::Pong { id }, buf);
                 continue;
             }
@@ -522,12 +519,7 @@ impl Channel {
                     self.stats.duplicates_received += 1;
                 }
             }
-            Frame::Ping { id } => {
-                if self.pongs.is_full() {
-                    self.pongs.pop_front();
-                }
-                let _ = self.pongs.push_back(id);
-            }
+            Frame::Ping { id } => self.pongs.answer(id),
             Frame::Close(CloseFrame { code, reason }) => {
                 self.state = State::Closed;
                 self.finish(CloseReason::Peer { code, reason });
@@ -777,7 +769,7 @@ mod tests {
                 &DecodeLimits::default(),
             ));
         }
-        assert_eq!(pongs.len(), PONG_BACKLOG);
+        assert_eq!(pongs.len(), crate::liveness::PONG_BACKLOG);
         assert_eq!(pongs.last(), Some(&Ok(Frame::Pong { id: 999 })));
     }
 

@@ -441,6 +441,35 @@ impl Liveness {
     }
 }
 
+/// Pings answered but not yet sent. A flood beyond [`PONG_BACKLOG`] drops the oldest answers:
+/// pings are probes, and the newest is the one that matters.
+#[derive(Debug, Default)]
+pub(crate) struct PongBacklog(heapless::Deque<u64, PONG_BACKLOG>);
+
+/// How many unsent ping answers are kept.
+pub const PONG_BACKLOG: usize = 4;
+
+impl PongBacklog {
+    pub(crate) fn answer(&mut self, id: u64) {
+        if self.0.is_full() {
+            self.0.pop_front();
+        }
+        let _ = self.0.push_back(id);
+    }
+
+    pub(crate) fn next(&mut self) -> Option<u64> {
+        self.0.pop_front()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use crate::event::{CloseReason, Event, Message};
 use crate::frame::{DecodeError, DecodeLimits, Frame};
 use crate::framing::{self, StreamDecoder};
 use crate::identity::SessionId;
-use crate::liveness::{Liveness, LivenessConfig, Verdict};
+use crate::liveness::{Liveness, LivenessConfig, PongBacklog, Verdict};
 use crate::reconnect::GaveUp;
 use crate::tiebreak::Arbiter;
 use crate::time::{Duration, Instant, earliest};
@@ -387,7 +387,7 @@ pub(crate) struct Link {
     /// Handshake frames to write before anything else.
     pub(crate) outbox: heapless::Deque<Frame, 2>,
     /// Pongs owed to the peer's pings.
-    pongs: heapless::Deque<u64, 4>,
+    pongs: PongBacklog,
     pub(crate) established: bool,
     /// Datagrams that did not decode (corrupted, truncated, foreign).
     pub(crate) malformed: u64,
@@ -421,7 +421,7 @@ impl Link {
             preface_sent: false,
             liveness: Liveness::new(liveness, now),
             outbox: heapless::Deque::new(),
-            pongs: heapless::Deque::new(),
+            pongs: PongBacklog::default(),
             established: false,
             malformed: 0,
             arbiter: None,
@@ -482,10 +482,7 @@ impl Link {
             Frame::Ping { .. } if !self.established => Some(frame),
             Frame::Pong { .. } if !self.established => None,
             Frame::Ping { id } => {
-                if self.pongs.is_full() {
-                    self.pongs.pop_front();
-                }
-                let _ = self.pongs.push_back(id);
+                self.pongs.answer(id);
                 None
             }
             Frame::Pong { id } => {
@@ -515,7 +512,7 @@ impl Link {
         while !one(buf) {
             let frame = match self.outbox.pop_front() {
                 Some(f) => f,
-                None => match self.pongs.pop_front() {
+                None => match self.pongs.next() {
                     Some(id) => Frame::Pong { id },
                     None => match self.liveness.poll_ping(now).filter(|_| self.established) {
                         Some(id) => Frame::Ping { id },
