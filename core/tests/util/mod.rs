@@ -149,6 +149,17 @@ pub struct Stuck {
     pub now: Instant,
 }
 
+impl Stuck {
+    /// Counts one step; past `max` the run is declared stuck (a livelock, not a slow test).
+    pub fn count(steps: &mut u64, max: u64, now: Instant) -> Result<(), Stuck> {
+        *steps += 1;
+        if *steps > max {
+            return Err(Stuck { steps: *steps, now });
+        }
+        Ok(())
+    }
+}
+
 /// Two channels, `a` and `b`, joined by a link each way, in virtual time.
 pub struct Pair {
     pub a: Channel,
@@ -188,13 +199,7 @@ impl Pair {
     /// One step: flush both channels' transmissions onto the links, deliver one due packet, or jump
     /// time to the next deadline. Returns `false` when nothing is left to happen.
     pub fn step(&mut self) -> Result<bool, Stuck> {
-        self.steps += 1;
-        if self.steps > self.max_steps {
-            return Err(Stuck {
-                steps: self.steps,
-                now: self.now,
-            });
-        }
+        Stuck::count(&mut self.steps, self.max_steps, self.now)?;
         let now = self.now;
         while let Some(n) = self.a.poll_transmit(now, &mut self.buf) {
             self.ab.send(now, self.buf.split_to(n).freeze());

@@ -105,13 +105,7 @@ impl Net {
 
     /// One step; `false` once nothing is left to happen.
     pub fn step(&mut self) -> Result<bool, Stuck> {
-        self.steps += 1;
-        if self.steps > self.max_steps {
-            return Err(Stuck {
-                steps: self.steps,
-                now: self.now,
-            });
-        }
+        Stuck::count(&mut self.steps, self.max_steps, self.now)?;
         let now = self.now;
         let mut buf = BytesMut::new();
         for i in 0..self.clients.len() {
