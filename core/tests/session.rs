@@ -38,6 +38,34 @@ fn session_of(n: &Net, i: usize) -> steadfast_core::identity::SessionId {
     n.clients[i].session().expect("client has a session")
 }
 
+/// A raw connection `conn` opens, sends `frames` after the preface, and collects every frame the
+/// server writes back to it (one decoder across writes, as on a real stream), and whether the
+/// server closed it.
+fn raw_exchange(n: &mut Net, conn: u64, frames: &[Frame]) -> (Vec<Frame>, bool) {
+    n.server.on_connection(n.now, conn);
+    let mut wire = BytesMut::new();
+    framing::encode_preface(&mut wire);
+    for f in frames {
+        framing::encode_stream_frame(f, &mut wire);
+    }
+    n.server.handle_input(n.now, conn, wire.freeze());
+    let mut out = BytesMut::new();
+    let mut decoder = framing::StreamDecoder::new(Default::default());
+    let mut closed = false;
+    let mut got = Vec::new();
+    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
+        let bytes = out.split_to(t.len).freeze();
+        if t.conn == conn {
+            closed |= t.close;
+            decoder.feed(&bytes);
+            while let Ok(Some(f)) = decoder.next_frame() {
+                got.push(f);
+            }
+        }
+    }
+    (got, closed)
+}
+
 /// A raw connection `conn` presents `resume` in a hello, as a stale copy or a forger would;
 /// returns the server's refusal, if it refused, and whether it closed the connection.
 fn raw_resume(
@@ -45,32 +73,17 @@ fn raw_resume(
     conn: u64,
     resume: Resume,
 ) -> Option<(steadfast_core::frame::RefuseFrame, bool)> {
-    n.server.on_connection(n.now, conn);
-    let mut wire = BytesMut::new();
-    framing::encode_preface(&mut wire);
     let hello = Frame::Hello(HelloFrame {
         nonce: 1,
         recv_window: 1024,
         resume: Some(resume),
         credentials: Bytes::new(),
     });
-    framing::encode_stream_frame(&hello, &mut wire);
-    n.server.handle_input(n.now, conn, wire.freeze());
-    let mut out = BytesMut::new();
-    let mut refused = None;
-    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
-        let bytes = out.split_to(t.len).freeze();
-        if t.conn == conn {
-            let mut d = framing::StreamDecoder::new(Default::default());
-            d.feed(&bytes);
-            while let Ok(Some(f)) = d.next_frame() {
-                if let Frame::Refuse(r) = f {
-                    refused = Some((r, t.close));
-                }
-            }
-        }
-    }
-    refused
+    let (frames, closed) = raw_exchange(n, conn, &[hello]);
+    frames.into_iter().find_map(|f| match f {
+        Frame::Refuse(r) => Some((r, closed)),
+        _ => None,
+    })
 }
 
 /// Sends `count` tagged messages each way, breaking the connection with `fault` halfway.
@@ -746,26 +759,7 @@ fn an_overflow_under_the_close_policy_loses_the_session_loudly_on_both_sides() {
 #[test]
 fn traffic_on_a_connection_without_a_session_is_refused_not_attached_and_pings_go_unanswered() {
     let mut n = net(1);
-    let conn = 4242;
-    n.server.on_connection(n.now, conn);
-    let mut wire = BytesMut::new();
-    framing::encode_preface(&mut wire);
-    framing::encode_stream_frame(&Frame::Ping { id: 1 }, &mut wire);
-    n.server.handle_input(n.now, conn, wire.freeze());
-    let mut out = BytesMut::new();
-    let mut frames = Vec::new();
-    let mut closed = false;
-    while let Some(t) = n.server.poll_transmit(n.now, &mut out) {
-        let bytes = out.split_to(t.len).freeze();
-        if t.conn == conn {
-            closed |= t.close;
-            let mut d = framing::StreamDecoder::new(Default::default());
-            d.feed(&bytes);
-            while let Ok(Some(f)) = d.next_frame() {
-                frames.push(f);
-            }
-        }
-    }
+    let (frames, closed) = raw_exchange(&mut n, 4242, &[Frame::Ping { id: 1 }]);
     assert!(
         !frames.iter().any(|f| matches!(f, Frame::Pong { .. })),
         "{frames:?}"
