@@ -119,25 +119,6 @@ impl<const N: usize> RangeSet<N> {
         }
     }
 
-    /// Forgets every value below `floor`.
-    pub fn remove_below(&mut self, floor: Seq) {
-        let drop = self.ranges.iter().take_while(|r| r.end <= floor).count();
-        if drop > 0 {
-            // heapless has no drain; the set is small, so shifting is cheap.
-            for _ in 0..drop {
-                self.ranges.remove(0);
-            }
-        }
-        if let Some(first) = self.ranges.first_mut() {
-            first.start = first.start.max(floor);
-        }
-    }
-
-    /// Removes every value.
-    pub fn clear(&mut self) {
-        self.ranges.clear();
-    }
-
     /// `Ok(i)` if range `i` holds `value`, else `Err(i)` with `i` the index of the first range after it.
     fn find(&self, value: Seq) -> Result<usize, usize> {
         let i = self.ranges.partition_point(|r| r.end <= value);
@@ -204,18 +185,6 @@ mod tests {
         assert_eq!(s.pop_if_starts_at(3), None);
         assert_eq!(s.pop_if_starts_at(4), Some(6));
         assert_eq!(pairs(&s), [(9, 10)]);
-    }
-
-    #[test]
-    fn removing_below_a_floor_trims_a_straddling_range() {
-        let mut s = RangeSet::<4>::new();
-        for v in [1, 2, 3, 7, 8] {
-            s.insert(v).unwrap();
-        }
-        s.remove_below(2);
-        assert_eq!(s.ranges(), &[2..4, 7..9]);
-        s.remove_below(8);
-        assert_eq!(pairs(&s), [(8, 9)]);
     }
 
     #[test]
