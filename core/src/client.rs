@@ -107,6 +107,8 @@ pub struct Client {
     issued_attempt: Option<u32>,
     disconnect_due: bool,
     requests: Requests,
+    /// Reused by `handle_input` for the frames of one read.
+    scratch: Vec<Incoming>,
     events: VecDeque<SessionEvent>,
     counters: SessionCounters,
     limits: DecodeLimits,
@@ -151,6 +153,7 @@ impl Client {
             issued_attempt: None,
             disconnect_due: false,
             requests: Requests::default(),
+            scratch: Vec::new(),
             events: VecDeque::new(),
             counters: SessionCounters::default(),
             limits,
@@ -289,11 +292,13 @@ impl Client {
         let Phase::Linked { link, .. } = &mut self.phase else {
             return;
         };
-        let mut frames: Vec<Incoming> = Vec::new();
+        // Decoded frames wait here while the link is borrowed; the buffer is kept between calls so
+        // the input path does not allocate.
+        let mut frames = core::mem::take(&mut self.scratch);
         let malformed = link.malformed;
         link.input(now, data, |_, inc| frames.push(inc));
         self.counters.malformed_datagrams += link.malformed - malformed;
-        for inc in frames {
+        for inc in frames.drain(..) {
             match inc {
                 Incoming::Frame(frame) => self.on_frame(now, frame),
                 Incoming::Broken(e) => {
@@ -305,6 +310,7 @@ impl Client {
                 break;
             }
         }
+        self.scratch = frames;
         self.drain_channel();
     }
 

@@ -168,6 +168,8 @@ pub struct Server {
     conns: BTreeMap<ConnId, Conn>,
     /// Connections that have not completed a handshake (bounded by `max_pending_handshakes`).
     pending: BTreeSet<ConnId>,
+    /// Reused by `handle_input` for the frames of one read.
+    scratch: Vec<Incoming>,
     events: VecDeque<ServerEvent>,
     ready: VecDeque<ConnId>,
     ready_set: BTreeSet<ConnId>,
@@ -208,6 +210,7 @@ impl Server {
             sessions: BTreeMap::new(),
             conns: BTreeMap::new(),
             pending: BTreeSet::new(),
+            scratch: Vec::new(),
             events: VecDeque::new(),
             ready: VecDeque::new(),
             ready_set: BTreeSet::new(),
@@ -255,7 +258,9 @@ impl Server {
         if c.closing {
             return;
         }
-        let mut incoming = Vec::new();
+        // Decoded frames wait here while the link is borrowed; the buffer is kept between calls so
+        // the input path does not allocate.
+        let mut incoming = core::mem::take(&mut self.scratch);
         let malformed = c.link.malformed;
         c.link.input(now, data, |_, i| incoming.push(i));
         let malformed = c.link.malformed - malformed;
@@ -264,7 +269,7 @@ impl Server {
         {
             s.counters.malformed_datagrams += malformed;
         }
-        for i in incoming {
+        for i in incoming.drain(..) {
             match i {
                 Incoming::Frame(f) => self.on_frame(now, conn, f),
                 Incoming::Broken(e) => {
@@ -273,6 +278,7 @@ impl Server {
                 }
             }
         }
+        self.scratch = incoming;
         self.touch_conn(conn);
     }
 
