@@ -34,6 +34,8 @@ pub mod canary;
 pub mod channel;
 pub mod client;
 pub mod config;
+#[cfg(feature = "driver")]
+pub mod driver;
 pub mod event;
 pub mod frame;
 pub mod framing;

@@ -1,0 +1,601 @@
+//! A client session on a real runtime: a [`ClientHandle`] for the application, and the
+//! [`ClientDriver`] future that owns the connection.
+
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll, Waker};
+use std::io;
+use core::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+
+use super::shared::{Shared, Wakes, register, register_in};
+use super::sync::Arc;
+use super::{Alarm, BoxFuture, Clock, Io, RequestError, Runtime, poll_read_chunk, poll_write_all};
+use crate::client::{Client, ClientConfig, Directive};
+use crate::config::ConfigError;
+use crate::identity::SessionId;
+use crate::mode::{Mode, Sent};
+use crate::send::SendError;
+use crate::session::{Entropy, SessionCounters, SessionEvent};
+use crate::time::Duration;
+use crate::{CLOSE_NORMAL, Seq};
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// The session's configuration; its `servers` is set from [`ClientOptions::servers`].
+    pub config: ClientConfig,
+    /// The servers to try, in the order the reconnect policy picks them.
+    pub servers: Vec<SocketAddr>,
+    /// How long one connection attempt may take before it counts as failed.
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Defaults for a stream transport to `servers`.
+    pub fn new(servers: Vec<SocketAddr>) -> Self {
+        let config = ClientConfig::new(
+            crate::Config::new(crate::Transport::Stream),
+            servers.len(),
+        );
+        ClientOptions {
+            config,
+            servers,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where an awaited request stands.
+enum Pending {
+    Waiting(Option<Waker>),
+    Done(Result<Bytes, RequestError>),
+    /// Its future was dropped: the reply, if it comes, is discarded.
+    Abandoned,
+}
+
+pub(crate) struct State {
+    client: Client,
+    clock: Clock,
+    events: VecDeque<SessionEvent>,
+    event_waiter: Option<Waker>,
+    /// Senders waiting for room in the send queue.
+    capacity: Vec<Waker>,
+    requests: BTreeMap<Seq, Pending>,
+    driver: Option<Waker>,
+    /// The session is over: no more events will come.
+    over: bool,
+    /// Live [`ClientHandle`]s; when the last goes, the session is closed.
+    handles: usize,
+    closed_waiters: Vec<Waker>,
+    connected_waiters: Vec<Waker>,
+}
+
+impl State {
+    /// Routes the core's events: request replies to their futures, the rest to the application.
+    fn drain_events(&mut self, wakes: &mut Wakes) {
+        while let Some(event) = self.client.poll_event() {
+            match &event {
+                SessionEvent::Connected {
+                    session,
+                    resumed,
+                    retransmitted,
+                    ..
+                } => {
+                    tracing::info!(%session, resumed, retransmitted, "session connected");
+                    wakes.wake_all(&mut self.connected_waiters);
+                }
+                SessionEvent::Disconnected { cause } => {
+                    tracing::info!(?cause, "session disconnected; will resume");
+                }
+                SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
+                SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
+                    if self.requests.contains_key(to) =>
+                {
+                    let to = *to;
+                    let result = match event {
+                        SessionEvent::Reply { payload, .. } => Ok(payload),
+                        _ => Err(RequestError::TimedOut),
+                    };
+                    if let Some(Pending::Waiting(mut w)) = self.requests.remove(&to) {
+                        self.requests.insert(to, Pending::Done(result));
+                        wakes.wake(&mut w);
+                    }
+                    continue;
+                }
+                SessionEvent::SessionLost {
+                    reason,
+                    unacknowledged,
+                } => {
+                    tracing::warn!(?reason, handed_back = unacknowledged.len(), "session lost");
+                    self.end(wakes);
+                }
+                SessionEvent::Closed { reason, .. } => {
+                    tracing::info!(?reason, "session closed");
+                    self.end(wakes);
+                }
+                _ => {}
+            }
+            self.events.push_back(event);
+            wakes.wake(&mut self.event_waiter);
+        }
+    }
+
+    fn end(&mut self, wakes: &mut Wakes) {
+        self.over = true;
+        for p in self.requests.values_mut() {
+            if let Pending::Waiting(w) = p {
+                let mut w = w.take();
+                *p = Pending::Done(Err(RequestError::SessionEnded));
+                wakes.wake(&mut w);
+            }
+        }
+        wakes.wake_all(&mut self.capacity);
+        wakes.wake_all(&mut self.closed_waiters);
+        wakes.wake_all(&mut self.connected_waiters);
+        wakes.wake(&mut self.event_waiter);
+    }
+}
+
+/// The application's side of a client session: cheap to clone, usable from any thread.
+///
+/// Every method locks the session for one core call and returns; none waits for the network except
+/// the `async` ones, which wait only for what they name (room in the queue, a reply, an event).
+/// Dropping the last handle closes the session.
+pub struct ClientHandle {
+    shared: Arc<Shared<State>>,
+}
+
+impl core::fmt::Debug for ClientHandle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ClientHandle").finish_non_exhaustive()
+    }
+}
+
+impl Clone for ClientHandle {
+    fn clone(&self) -> Self {
+        self.shared.with(|s, _| s.handles += 1);
+        ClientHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.shared.with(|s, wakes| {
+            s.handles -= 1;
+            if s.handles == 0 && !s.over {
+                s.client.close(CLOSE_NORMAL, Bytes::from_static(b"handles dropped"));
+                s.drain_events(wakes);
+                wakes.wake(&mut s.driver);
+            }
+        });
+    }
+}
+
+impl ClientHandle {
+    /// Runs a command on the core and wakes the driver to act on it.
+    fn command<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        self.shared.with(|s, wakes| {
+            let r = f(s);
+            s.drain_events(wakes);
+            wakes.wake(&mut s.driver);
+            r
+        })
+    }
+
+    /// Sends `payload` on `stream` with delivery `mode`, or refuses it at once (a full queue is
+    /// [`SendError::QueueFull`]). Callable from any thread.
+    pub fn try_send(&self, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
+        self.command(|s| s.client.send(stream, mode, payload))
+    }
+
+    /// Sends `payload`, waiting for room while the queue is full (backpressure).
+    pub async fn send(&self, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
+        let mut payload = Some(payload);
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, wakes| {
+                let p = payload.take().unwrap_or_default();
+                match s.client.send(stream, mode, p) {
+                    Err(SendError::QueueFull(p)) if !s.over => {
+                        payload = Some(p);
+                        register_in(&mut s.capacity, cx.waker());
+                        Poll::Pending
+                    }
+                    r => {
+                        s.drain_events(wakes);
+                        wakes.wake(&mut s.driver);
+                        Poll::Ready(r)
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    /// Replies to the server's message `to`: reliable, de-duplicated, and it survives reconnects.
+    /// Callable from any thread.
+    pub fn reply(&self, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
+        self.command(|s| s.client.reply(to, payload))
+    }
+
+    /// Sends a request on `stream` and waits for the server's reply, at most `timeout`.
+    pub async fn request(
+        &self,
+        stream: u64,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
+        let seq = self
+            .command(|s| {
+                let deadline = s.clock.now() + timeout;
+                let r = s.client.request(stream, payload, deadline);
+                if let Ok(seq) = r {
+                    s.requests.insert(seq, Pending::Waiting(None));
+                }
+                r
+            })
+            .map_err(RequestError::Send)?;
+        let mut guard = RequestGuard {
+            shared: &self.shared,
+            seq,
+            done: false,
+        };
+        core::future::poll_fn(|cx| guard.poll(cx)).await
+    }
+
+    /// The next event: messages, replies nobody awaits, connects, disconnects, and finally the
+    /// session's end. `None` once the session is over and every event was taken.
+    pub async fn next_event(&self) -> Option<SessionEvent> {
+        core::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The next event, without waiting; `None` if none is ready.
+    pub fn try_event(&self) -> Option<SessionEvent> {
+        self.shared.with(|s, _| s.events.pop_front())
+    }
+
+    /// Polls for the next event (for building a `Stream`).
+    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
+        self.shared.with(|s, _| match s.events.pop_front() {
+            Some(e) => Poll::Ready(Some(e)),
+            None if s.over => Poll::Ready(None),
+            None => {
+                register(&mut s.event_waiter, cx.waker());
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Waits until a connection carries the session (at once if one does); `false` if the session
+    /// ended instead.
+    pub async fn connected(&self) -> bool {
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, _| {
+                if s.client.is_connected() {
+                    Poll::Ready(true)
+                } else if s.over {
+                    Poll::Ready(false)
+                } else {
+                    register_in(&mut s.connected_waiters, cx.waker());
+                    Poll::Pending
+                }
+            })
+        })
+        .await
+    }
+
+    /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.
+    pub fn close(&self, code: u64, reason: Bytes) {
+        self.command(|s| s.client.close(code, reason));
+    }
+
+    /// Waits until the session is over (closed or lost).
+    pub async fn closed(&self) {
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, _| {
+                if s.over {
+                    Poll::Ready(())
+                } else {
+                    register_in(&mut s.closed_waiters, cx.waker());
+                    Poll::Pending
+                }
+            })
+        })
+        .await
+    }
+
+    /// Whether a connection carries the session now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.with(|s, _| s.client.is_connected())
+    }
+
+    /// The session's id, once a server named it.
+    pub fn session(&self) -> Option<SessionId> {
+        self.shared.with(|s, _| s.client.session())
+    }
+
+    /// The session's counters.
+    pub fn counters(&self) -> SessionCounters {
+        self.shared.with(|s, _| *s.client.counters())
+    }
+
+    /// Reads the core client directly (its channel's statistics, say), under the lock.
+    pub fn inspect<T>(&self, f: impl FnOnce(&Client) -> T) -> T {
+        self.shared.with(|s, _| f(&s.client))
+    }
+}
+
+/// Forgets an awaited request whose future is dropped.
+struct RequestGuard<'a> {
+    shared: &'a Shared<State>,
+    seq: Seq,
+    done: bool,
+}
+
+impl RequestGuard<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
+        let seq = self.seq;
+        let r = self.shared.with(|s, _| match s.requests.remove(&seq) {
+            Some(Pending::Done(r)) => Poll::Ready(r),
+            Some(Pending::Waiting(mut w)) if !s.over => {
+                register(&mut w, cx.waker());
+                s.requests.insert(seq, Pending::Waiting(w));
+                Poll::Pending
+            }
+            _ => Poll::Ready(Err(RequestError::SessionEnded)),
+        });
+        self.done = r.is_ready();
+        r
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let seq = self.seq;
+            self.shared.with(|s, _| {
+                if let Some(p) = s.requests.get_mut(&seq) {
+                    *p = Pending::Abandoned;
+                }
+            });
+        }
+    }
+}
+
+/// Output bytes gathered before writing: one write per batch of frames, not one per frame.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Reads handled per poll before yielding, so one busy session cannot starve its runtime.
+const READS_PER_POLL: usize = 32;
+
+/// The future that runs a client session: connects, reads, writes, keeps time. Spawn it on the
+/// runtime; it completes when the session is over.
+pub struct ClientDriver<R: Runtime> {
+    rt: R,
+    shared: Arc<Shared<State>>,
+    servers: Vec<SocketAddr>,
+    connect_timeout: Duration,
+    clock: Clock,
+    io: Option<R::Stream>,
+    connecting: Option<(std::time::Instant, BoxFuture<io::Result<R::Stream>>)>,
+    read_buf: BytesMut,
+    out: BytesMut,
+    alarm: Alarm,
+}
+
+impl<R: Runtime> core::fmt::Debug for ClientDriver<R> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ClientDriver")
+            .field("servers", &self.servers)
+            .field("connected", &self.io.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client session on runtime `rt`: the handle for the application and the driver to spawn.
+pub fn client<R: Runtime>(
+    rt: R,
+    options: ClientOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+) -> Result<(ClientHandle, ClientDriver<R>), ConfigError> {
+    let ClientOptions {
+        mut config,
+        servers,
+        connect_timeout,
+    } = options;
+    if servers.is_empty() {
+        return Err(ConfigError::Zero("servers"));
+    }
+    config.servers = servers.len();
+    let clock = Clock::new(R::now);
+    let client = Client::new(config, clock.now(), entropy)?;
+    let shared = Shared::new(State {
+        client,
+        clock,
+        events: VecDeque::new(),
+        event_waiter: None,
+        capacity: Vec::new(),
+        requests: BTreeMap::new(),
+        driver: None,
+        over: false,
+        handles: 1,
+        closed_waiters: Vec::new(),
+        connected_waiters: Vec::new(),
+    });
+    let driver = ClientDriver {
+        rt,
+        shared: shared.clone(),
+        servers,
+        connect_timeout,
+        clock,
+        io: None,
+        connecting: None,
+        read_buf: BytesMut::new(),
+        out: BytesMut::new(),
+        alarm: Alarm::new(),
+    };
+    Ok((ClientHandle { shared }, driver))
+}
+
+/// What one locked step of the driver found.
+struct Step {
+    directives: Vec<Directive>,
+    deadline: Option<crate::time::Instant>,
+    over: bool,
+}
+
+impl<R: Runtime> ClientDriver<R> {
+    /// Feeds the core what the transport did, and takes back what it must do. One lock.
+    fn step(&mut self, input: Option<Bytes>, ended: bool, connected: Option<bool>) -> Step {
+        let out = &mut self.out;
+        let writing = self.io.is_some();
+        self.shared.with(|s, wakes| {
+            let now = s.clock.now();
+            match connected {
+                Some(true) => s.client.on_connected(now),
+                Some(false) => s.client.on_connect_failed(now),
+                None => {}
+            }
+            if let Some(data) = input {
+                s.client.handle_input(now, data);
+            }
+            if ended {
+                s.client.on_disconnected(now);
+            }
+            if s.client.poll_timeout().is_some_and(|t| t <= now) {
+                s.client.handle_timeout(now);
+            }
+            let mut directives = Vec::new();
+            while let Some(d) = s.client.poll_directive(now) {
+                directives.push(d);
+            }
+            if writing && !directives.contains(&Directive::Disconnect) {
+                while out.len() < WRITE_BATCH && s.client.poll_transmit(now, out).is_some() {}
+            }
+            s.drain_events(wakes);
+            Step {
+                directives,
+                deadline: s.client.poll_timeout(),
+                over: s.over,
+            }
+        })
+    }
+}
+
+impl<R: Runtime> Future for ClientDriver<R> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.shared
+            .with(|s, _| register(&mut s.driver, cx.waker()));
+        for _ in 0..READS_PER_POLL {
+            let mut progress = false;
+            // The connection attempt's outcome, bounded by the connect timeout.
+            let mut connected = None;
+            if let Some((deadline, fut)) = &mut this.connecting {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(Ok(io)) => {
+                        tracing::debug!("connected");
+                        this.io = Some(io);
+                        this.out.clear();
+                        connected = Some(true);
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "connect failed");
+                        connected = Some(false);
+                    }
+                    Poll::Pending if R::now() >= *deadline => {
+                        tracing::debug!("connect timed out");
+                        connected = Some(false);
+                    }
+                    Poll::Pending => {}
+                }
+                if connected.is_some() {
+                    this.connecting = None;
+                    progress = true;
+                }
+            }
+            let mut input = None;
+            let mut ended = false;
+            if let Some(io) = &mut this.io {
+                match poll_read_chunk(io, cx, &mut this.read_buf) {
+                    Poll::Ready(Ok(Some(data))) => input = Some(data),
+                    Poll::Ready(Ok(None)) => ended = true,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "read failed");
+                        ended = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if input.is_some() || ended {
+                progress = true;
+            }
+            if ended {
+                this.io = None;
+            }
+            let step = this.step(input, ended, connected);
+            for d in &step.directives {
+                match *d {
+                    Directive::Connect { server, attempt } => {
+                        let addr = this.servers[server % this.servers.len()];
+                        tracing::debug!(%addr, attempt, "connecting");
+                        this.io = None;
+                        this.connecting =
+                            Some((R::now() + this.connect_timeout, this.rt.connect(addr)));
+                        progress = true;
+                    }
+                    Directive::Disconnect => {
+                        this.io = None;
+                        this.out.clear();
+                    }
+                }
+            }
+            if let Some(io) = &mut this.io {
+                let before = this.out.len();
+                match poll_write_all(io, cx, &mut this.out) {
+                    Poll::Ready(Ok(())) => progress |= before > 0,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "write failed");
+                        this.io = None;
+                        this.out.clear();
+                        this.step(None, true, None);
+                        progress = true;
+                    }
+                    Poll::Pending => progress |= this.out.len() < before,
+                }
+            }
+            if step.over && (this.io.is_none() || this.out.is_empty()) {
+                if let Some(io) = &mut this.io {
+                    let _ = io.poll_shutdown(cx);
+                }
+                return Poll::Ready(());
+            }
+            if progress {
+                continue;
+            }
+            let connect_deadline = this.connecting.as_ref().map(|(d, _)| *d);
+            let core_deadline = step.deadline.map(|t| this.clock.to_std(t));
+            let deadline = match (core_deadline, connect_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match deadline {
+                Some(d) => match this.alarm.poll(&this.rt, cx, d) {
+                    Poll::Ready(()) => continue,
+                    Poll::Pending => return Poll::Pending,
+                },
+                None => return Poll::Pending,
+            }
+        }
+        // Busy: let the runtime run others, then come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

@@ -1,0 +1,680 @@
+//! A server on a real runtime: a [`ServerHandle`] for the application, the [`ServerDriver`] future
+//! that accepts connections and keeps time, and one task per connection that reads and writes it.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll, Waker};
+use core::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+
+use super::shared::{Shared, Wakes, register, register_in};
+use super::sync::Arc;
+use super::{Alarm, Clock, Listen, RequestError, Runtime, poll_read_chunk, poll_write_all};
+use crate::config::ConfigError;
+use crate::identity::SessionId;
+use crate::mode::{Mode, Sent};
+use crate::send::SendError;
+use crate::server::{ConnId, Server, ServerConfig, ServerEvent};
+use crate::session::{Entropy, SessionEvent};
+use crate::time::Duration;
+use crate::Seq;
+
+/// Decides whether a new session's credentials are accepted; runs on the driver, so keep it quick.
+pub type Authenticator = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// How a server runs.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// The sessions' configuration.
+    pub config: ServerConfig,
+    /// Checks each new session's credentials inline. Without it, and with
+    /// [`ServerConfig::authenticate`] set, the application answers [`ServerEvent::Authenticate`]
+    /// with [`ServerHandle::authenticate`].
+    pub authenticator: Option<Authenticator>,
+}
+
+impl core::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("config", &self.config)
+            .field("authenticator", &self.authenticator.is_some())
+            .finish()
+    }
+}
+
+impl ServerOptions {
+    /// Defaults for a stream transport.
+    pub fn new() -> Self {
+        ServerOptions {
+            config: ServerConfig::new(crate::Config::new(crate::Transport::Stream)),
+            authenticator: None,
+        }
+    }
+
+    /// Checks each new session's credentials with `check`.
+    pub fn authenticate_with(mut self, check: impl Fn(&[u8]) -> bool + Send + Sync + 'static) -> Self {
+        self.config.authenticate = true;
+        self.authenticator = Some(Arc::new(check));
+        self
+    }
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One connection's bytes waiting for its task to write them.
+struct Slot {
+    out: BytesMut,
+    /// Close once `out` is written.
+    close: bool,
+    waker: Option<Waker>,
+}
+
+enum Pending {
+    Waiting(Option<Waker>),
+    Done(Result<Bytes, RequestError>),
+    Abandoned,
+}
+
+pub(crate) struct State {
+    server: Server,
+    clock: Clock,
+    slots: BTreeMap<ConnId, Slot>,
+    next_conn: ConnId,
+    scratch: BytesMut,
+    events: VecDeque<ServerEvent>,
+    event_waiter: Option<Waker>,
+    capacity: Vec<Waker>,
+    requests: BTreeMap<(SessionId, Seq), Pending>,
+    /// The accept-and-timer task, and the deadline its timer is set for.
+    driver: Option<Waker>,
+    armed: Option<crate::time::Instant>,
+    authenticator: Option<Authenticator>,
+    shutdown: bool,
+    handles: usize,
+}
+
+impl State {
+    /// Moves what the core wants written to the connections' slots and its events to the
+    /// application, waking whoever must act.
+    fn flush(&mut self, wakes: &mut Wakes) {
+        let now = self.clock.now();
+        loop {
+            loop {
+                self.scratch.clear();
+                let Some(t) = self.server.poll_transmit(now, &mut self.scratch) else {
+                    break;
+                };
+                let Some(slot) = self.slots.get_mut(&t.conn) else {
+                    continue;
+                };
+                let data = self.scratch.split();
+                if slot.out.is_empty() {
+                    slot.out = data;
+                } else {
+                    slot.out.extend_from_slice(&data);
+                }
+                slot.close |= t.close;
+                wakes.wake(&mut slot.waker);
+            }
+            let mut answered = false;
+            while let Some(event) = self.server.poll_event() {
+                answered |= self.route(now, event, wakes);
+            }
+            // An inline authentication verdict makes more to write.
+            if !answered {
+                break;
+            }
+        }
+        if self.server.poll_timeout() < self.armed || self.armed.is_none() {
+            wakes.wake(&mut self.driver);
+        }
+    }
+
+    /// Routes one event; `true` if it was answered inline.
+    fn route(&mut self, now: crate::time::Instant, event: ServerEvent, wakes: &mut Wakes) -> bool {
+        let (session, event) = match event {
+            ServerEvent::Authenticate { conn, credentials } => {
+                if let Some(check) = &self.authenticator {
+                    let accept = check(&credentials);
+                    tracing::debug!(conn, accept, "authenticated");
+                    self.server.authenticate(now, conn, accept);
+                    return true;
+                }
+                self.push(ServerEvent::Authenticate { conn, credentials }, wakes);
+                return false;
+            }
+            ServerEvent::Session { session, event } => (session, event),
+        };
+        match &event {
+            SessionEvent::Connected {
+                resumed,
+                retransmitted,
+                epoch,
+                ..
+            } => tracing::debug!(%session, resumed, retransmitted, epoch, "session attached"),
+            SessionEvent::Disconnected { cause } => {
+                tracing::debug!(%session, ?cause, "session detached")
+            }
+            SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
+            SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
+                if self.requests.contains_key(&(session, *to)) =>
+            {
+                let key = (session, *to);
+                let result = match event {
+                    SessionEvent::Reply { payload, .. } => Ok(payload),
+                    _ => Err(RequestError::TimedOut),
+                };
+                if let Some(Pending::Waiting(mut w)) = self.requests.remove(&key) {
+                    self.requests.insert(key, Pending::Done(result));
+                    wakes.wake(&mut w);
+                }
+                return false;
+            }
+            SessionEvent::SessionLost {
+                reason,
+                unacknowledged,
+            } => {
+                tracing::info!(%session, ?reason, handed_back = unacknowledged.len(), "session lost");
+                self.end_requests(session, wakes);
+            }
+            SessionEvent::Closed { reason, .. } => {
+                tracing::debug!(%session, ?reason, "session closed");
+                self.end_requests(session, wakes);
+            }
+            _ => {}
+        }
+        self.push(ServerEvent::Session { session, event }, wakes);
+        false
+    }
+
+    fn push(&mut self, event: ServerEvent, wakes: &mut Wakes) {
+        self.events.push_back(event);
+        wakes.wake(&mut self.event_waiter);
+    }
+
+    fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
+        let lo = (session, 0);
+        let hi = (session, Seq::MAX);
+        for (_, p) in self.requests.range_mut(lo..=hi) {
+            if let Pending::Waiting(w) = p {
+                let mut w = w.take();
+                *p = Pending::Done(Err(RequestError::SessionEnded));
+                wakes.wake(&mut w);
+            }
+        }
+        wakes.wake_all(&mut self.capacity);
+    }
+
+    fn stop(&mut self, wakes: &mut Wakes) {
+        self.shutdown = true;
+        for slot in self.slots.values_mut() {
+            slot.close = true;
+            wakes.wake(&mut slot.waker);
+        }
+        wakes.wake(&mut self.driver);
+        wakes.wake(&mut self.event_waiter);
+        wakes.wake_all(&mut self.capacity);
+        for p in self.requests.values_mut() {
+            if let Pending::Waiting(w) = p {
+                let mut w = w.take();
+                *p = Pending::Done(Err(RequestError::SessionEnded));
+                wakes.wake(&mut w);
+            }
+        }
+    }
+}
+
+/// The application's side of a server: cheap to clone, usable from any thread. Dropping the last
+/// handle shuts the server down.
+pub struct ServerHandle {
+    shared: Arc<Shared<State>>,
+    local_addr: SocketAddr,
+}
+
+impl core::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for ServerHandle {
+    fn clone(&self) -> Self {
+        self.shared.with(|s, _| s.handles += 1);
+        ServerHandle {
+            shared: self.shared.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shared.with(|s, wakes| {
+            s.handles -= 1;
+            if s.handles == 0 {
+                s.stop(wakes);
+            }
+        });
+    }
+}
+
+impl ServerHandle {
+    /// Runs a command on the core and writes what it produced.
+    fn command<T>(&self, f: impl FnOnce(&mut Server) -> T) -> T {
+        self.shared.with(|s, wakes| {
+            let r = f(&mut s.server);
+            s.flush(wakes);
+            r
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Sends `payload` to `session` on `stream`, or refuses it at once. Callable from any thread.
+    pub fn try_send(
+        &self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        self.command(|s| s.send(session, stream, mode, payload))
+    }
+
+    /// Sends `payload` to `session`, waiting for room while its queue is full (backpressure).
+    pub async fn send(
+        &self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        let mut payload = Some(payload);
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, wakes| {
+                let p = payload.take().unwrap_or_default();
+                match s.server.send(session, stream, mode, p) {
+                    Err(SendError::QueueFull(p)) if !s.shutdown => {
+                        payload = Some(p);
+                        register_in(&mut s.capacity, cx.waker());
+                        Poll::Pending
+                    }
+                    r => {
+                        s.flush(wakes);
+                        Poll::Ready(r)
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    /// Sends one payload to many sessions (fan-out); returns the sends that were refused.
+    pub fn broadcast(
+        &self,
+        sessions: impl IntoIterator<Item = SessionId>,
+        stream: u64,
+        mode: Mode,
+        payload: &Bytes,
+    ) -> Vec<(SessionId, SendError)> {
+        self.command(|s| s.broadcast(sessions, stream, mode, payload))
+    }
+
+    /// Replies to `session`'s message `to`. Callable from any thread.
+    pub fn reply(&self, session: SessionId, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
+        self.command(|s| s.reply(session, to, payload))
+    }
+
+    /// Sends a request to `session` and waits for its reply, at most `timeout`.
+    pub async fn request(
+        &self,
+        session: SessionId,
+        stream: u64,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
+        let seq = self
+            .shared
+            .with(|s, wakes| {
+                let deadline = s.clock.now() + timeout;
+                let r = s.server.request(session, stream, payload, deadline);
+                if let Ok(seq) = r {
+                    s.requests.insert((session, seq), Pending::Waiting(None));
+                }
+                s.flush(wakes);
+                r
+            })
+            .map_err(RequestError::Send)?;
+        let mut guard = RequestGuard {
+            shared: &self.shared,
+            key: (session, seq),
+            done: false,
+        };
+        core::future::poll_fn(|cx| guard.poll(cx)).await
+    }
+
+    /// Answers a [`ServerEvent::Authenticate`].
+    pub fn authenticate(&self, conn: ConnId, accept: bool) {
+        self.shared.with(|s, wakes| {
+            let now = s.clock.now();
+            s.server.authenticate(now, conn, accept);
+            s.flush(wakes);
+        });
+    }
+
+    /// Closes a session: the client is told; both sides see [`SessionEvent::Closed`].
+    pub fn close_session(&self, session: SessionId, code: u64, reason: Bytes) {
+        self.command(|s| s.close_session(session, code, reason));
+    }
+
+    /// The next event; `None` once the server has shut down and every event was taken.
+    pub async fn next_event(&self) -> Option<ServerEvent> {
+        core::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The next event, without waiting.
+    pub fn try_event(&self) -> Option<ServerEvent> {
+        self.shared.with(|s, _| s.events.pop_front())
+    }
+
+    /// Polls for the next event (for building a `Stream`).
+    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
+        self.shared.with(|s, _| match s.events.pop_front() {
+            Some(e) => Poll::Ready(Some(e)),
+            None if s.shutdown => Poll::Ready(None),
+            None => {
+                register(&mut s.event_waiter, cx.waker());
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Stops accepting, closes every connection, ends every awaited request. Sessions are not
+    /// closed: their clients find them gone when they try to resume, and say so loudly.
+    pub fn shutdown(&self) {
+        self.shared.with(|s, wakes| s.stop(wakes));
+    }
+
+    /// Reads the core server (sessions, counters), under the lock.
+    pub fn inspect<T>(&self, f: impl FnOnce(&Server) -> T) -> T {
+        self.shared.with(|s, _| f(&s.server))
+    }
+}
+
+struct RequestGuard<'a> {
+    shared: &'a Shared<State>,
+    key: (SessionId, Seq),
+    done: bool,
+}
+
+impl RequestGuard<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
+        let key = self.key;
+        let r = self.shared.with(|s, _| match s.requests.remove(&key) {
+            Some(Pending::Done(r)) => Poll::Ready(r),
+            Some(Pending::Waiting(mut w)) if !s.shutdown => {
+                register(&mut w, cx.waker());
+                s.requests.insert(key, Pending::Waiting(w));
+                Poll::Pending
+            }
+            _ => Poll::Ready(Err(RequestError::SessionEnded)),
+        });
+        self.done = r.is_ready();
+        r
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let key = self.key;
+            self.shared.with(|s, _| {
+                if let Some(p) = s.requests.get_mut(&key) {
+                    *p = Pending::Abandoned;
+                }
+            });
+        }
+    }
+}
+
+/// Connections accepted per poll before yielding.
+const ACCEPTS_PER_POLL: usize = 64;
+
+/// The future that accepts connections and runs the server's timers; spawn it on the runtime. It
+/// completes when the server shuts down.
+pub struct ServerDriver<R: Runtime> {
+    rt: R,
+    shared: Arc<Shared<State>>,
+    listener: Option<R::Listener>,
+    clock: Clock,
+    alarm: Alarm,
+}
+
+impl<R: Runtime> core::fmt::Debug for ServerDriver<R> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ServerDriver").finish_non_exhaustive()
+    }
+}
+
+/// A server on runtime `rt` accepting from `listener`: the handle for the application and the
+/// driver to spawn.
+pub fn server<R: Runtime>(
+    rt: R,
+    listener: R::Listener,
+    options: ServerOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+) -> Result<(ServerHandle, ServerDriver<R>), ConfigError> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(|_| ConfigError::Zero("listener address"))?;
+    let clock = Clock::new(R::now);
+    let server = Server::new(options.config, clock.now(), entropy)?;
+    let shared = Shared::new(State {
+        server,
+        clock,
+        slots: BTreeMap::new(),
+        next_conn: 0,
+        scratch: BytesMut::new(),
+        events: VecDeque::new(),
+        event_waiter: None,
+        capacity: Vec::new(),
+        requests: BTreeMap::new(),
+        driver: None,
+        armed: None,
+        authenticator: options.authenticator,
+        shutdown: false,
+        handles: 1,
+    });
+    let driver = ServerDriver {
+        rt,
+        shared: shared.clone(),
+        listener: Some(listener),
+        clock,
+        alarm: Alarm::new(),
+    };
+    Ok((ServerHandle { shared, local_addr }, driver))
+}
+
+impl<R: Runtime> Future for ServerDriver<R> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..ACCEPTS_PER_POLL {
+            let Some(listener) = &mut this.listener else {
+                return Poll::Ready(());
+            };
+            let accepted = match listener.poll_accept(cx) {
+                Poll::Ready(Ok((io, peer))) => Some((io, peer)),
+                Poll::Ready(Err(e)) => {
+                    // Out of descriptors, a connection reset before accept: the listener lives on.
+                    tracing::warn!(error = %e, "accept failed");
+                    None
+                }
+                Poll::Pending => None,
+            };
+            let (deadline, stop, conn) = this.shared.with(|s, wakes| {
+                register(&mut s.driver, cx.waker());
+                let now = s.clock.now();
+                let mut conn = None;
+                if !s.shutdown
+                    && let Some((_, peer)) = &accepted
+                {
+                    let id = s.next_conn;
+                    s.next_conn += 1;
+                    tracing::debug!(conn = id, %peer, "accepted");
+                    s.slots.insert(
+                        id,
+                        Slot {
+                            out: BytesMut::new(),
+                            close: false,
+                            waker: None,
+                        },
+                    );
+                    s.server.on_connection(now, id);
+                    conn = Some(id);
+                }
+                if s.server.poll_timeout().is_some_and(|t| t <= now) {
+                    s.server.handle_timeout(now);
+                }
+                s.flush(wakes);
+                s.armed = s.server.poll_timeout();
+                (s.armed, s.shutdown, conn)
+            });
+            if stop {
+                this.listener = None;
+                return Poll::Ready(());
+            }
+            if let (Some(id), Some((io, _))) = (conn, accepted) {
+                this.rt.spawn(Box::pin(ConnTask {
+                    shared: this.shared.clone(),
+                    id,
+                    io,
+                    read_buf: BytesMut::new(),
+                    out: BytesMut::new(),
+                    closing: false,
+                }));
+                continue;
+            }
+            let Some(deadline) = deadline else {
+                return Poll::Pending;
+            };
+            match this.alarm.poll(&this.rt, cx, this.clock.to_std(deadline)) {
+                Poll::Ready(()) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Reads per poll before yielding.
+const READS_PER_POLL: usize = 32;
+
+/// One connection: reads into the core, writes what the core queued for it.
+struct ConnTask<S> {
+    shared: Arc<Shared<State>>,
+    id: ConnId,
+    io: S,
+    read_buf: BytesMut,
+    out: BytesMut,
+    closing: bool,
+}
+
+impl<S: super::Io> ConnTask<S> {
+    /// Tells the core the connection ended and forgets it.
+    fn ended(&mut self) {
+        let id = self.id;
+        self.shared.with(|s, wakes| {
+            let now = s.clock.now();
+            s.slots.remove(&id);
+            s.server.on_disconnected(now, id);
+            s.flush(wakes);
+        });
+    }
+}
+
+impl<S: super::Io> Future for ConnTask<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..READS_PER_POLL {
+            let mut input = None;
+            if !this.closing {
+                match poll_read_chunk(&mut this.io, cx, &mut this.read_buf) {
+                    Poll::Ready(Ok(Some(data))) => input = Some(data),
+                    Poll::Ready(Ok(None)) => {
+                        this.ended();
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(conn = this.id, error = %e, "read failed");
+                        this.ended();
+                        return Poll::Ready(());
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let read = input.is_some();
+            let id = this.id;
+            let out = &mut this.out;
+            let gone = this.shared.with(|s, wakes| {
+                if let Some(data) = input {
+                    let now = s.clock.now();
+                    s.server.handle_input(now, id, data);
+                    s.flush(wakes);
+                }
+                let Some(slot) = s.slots.get_mut(&id) else {
+                    return true;
+                };
+                register(&mut slot.waker, cx.waker());
+                if out.is_empty() {
+                    core::mem::swap(out, &mut slot.out);
+                } else {
+                    out.extend_from_slice(&slot.out);
+                    slot.out.clear();
+                }
+                slot.close
+            });
+            this.closing |= gone;
+            let before = this.out.len();
+            match poll_write_all(&mut this.io, cx, &mut this.out) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(conn = id, error = %e, "write failed");
+                    this.ended();
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+            // A connection closed for being dead may never drain: what it did not take now is lost
+            // with it either way.
+            if this.closing {
+                let _ = this.io.poll_shutdown(cx);
+                this.shared.with(|s, _| s.slots.remove(&id));
+                return Poll::Ready(());
+            }
+            if !read && this.out.len() == before {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
