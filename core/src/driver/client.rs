@@ -4,10 +4,10 @@
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::future::Future;
+use core::net::SocketAddr;
 use core::pin::Pin;
 use core::task::{Context, Poll, Waker};
 use std::io;
-use core::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 
@@ -38,10 +38,7 @@ pub struct ClientOptions {
 impl ClientOptions {
     /// Defaults for a stream transport to `servers`.
     pub fn new(servers: Vec<SocketAddr>) -> Self {
-        let config = ClientConfig::new(
-            crate::Config::new(crate::Transport::Stream),
-            servers.len(),
-        );
+        let config = ClientConfig::new(crate::Config::new(crate::Transport::Stream), servers.len());
         ClientOptions {
             config,
             servers,
@@ -170,7 +167,8 @@ impl Drop for ClientHandle {
         self.shared.with(|s, wakes| {
             s.handles -= 1;
             if s.handles == 0 && !s.over {
-                s.client.close(CLOSE_NORMAL, Bytes::from_static(b"handles dropped"));
+                s.client
+                    .close(CLOSE_NORMAL, Bytes::from_static(b"handles dropped"));
                 s.drain_events(wakes);
                 wakes.wake(&mut s.driver);
             }
@@ -492,8 +490,7 @@ impl<R: Runtime> Future for ClientDriver<R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        this.shared
-            .with(|s, _| register(&mut s.driver, cx.waker()));
+        this.shared.with(|s, _| register(&mut s.driver, cx.waker()));
         for _ in 0..READS_PER_POLL {
             let mut progress = false;
             // The connection attempt's outcome, bounded by the connect timeout.

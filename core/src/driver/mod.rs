@@ -22,10 +22,10 @@
 
 use alloc::boxed::Box;
 use core::future::Future;
+use core::net::SocketAddr;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 use std::io;
-use core::net::SocketAddr;
 
 pub mod client;
 pub mod server;
@@ -84,7 +84,8 @@ pub trait Listen: Send + Unpin + 'static {
     /// The connections it accepts.
     type Stream: Io;
     /// The next connection, with its peer's address.
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, SocketAddr)>>;
+    fn poll_accept(&mut self, cx: &mut Context<'_>)
+    -> Poll<io::Result<(Self::Stream, SocketAddr)>>;
     /// The address it is bound to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }

@@ -5,15 +5,16 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::future::Future;
+use core::net::SocketAddr;
 use core::pin::Pin;
 use core::task::{Context, Poll, Waker};
-use core::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 
 use super::shared::{Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{Alarm, Clock, Listen, RequestError, Runtime, poll_read_chunk, poll_write_all};
+use crate::Seq;
 use crate::config::ConfigError;
 use crate::identity::SessionId;
 use crate::mode::{Mode, Sent};
@@ -21,7 +22,6 @@ use crate::send::SendError;
 use crate::server::{ConnId, Server, ServerConfig, ServerEvent};
 use crate::session::{Entropy, SessionEvent};
 use crate::time::Duration;
-use crate::Seq;
 
 /// Decides whether a new session's credentials are accepted; runs on the driver, so keep it quick.
 pub type Authenticator = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
@@ -57,7 +57,10 @@ impl ServerOptions {
     }
 
     /// Checks each new session's credentials with `check`.
-    pub fn authenticate_with(mut self, check: impl Fn(&[u8]) -> bool + Send + Sync + 'static) -> Self {
+    pub fn authenticate_with(
+        mut self,
+        check: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.config.authenticate = true;
         self.authenticator = Some(Arc::new(check));
         self

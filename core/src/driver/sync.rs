@@ -1,10 +1,10 @@
 //! The primitives behind the shared state: `std`'s normally, loom's under `--cfg loom` so the models
 //! in `shared` explore every interleaving of the real code.
 
-#[cfg(loom)]
-pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use alloc::sync::Arc;
+#[cfg(loom)]
+pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 
