@@ -7,8 +7,7 @@
 //! deliveries but never reorders a byte stream. A frozen node's inputs wait in its backlog and its
 //! timers fire late, when it wakes; a restarted server loses every session and connection.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
@@ -75,7 +74,7 @@ enum Fault {
     Swizzle(Duration),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Ev {
     Timer {
         node: usize,
@@ -145,26 +144,102 @@ impl Ev {
     }
 }
 
-struct Sched {
-    at: Instant,
-    seq: u64,
-    ev: Ev,
+/// The event queue: a binary min-heap of 16-byte keys, `(time, sequence number, slot)` packed in
+/// one `u128` (the time in the high half, so keys order by time, then by scheduling order), over a
+/// slab that holds each queued event in its slot. Sifting moves only keys; a key's slot is free
+/// again once it is popped. Same order as a heap of `(time, sequence number)` pairs.
+#[derive(Default)]
+struct Queue {
+    heap: Vec<u128>,
+    slab: Vec<Ev>,
+    free: Vec<u32>,
+    next_seq: u64,
 }
 
-impl PartialEq for Sched {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
+/// Bits of a key's low half that hold the event's slot; the rest hold its sequence number.
+const SLOT_BITS: u32 = 24;
+
+impl Queue {
+    fn push(&mut self, at: Instant, ev: Ev) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        assert!(
+            seq < 1 << (64 - SLOT_BITS),
+            "more events than a run can number"
+        );
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = ev;
+                slot
+            }
+            None => {
+                let slot = self.slab.len() as u32;
+                assert!(
+                    slot < 1 << SLOT_BITS,
+                    "more events queued at once than slots"
+                );
+                self.slab.push(ev);
+                slot
+            }
+        };
+        let key =
+            (u128::from(at.as_nanos()) << 64) | u128::from(seq << SLOT_BITS | u64::from(slot));
+        let heap = &mut self.heap;
+        let mut hole = heap.len();
+        heap.push(key);
+        while hole > 0 {
+            let parent = (hole - 1) / 2;
+            if heap[parent] <= key {
+                break;
+            }
+            heap[hole] = heap[parent];
+            hole = parent;
+        }
+        heap[hole] = key;
     }
-}
-impl Eq for Sched {}
-impl PartialOrd for Sched {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
+
+    /// The earliest event (the first scheduled among equals) and its time.
+    fn pop(&mut self) -> Option<(Instant, Ev)> {
+        let heap = &mut self.heap;
+        let last = heap.pop()?;
+        let Some(&top) = heap.first() else {
+            return Some(self.take(last));
+        };
+        // The hole left at the root sinks along the smaller children to the bottom, then the last
+        // key rises into it from there (it usually belongs near the bottom).
+        let n = heap.len();
+        let mut hole = 0;
+        let mut child = 1;
+        while child + 1 < n {
+            let c = child + usize::from(heap[child + 1] < heap[child]);
+            heap[hole] = heap[c];
+            hole = c;
+            child = 2 * hole + 1;
+        }
+        if child + 1 == n {
+            heap[hole] = heap[child];
+            hole = child;
+        }
+        while hole > 0 {
+            let parent = (hole - 1) / 2;
+            if heap[parent] <= last {
+                break;
+            }
+            heap[hole] = heap[parent];
+            hole = parent;
+        }
+        heap[hole] = last;
+        Some(self.take(top))
     }
-}
-impl Ord for Sched {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
+
+    /// Frees a popped key's slot and returns its time and event.
+    fn take(&mut self, key: u128) -> (Instant, Ev) {
+        let slot = (key as u64 & ((1 << SLOT_BITS) - 1)) as u32;
+        self.free.push(slot);
+        (
+            Instant::from_nanos((key >> 64) as u64),
+            self.slab[slot as usize],
+        )
     }
 }
 
@@ -286,8 +361,7 @@ pub struct Sim {
     heal_at: Instant,
     settled_at: Option<Instant>,
     stop: bool,
-    queue: BinaryHeap<Reverse<Sched>>,
-    next_seq: u64,
+    queue: Queue,
     rng: ChaCha8Rng,
     server: ServerNode,
     clients: Vec<ClientNode>,
@@ -386,8 +460,7 @@ impl Sim {
             heal_at,
             settled_at: None,
             stop: false,
-            queue: BinaryHeap::new(),
-            next_seq: 0,
+            queue: Queue::default(),
             rng,
             server: ServerNode {
                 server,
@@ -423,13 +496,7 @@ impl Sim {
     }
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.queue.push(Reverse(Sched {
-            at: at.max(self.now),
-            seq,
-            ev,
-        }));
+        self.queue.push(at.max(self.now), ev);
     }
 
     fn exp(&mut self, mean: Duration) -> Duration {
@@ -517,16 +584,16 @@ impl Sim {
 
     /// Runs to the end and reports.
     pub fn run(mut self) -> Outcome {
-        while let Some(Reverse(s)) = self.queue.pop() {
-            if s.at > self.end {
+        while let Some((at, ev)) = self.queue.pop() {
+            if at > self.end {
                 break;
             }
-            self.now = s.at;
+            self.now = at;
             self.events += 1;
-            let code = s.ev.code();
+            let code = ev.code();
             self.trace
-                .words(&[s.at.as_nanos(), code[0], code[1], code[2]]);
-            self.dispatch(s.ev);
+                .words(&[at.as_nanos(), code[0], code[1], code[2]]);
+            self.dispatch(ev);
             if self.stop {
                 break;
             }
@@ -2030,4 +2097,40 @@ fn _assert_send() {
     fn is_send<T: Send>() {}
     is_send::<Outcome>();
     let _ = BTreeSet::<u8>::new();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queue pops by time, and events at one time in the order they were scheduled, whatever
+    /// the interleaving of pushes and pops.
+    #[test]
+    fn the_queue_pops_by_time_then_by_scheduling_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut q = Queue::default();
+        let mut model: Vec<(Instant, u64)> = Vec::new();
+        let mut n = 0u64;
+        let mut now = Instant::ZERO;
+        for round in 0..20_000 {
+            if rng.random_bool(0.55) || model.is_empty() {
+                let at = now + Duration::from_nanos(rng.random_range(0..50));
+                q.push(at, Ev::Wake { node: n as usize });
+                model.push((at, n));
+                n += 1;
+            } else {
+                let i = (0..model.len())
+                    .min_by_key(|&i| model[i])
+                    .expect("not empty");
+                let (at, id) = model.swap_remove(i);
+                let (got_at, ev) = q.pop().expect("as many as the model");
+                assert!(
+                    matches!(ev, Ev::Wake { node } if node as u64 == id) && got_at == at,
+                    "round {round}: expected {id} at {at:?}, got {ev:?} at {got_at:?}"
+                );
+                now = at;
+            }
+        }
+        assert_eq!(q.heap.len(), model.len());
+    }
 }
