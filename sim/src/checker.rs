@@ -103,6 +103,8 @@ struct Entry {
     superseded: bool,
     crash_lost: bool,
     resolved: bool,
+    /// The entry sent before this one under the same tag (a broadcast's other receivers).
+    same_tag: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -140,11 +142,59 @@ pub struct Tally {
     pub replies_checked: u64,
 }
 
+/// The ledger's index of entries by name (tag and destination).
+///
+/// Tags are handed out in sequence, so the newest entry of each tag is found by indexing a vector
+/// with the tag and the others by following [`Entry::same_tag`] back; a tag far beyond any seen so
+/// far (never, in the simulator) goes to an ordered map instead.
+#[derive(Debug, Default)]
+struct Names {
+    /// By tag: the newest entry sent under it.
+    by_tag: Vec<Option<usize>>,
+    /// Entries under tags too far out for `by_tag`.
+    sparse: BTreeMap<(u64, Dest), usize>,
+}
+
+/// How far past the highest tag seen `Names::by_tag` grows to take a new one.
+const DENSE_SLACK: u64 = 1 << 16;
+
+impl Names {
+    fn insert(&mut self, entries: &mut [Entry], tag: u64, dest: Dest, idx: usize) {
+        let len = self.by_tag.len() as u64;
+        if tag < len.saturating_add(DENSE_SLACK) {
+            if tag >= len {
+                self.by_tag.resize(tag as usize + 1, None);
+            }
+            entries[idx].same_tag = self.by_tag[tag as usize].replace(idx);
+        } else {
+            self.sparse.insert((tag, dest), idx);
+        }
+    }
+
+    /// The newest entry named `(tag, dest)`.
+    fn get(&self, entries: &[Entry], tag: u64, dest: Dest) -> Option<usize> {
+        let mut dense = usize::try_from(tag)
+            .ok()
+            .and_then(|t| self.by_tag.get(t).copied().flatten());
+        while let Some(idx) = dense {
+            if entries[idx].dest == dest {
+                break;
+            }
+            dense = entries[idx].same_tag;
+        }
+        if self.sparse.is_empty() {
+            return dense;
+        }
+        // A name can be in both if `by_tag` grew past its tag after it went to `sparse`.
+        dense.max(self.sparse.get(&(tag, dest)).copied())
+    }
+}
+
 /// The ledger.
 #[derive(Debug, Default)]
 pub struct Checker {
     entries: Vec<Entry>,
-    by_name: BTreeMap<(u64, Dest), usize>,
+    names: Names,
     ctxs: Vec<CtxState>,
     outstanding: u64,
     violations: Vec<Violation>,
@@ -261,8 +311,9 @@ impl Checker {
             superseded: false,
             crash_lost: false,
             resolved: false,
+            same_tag: None,
         });
-        self.by_name.insert((tag, dest), idx);
+        self.names.insert(&mut self.entries, tag, dest, idx);
         self.tally.attempted += 1;
         if mode.is_reliable() {
             self.tally.reliable += 1;
@@ -293,8 +344,8 @@ impl Checker {
             );
             return None;
         };
-        match self.by_name.get(&(tag, dest)) {
-            Some(&idx) => Some(idx),
+        match self.names.get(&self.entries, tag, dest) {
+            Some(idx) => Some(idx),
             None => {
                 self.report(
                     now,
@@ -484,10 +535,11 @@ impl Checker {
 
     /// Context `sender`'s peer acknowledged everything below `below`.
     pub fn acknowledged(&mut self, now: Instant, sender: Ctx, below: u64) {
-        let c = &mut self.ctxs[sender as usize];
-        let rest = c.unacked.split_off(&below);
-        let acked = std::mem::replace(&mut c.unacked, rest);
-        for (_, idx) in acked {
+        while let Some(entry) = self.ctxs[sender as usize].unacked.first_entry() {
+            if *entry.key() >= below {
+                break;
+            }
+            let idx = entry.remove();
             let e = &mut self.entries[idx];
             e.acked = true;
             if e.mode == MsgMode::Conflated {
@@ -598,4 +650,54 @@ pub fn payload(tag: u64, len: usize) -> Bytes {
     v.extend_from_slice(&tag.to_le_bytes());
     v.resize(len.max(9), fill_byte(tag));
     Bytes::from(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(c: &mut Checker, tag: u64, dest: Dest) -> usize {
+        c.sent(
+            Instant::ZERO,
+            0,
+            dest,
+            tag,
+            1,
+            MsgMode::Unordered,
+            Role::Steady,
+            None,
+            false,
+            0,
+            16,
+            None,
+        )
+    }
+
+    /// Every name finds its newest entry, for a broadcast's shared tag, a tag far out of sequence,
+    /// and a name sent twice.
+    #[test]
+    fn names_find_the_newest_entry_of_a_tag_and_destination() {
+        let mut c = Checker::default();
+        c.new_ctx(None);
+        let a = send(&mut c, 1, 7);
+        let b = send(&mut c, 1, 8);
+        let far = send(&mut c, u64::MAX - 3, 7);
+        let d = send(&mut c, 2, 0);
+        let late = send(&mut c, 70_000, 7); // past the slack: sparse
+        let grown = send(&mut c, 60_000, 7); // dense, which grows the index past 70_000
+        let again = send(&mut c, 70_000, 7); // now dense, and newer than the sparse one
+        let n = &c.names;
+        assert_eq!(n.get(&c.entries, 1, 7), Some(a));
+        assert_eq!(n.get(&c.entries, 1, 8), Some(b));
+        assert_eq!(n.get(&c.entries, 1, 9), None);
+        assert_eq!(n.get(&c.entries, u64::MAX - 3, 7), Some(far));
+        assert_eq!(n.get(&c.entries, u64::MAX, 7), None);
+        assert_eq!(n.get(&c.entries, 2, 0), Some(d));
+        assert_eq!(n.get(&c.entries, 60_000, 7), Some(grown));
+        assert_eq!(n.get(&c.entries, 70_000, 7), Some(again));
+        assert_ne!(late, again);
+        let b2 = send(&mut c, 1, 8);
+        assert_eq!(c.names.get(&c.entries, 1, 8), Some(b2));
+        assert_eq!(c.names.get(&c.entries, 1, 7), Some(a));
+    }
 }
