@@ -1,0 +1,129 @@
+//! smol's sockets, timers and spawner, as the driver's [`Runtime`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use smol::Async;
+use smol::io::{AsyncRead, AsyncWrite};
+use steadfast_core::driver::{BoxFuture, Io, Listen, Runtime, Timer};
+
+/// smol as the driver's runtime: tasks go to smol's global executor, sockets and timers to
+/// async-io's reactor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smol;
+
+/// A smol TCP stream with Nagle off: the core batches writes itself.
+#[derive(Debug)]
+pub struct Stream(smol::net::TcpStream);
+
+impl Stream {
+    /// Wraps a connected stream.
+    pub fn new(stream: smol::net::TcpStream) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        Ok(Stream(stream))
+    }
+}
+
+/// A smol TCP listener.
+#[derive(Debug)]
+pub struct Listener(Arc<Async<std::net::TcpListener>>);
+
+impl Listener {
+    /// Wraps a bound listener.
+    pub fn new(listener: smol::net::TcpListener) -> Self {
+        // The reactor handle underneath, so accept can be polled without boxing a future per call.
+        Listener(listener.into())
+    }
+}
+
+/// async-io's timer, made to stay ready once its deadline has passed (as the driver's [`Timer`]
+/// promises): a fired async-io timer is otherwise pending forever until it is set again.
+#[derive(Debug)]
+struct Sleep {
+    timer: smol::Timer,
+    deadline: Instant,
+}
+
+impl Timer for Sleep {
+    fn reset(mut self: Pin<&mut Self>, deadline: Instant) {
+        self.deadline = deadline;
+        self.timer.set_at(deadline);
+    }
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.deadline {
+            return Poll::Ready(());
+        }
+        Pin::new(&mut self.timer).poll(cx).map(|_| ())
+    }
+}
+
+impl Runtime for Smol {
+    type Stream = Stream;
+    type Listener = Listener;
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn timer(&self, deadline: Instant) -> Pin<Box<dyn Timer>> {
+        Box::pin(Sleep {
+            timer: smol::Timer::at(deadline),
+            deadline,
+        })
+    }
+
+    fn spawn(&self, future: BoxFuture<()>) {
+        smol::spawn(future).detach();
+    }
+
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<io::Result<Stream>> {
+        Box::pin(async move { Stream::new(smol::net::TcpStream::connect(addr).await?) })
+    }
+}
+
+impl Io for Stream {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // async-net's close shuts the write side down.
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl Listen for Listener {
+    type Stream = Stream;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, SocketAddr)>> {
+        loop {
+            match self.0.get_ref().accept() {
+                Ok((s, peer)) => {
+                    let s = smol::net::TcpStream::from(Async::new(s)?);
+                    return Poll::Ready(Stream::new(s).map(|s| (s, peer)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Ready means readiness came since the last try: accept again.
+                    if let Err(e) = smol::ready!(self.0.poll_readable(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
