@@ -691,21 +691,19 @@ impl Server {
             let Some(c) = self.conns.get_mut(&conn) else {
                 continue;
             };
-            let channel = c
-                .session
-                .and_then(|id| self.sessions.get_mut(&id))
-                .map(|s| &mut s.channel);
+            let mut session = c.session.and_then(|id| self.sessions.get_mut(&id));
             let budget = self.config.channel.max_batch_bytes;
             // A closing connection without a session writes only its handshake reply, if any.
             let silent = c.closing && c.session.is_none() && c.link.outbox.is_empty();
             let len = if silent {
                 0
             } else {
+                let channel = session.as_mut().map(|s| &mut s.channel);
                 c.link.transmit(now, channel, buf, budget)
             };
             let more = (!silent && c.link.wants_transmit())
-                || c.session
-                    .and_then(|id| self.sessions.get(&id))
+                || session
+                    .as_ref()
                     .is_some_and(|s| s.channel.wants_transmit(now));
             if c.closing && !more {
                 let session = c.session;
@@ -720,14 +718,16 @@ impl Server {
                     close: true,
                 });
             }
-            let session = c.session;
-            if more {
-                self.mark_ready(conn);
+            if more && self.ready_set.insert(conn) {
+                self.ready.push_back(conn);
             }
-            self.retime(Key::Conn(conn));
+            let timers = &mut self.timers;
+            let deadline = conn_deadline(c, self.config.handshake_timeout);
+            rearm(timers, Key::Conn(conn), &mut c.armed, deadline);
             // Writing may arm the session's timers (a datagram retransmission timeout).
-            if let Some(id) = session {
-                self.retime(Key::Session(id));
+            if let (Some(id), Some(s)) = (c.session, session) {
+                let deadline = session_deadline(s, self.config.retention);
+                rearm(timers, Key::Session(id), &mut s.armed, deadline);
             }
             if len > 0 {
                 return Some(Transmit {
@@ -1002,48 +1002,39 @@ impl Server {
 
     fn touch_conn(&mut self, conn: ConnId) {
         self.mark_ready(conn);
-        self.retime(Key::Conn(conn));
-        if let Some(id) = self.conns.get(&conn).and_then(|c| c.session) {
-            self.retime(Key::Session(id));
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let deadline = conn_deadline(c, self.config.handshake_timeout);
+        rearm(&mut self.timers, Key::Conn(conn), &mut c.armed, deadline);
+        if let Some(id) = c.session
+            && let Some(s) = self.sessions.get_mut(&id)
+        {
+            let deadline = session_deadline(s, self.config.retention);
+            rearm(&mut self.timers, Key::Session(id), &mut s.armed, deadline);
         }
     }
 
     fn touch_session(&mut self, id: SessionId) {
-        if let Some(conn) = self.sessions.get(&id).and_then(|s| s.conn) {
-            self.mark_ready(conn);
-            self.retime(Key::Conn(conn));
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if let Some(conn) = s.conn {
+            if self.ready_set.insert(conn) {
+                self.ready.push_back(conn);
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                let deadline = conn_deadline(c, self.config.handshake_timeout);
+                rearm(&mut self.timers, Key::Conn(conn), &mut c.armed, deadline);
+            }
         }
-        self.retime(Key::Session(id));
+        let deadline = session_deadline(s, self.config.retention);
+        rearm(&mut self.timers, Key::Session(id), &mut s.armed, deadline);
     }
 
     fn mark_ready(&mut self, conn: ConnId) {
         if self.ready_set.insert(conn) {
             self.ready.push_back(conn);
-        }
-    }
-
-    fn deadline_of(&self, key: Key) -> Option<Instant> {
-        match key {
-            Key::Conn(conn) => {
-                let c = self.conns.get(&conn)?;
-                let handshake = c
-                    .session
-                    .is_none()
-                    .then(|| c.created + self.config.handshake_timeout);
-                earliest(handshake, c.link.deadline())
-            }
-            Key::Session(id) => {
-                let s = self.sessions.get(&id)?;
-                let retention = s.disconnected_at.map(|t| t + self.config.retention);
-                // Without a connection the channel cannot act on its timers (an ack to send, a
-                // resend): they would only stay in the past. Resume resends what is needed.
-                let channel = s.conn.and_then(|_| s.channel.poll_timeout());
-                let held = s.held.as_ref().map(|h| h.deadline);
-                earliest(
-                    earliest(retention, s.requests.deadline()),
-                    earliest(channel, held),
-                )
-            }
         }
     }
 
@@ -1056,20 +1047,21 @@ impl Server {
         }
     }
 
+    /// Brings `key`'s entry in the timer set up to date (one lookup of its entity).
     fn retime(&mut self, key: Key) {
-        let new = self.deadline_of(key);
-        let Some(armed) = self.armed_mut(key) else {
-            return;
-        };
-        if *armed == new {
-            return;
-        }
-        let old = core::mem::replace(armed, new);
-        if let Some(old) = old {
-            self.timers.remove(&(old, key));
-        }
-        if let Some(new) = new {
-            self.timers.insert((new, key));
+        match key {
+            Key::Conn(conn) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    let deadline = conn_deadline(c, self.config.handshake_timeout);
+                    rearm(&mut self.timers, key, &mut c.armed, deadline);
+                }
+            }
+            Key::Session(id) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    let deadline = session_deadline(s, self.config.retention);
+                    rearm(&mut self.timers, key, &mut s.armed, deadline);
+                }
+            }
         }
     }
 
@@ -1095,5 +1087,44 @@ impl Server {
     fn observe(&mut self, now: Instant) -> Instant {
         self.now = self.now.max(now);
         self.now
+    }
+}
+
+/// When a connection's timer is next due: its handshake deadline until it has a session, and its
+/// liveness timers.
+fn conn_deadline(c: &Conn, handshake_timeout: Duration) -> Option<Instant> {
+    let handshake = c.session.is_none().then(|| c.created + handshake_timeout);
+    earliest(handshake, c.link.deadline())
+}
+
+/// When a session's timer is next due: retention while disconnected, its requests, its channel's
+/// timers while connected, a held close.
+fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
+    let retention = s.disconnected_at.map(|t| t + retention);
+    // Without a connection the channel cannot act on its timers (an ack to send, a resend): they
+    // would only stay in the past. Resume resends what is needed.
+    let channel = s.conn.and_then(|_| s.channel.poll_timeout());
+    let held = s.held.as_ref().map(|h| h.deadline);
+    earliest(
+        earliest(retention, s.requests.deadline()),
+        earliest(channel, held),
+    )
+}
+
+/// Moves `key`'s entry in the timer set from its armed deadline (kept on its entity) to `new`.
+fn rearm(
+    timers: &mut BTreeSet<(Instant, Key)>,
+    key: Key,
+    armed: &mut Option<Instant>,
+    new: Option<Instant>,
+) {
+    if *armed == new {
+        return;
+    }
+    if let Some(old) = core::mem::replace(armed, new) {
+        timers.remove(&(old, key));
+    }
+    if let Some(new) = new {
+        timers.insert((new, key));
     }
 }
