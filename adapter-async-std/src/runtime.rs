@@ -138,3 +138,26 @@ impl Listen for Listener {
         self.listener.local_addr()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_timer_past_its_deadline_stays_ready_until_moved() {
+        let mut timer = AsyncStd.timer(Instant::now() + Duration::from_millis(10));
+        async_std::task::block_on(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // The driver may poll its alarm again at an unchanged deadline; it must not sleep forever.
+        assert!(timer.as_mut().poll(&mut cx).is_ready());
+        timer
+            .as_mut()
+            .reset(Instant::now() + Duration::from_secs(60));
+        assert!(timer.as_mut().poll(&mut cx).is_pending());
+        timer
+            .as_mut()
+            .reset(Instant::now() + Duration::from_millis(10));
+        async_std::task::block_on(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
+    }
+}
