@@ -11,12 +11,14 @@
 //! | [`checker`] | the ledger and its safety and liveness rules |
 //! | [`marks`] | coverage marks: which fault and recovery paths a run exercised |
 //! | [`trace`] | the determinism self-check (an FNV-1a fold over every event) |
+//! | [`sweep`](mod@sweep) | many seeds on one thread or several, summed up in seed order |
 //!
 //! Command line (the last line is machine-readable `SUMMARY {...}`; a failing seed prints its
 //! violations, its parameters and a one-line replay, and the exit status is non-zero):
 //!
 //! ```text
 //! cargo run --release -p steadfast-sim -- --seeds 1000          # a sweep, with a progress bar
+//! cargo run --release -p steadfast-sim -- --seeds 1000 --jobs 1 # the same sweep on one thread
 //! cargo run --release -p steadfast-sim -- --seed 42             # one seed: parameters, marks, trace hash
 //! cargo run --release -p steadfast-sim -- --seeds 20 --canary dup-delivery   # must fail
 //! cargo run --release -p steadfast-sim -- --seeds 300 --transport datagram     # datagrams only
@@ -46,8 +48,10 @@
 pub mod checker;
 pub mod marks;
 pub mod params;
+pub mod sweep;
 pub mod trace;
 pub mod world;
 
 pub use steadfast_core as core;
+pub use sweep::{Summary, sweep};
 pub use world::{Outcome, run};

@@ -7,8 +7,7 @@ use std::time::Instant as WallClock;
 use indicatif::{ProgressBar, ProgressStyle};
 use steadfast_core::Transport;
 use steadfast_core::time::Duration;
-use steadfast_sim::marks::Marks;
-use steadfast_sim::params::{Canary, Params, Workload};
+use steadfast_sim::params::{Canary, Workload};
 
 const USAGE: &str = "\
 steadfast-sim: deterministic simulation of steadfast sessions under faults
@@ -20,6 +19,8 @@ OPTIONS:
     --seed S               run one seed and print its parameters, marks and trace hash
     --seeds N              run seeds first..first+N (default: 100 seeds from 0)
     --first S              the first seed of a sweep (default 0)
+    --jobs N               threads a sweep runs its seeds on (default: one per core); the output is
+                           the same for any N (`--seed` always runs on one)
     --canary NAME          break one guarantee in the simulated applications:
                            dup-delivery, drop-delivery, reorder-delivery, forget-handback, misroute-reply,
                            corrupt-past-checksum
@@ -39,6 +40,7 @@ struct Args {
     seed: Option<u64>,
     seeds: u64,
     first: u64,
+    jobs: usize,
     canary: Option<Canary>,
     workload: Workload,
     verbose: bool,
@@ -50,6 +52,7 @@ fn parse() -> Result<Args, String> {
         seed: None,
         seeds: 100,
         first: 0,
+        jobs: steadfast_sim::sweep::default_jobs(),
         canary: None,
         workload: Workload::default(),
         verbose: false,
@@ -65,6 +68,12 @@ fn parse() -> Result<Args, String> {
             "--seed" => a.seed = Some(value("--seed")?),
             "--seeds" => a.seeds = value("--seeds")?,
             "--first" => a.first = value("--first")?,
+            "--jobs" | "-j" => {
+                a.jobs = usize::try_from(value("--jobs")?)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--jobs needs at least 1")?;
+            }
             "--clients" => a.workload.clients = value("--clients")? as usize,
             "--duration" => a.workload.duration = Duration::from_secs(value("--duration")?),
             "--call-ms" => {
@@ -161,34 +170,17 @@ fn main() -> ExitCode {
         );
         b
     };
+    let jobs = if single {
+        1
+    } else {
+        args.jobs.min(seeds.len()).max(1)
+    };
     let started = WallClock::now();
-    let mut events = 0u64;
-    let mut sim_seconds = 0f64;
-    let mut failed: Vec<u64> = Vec::new();
-    let mut violations = 0usize;
-    let mut marks = Marks::default();
-    let mut hash = 0u64;
-    let mut settle_max = Duration::ZERO;
-    let mut tally = steadfast_sim::checker::Tally::default();
-    for &seed in &seeds {
-        let params = Params::draw(seed, args.workload.clone(), args.canary);
-        let out = steadfast_sim::run(params);
-        events += out.events;
-        sim_seconds += out.sim_time.as_secs_f64();
-        marks.merge(&out.marks);
-        hash = out.trace_hash;
-        settle_max = settle_max.max(out.settled_after.unwrap_or(Duration::ZERO));
-        let t = out.tally;
-        tally.attempted += t.attempted;
-        tally.reliable += t.reliable;
-        tally.delivered += t.delivered;
-        tally.handed_back += t.handed_back;
-        tally.superseded += t.superseded;
-        tally.crash_lost += t.crash_lost;
-        tally.replies_checked += t.replies_checked;
+    let mut failing = 0usize;
+    let summary = steadfast_sim::sweep(&seeds, &args.workload, args.canary, jobs, |out| {
+        let seed = out.params.seed;
         if !out.violations.is_empty() {
-            violations += out.violations.len();
-            failed.push(seed);
+            failing += 1;
             bar.suspend(|| {
                 println!("FAIL seed {seed}: {} violation(s)", out.violations.len());
                 if !(single || args.verbose) {
@@ -214,20 +206,36 @@ fn main() -> ExitCode {
                 out.trace_hash
             );
         }
-        bar.set_message(format!("{} failing", failed.len()));
+        bar.set_message(format!("{failing} failing"));
         bar.inc(1);
-    }
+    });
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
+    let failed = &summary.failed;
+    let (events, sim_seconds, tally, marks) = (
+        summary.events,
+        summary.sim_seconds,
+        summary.tally,
+        &summary.marks,
+    );
+    let ratio = sim_seconds / wall.max(1e-9);
+    let speed = if jobs == 1 {
+        format!("{ratio:.0}x real time")
+    } else {
+        // Per thread: what each thread delivered over the whole wall time, idle tail included.
+        format!(
+            "{ratio:.0}x real time on {jobs} threads ({:.0}x per thread)",
+            ratio / jobs as f64
+        )
+    };
     println!(
-        "{} seed(s), {} failing, {} violation(s); {} events, {:.0} virtual s in {:.2} wall s = {:.0}x real time, {:.0} events/s",
+        "{} seed(s), {} failing, {} violation(s); {} events, {:.0} virtual s in {:.2} wall s = {speed}, {:.0} events/s",
         seeds.len(),
         failed.len(),
-        violations,
+        summary.violations,
         events,
         sim_seconds,
         wall,
-        sim_seconds / wall.max(1e-9),
         events as f64 / wall.max(1e-9)
     );
     println!(
@@ -239,7 +247,7 @@ fn main() -> ExitCode {
         tally.superseded,
         tally.crash_lost,
         tally.replies_checked,
-        settle_max.as_secs_f64()
+        summary.settle_max.as_secs_f64()
     );
     println!(
         "coverage ({}/{} key marks reached): {marks}",
@@ -250,18 +258,19 @@ fn main() -> ExitCode {
         println!("failing seeds: {failed:?}");
     }
     let trace = if single {
-        format!("{hash:016x}")
+        format!("{:016x}", summary.trace_hash)
     } else {
         String::new()
     };
     println!(
-        "SUMMARY {{\"seeds\":{},\"violations\":{},\"events\":{},\"sim_seconds\":{:.3},\"wall_seconds\":{:.3},\"trace_hash\":\"{}\"}}",
+        "SUMMARY {{\"seeds\":{},\"violations\":{},\"events\":{},\"sim_seconds\":{:.3},\"wall_seconds\":{:.3},\"trace_hash\":\"{}\",\"jobs\":{}}}",
         seeds.len(),
-        violations,
+        summary.violations,
         events,
         sim_seconds,
         wall,
-        trace
+        trace,
+        jobs
     );
     if failed.is_empty() {
         ExitCode::SUCCESS

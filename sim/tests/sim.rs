@@ -7,7 +7,7 @@ use steadfast_core::Transport;
 use steadfast_core::time::Duration;
 use steadfast_sim::marks::Marks;
 use steadfast_sim::params::{Canary, FaultMix, Params, Workload};
-use steadfast_sim::{Outcome, run};
+use steadfast_sim::{Outcome, run, sweep};
 
 /// The seeds every CI run checks (picked once, never changed: add, don't replace).
 const FIXED_SEEDS: [u64; 20] = [
@@ -73,6 +73,33 @@ fn the_same_seed_gives_the_same_trace_hash() {
         );
         assert_eq!(a.marks, b.marks);
     }
+}
+
+/// A sweep's summary (and the order its outcomes are handed out in) is a function of its seeds
+/// alone, however many threads run them.
+#[test]
+fn a_sweep_sums_up_the_same_on_one_thread_and_on_several() {
+    let seeds: Vec<u64> = (40..48).collect();
+    let w = Workload::default();
+    let mut order = Vec::new();
+    let one = sweep(&seeds, &w, None, 1, |out| order.push(out.params.seed));
+    assert_eq!(order, seeds);
+    for jobs in [2, 3] {
+        let mut order = Vec::new();
+        let many = sweep(&seeds, &w, None, jobs, |out| order.push(out.params.seed));
+        assert_eq!(
+            order, seeds,
+            "{jobs} threads handed outcomes out of seed order"
+        );
+        assert_eq!(one, many, "{jobs} threads summed up differently from one");
+    }
+    assert_eq!(one.seeds, 8);
+    assert!(one.events > 0 && one.sim_seconds > 0.0);
+    // With a canary every seed fails: the failing seeds, too, come in seed order.
+    let broken = |jobs| sweep(&seeds, &w, Some(Canary::DupDelivery), jobs, |_| {});
+    let (a, b) = (broken(1), broken(2));
+    assert_eq!(a, b);
+    assert!(!a.failed.is_empty() && a.failed.is_sorted());
 }
 
 #[test]
