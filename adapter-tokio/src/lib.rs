@@ -33,6 +33,7 @@
 //! are.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 mod runtime;
 
 use std::io;
