@@ -31,9 +31,14 @@
 //! client.write_all(b"lost").await?;
 //! assert!(timeout(Duration::from_millis(100), upstream.read(&mut buf)).await.is_err());
 //!
-//! // The path comes back: new bytes flow, the ones sent into the blackhole are gone for good.
+//! // The path comes back, but not for this connection: TCP never delivers a stream with a hole,
+//! // so a connection that lost bytes stays dead until an end gives up on it. New ones work.
 //! proxy.heal(Target::All);
-//! client.write_all(b"back").await?;
+//! client.write_all(b"more").await?;
+//! assert!(timeout(Duration::from_millis(100), upstream.read(&mut buf)).await.is_err());
+//! let mut again = TcpStream::connect(proxy.local_addr()).await?;
+//! let (mut upstream, _) = server.accept().await?;
+//! again.write_all(b"back").await?;
 //! upstream.read_exact(&mut buf).await?;
 //! assert_eq!(&buf, b"back");
 //! # Ok(())
@@ -48,12 +53,12 @@
 //!
 //! | fault | models | bytes in that time |
 //! |---|---|---|
-//! | [`Fault::Blackhole`] | a VM live migration, a silently dead route | dropped, both directions; connections stay open |
+//! | [`Fault::Blackhole`] | a VM live migration, a silently dead route | dropped, both directions; connections stay open, and one that lost bytes stays dead after heal |
 //! | [`Fault::Freeze`] | a paused path that TCP will eventually get through | held (the proxy stops reading, so TCP flow control stalls the sender) and delivered on heal |
 //! | [`Fault::Delay`] | latency | delayed per chunk, order kept |
 //! | [`Fault::Throttle`] | a thin pipe | paced to a rate per direction |
 //! | [`Fault::Reset`] | a middlebox or a peer crash | both peers get an RST at once |
-//! | [`Fault::HalfOpen`] | a path dead in one direction | dropped in that direction only; nothing closes |
+//! | [`Fault::HalfOpen`] | a path dead in one direction | dropped in that direction only, which stays dead after heal if it lost bytes; nothing closes |
 //! | [`Fault::HalfClose`] | a peer that shut down its write side | the peer on the far end reads end-of-file; later bytes that way are dropped |
 //!
 //! A blackhole drops rather than buffers because the bytes that crossed a silent path are what a
@@ -61,8 +66,10 @@
 //! the session layer's acknowledgements can tell otherwise. A blackhole does hold back an
 //! end-of-file or a connection error until it heals, as a real dead path would hold back the FIN
 //! or RST that TCP keeps retransmitting; otherwise the peers would learn of the closure through a
-//! path that is meant to be silent. Use [`Fault::Freeze`] instead when the path should come back
-//! with nothing lost.
+//! path that is meant to be silent. A direction that lost bytes never carries another one, even
+//! after heal: a real TCP connection cannot skip a hole in its stream, so it either gets the lost
+//! bytes through (that is [`Fault::Freeze`]) or dies, and the peers must notice and reconnect.
+//! Use [`Fault::Freeze`] when the path should come back with nothing lost.
 //!
 //! Faults accumulate on a connection until [`ChaosProxy::heal`]: a delay and a throttle can be in
 //! force together, and a second fault of the same kind replaces the first. Healing cannot undo a
@@ -82,7 +89,7 @@ use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -637,10 +644,14 @@ impl Counters {
     }
 }
 
-/// Counts a connection's bytes in its own counters and the proxy's totals.
+/// Counts a direction's bytes in its connection's counters and the proxy's totals, and remembers
+/// whether the direction has lost any.
 struct Meter {
     conn: Arc<Counters>,
     shared: Arc<Shared>,
+    /// Set once a byte this way was dropped: TCP never delivers a stream with a hole in it, so from
+    /// then on the direction is dead for good, whatever heals.
+    severed: Arc<AtomicBool>,
 }
 
 impl Meter {
@@ -649,7 +660,12 @@ impl Meter {
         self.shared.bytes.forwarded(direction, n);
     }
 
+    fn severed(&self) -> bool {
+        self.severed.load(Ordering::Relaxed)
+    }
+
     fn dropped(&self, n: usize) {
+        self.severed.store(true, Ordering::Relaxed);
         self.conn.dropped.fetch_add(n as u64, Ordering::Relaxed);
         self.shared
             .bytes
@@ -903,9 +919,11 @@ async fn run_conn(
             Direction::ServerToClient => (server.clone(), client.clone()),
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        let severed = Arc::new(AtomicBool::new(false));
         let meter = || Meter {
             conn: bytes.clone(),
             shared: shared.clone(),
+            severed: severed.clone(),
         };
         pumps.spawn(read_pump(direction, src, tx, faults.clone(), meter()));
         pumps.spawn(
@@ -982,7 +1000,7 @@ async fn read_pump(
         let item = match read {
             Ok(0) => Item::Eof { read_at },
             Ok(n) => {
-                if faults.borrow().drops(direction) {
+                if faults.borrow().drops(direction) || meter.severed() {
                     trace!(?direction, n, "chaos: dropped on arrival");
                     meter.dropped(n);
                     continue;
@@ -1097,7 +1115,7 @@ impl Writer {
             if self.shut {
                 return Ok(false);
             }
-            let until = if faults.holds_closure(self.direction) {
+            let until = if faults.holds_closure(self.direction) || self.meter.severed() {
                 None
             } else {
                 let due = read_at + faults.delay;
@@ -1119,7 +1137,7 @@ impl Writer {
             let Some(faults) = self.current()? else {
                 return Ok(false);
             };
-            if self.shut || faults.drops(self.direction) {
+            if self.shut || faults.drops(self.direction) || self.meter.severed() {
                 trace!(direction = ?self.direction, n = bytes.len(), "chaos: dropped in flight");
                 self.meter.dropped(bytes.len());
                 return Ok(true);

@@ -146,7 +146,8 @@ async fn bytes_pass_both_ways_through_a_healthy_proxy_and_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blackhole_keeps_the_client_connected_but_silent_and_loses_what_it_caught() {
+async fn a_blackhole_keeps_the_client_connected_but_silent_and_what_lost_bytes_stays_dead_after_heal()
+ {
     let (proxy, mut client) = echo_client().await;
     assert_eq!(round_trip(&mut client, b"ping").await, b"ping");
 
@@ -160,10 +161,27 @@ async fn a_blackhole_keeps_the_client_connected_but_silent_and_loses_what_it_cau
     .await;
 
     assert_eq!(proxy.heal(Target::All), 1);
-    // Had the proxy buffered "lost", it would come back first.
-    assert_eq!(round_trip(&mut client, b"back").await, b"back");
-    assert_eq!(proxy.stats().bytes_dropped, 4);
     assert_eq!(proxy.connections()[0].faults, []);
+    // TCP cannot skip the hole where "lost" was: this connection never carries a byte again.
+    client.write_all(b"more").await.unwrap();
+    assert_silent(&mut client, "a healed connection that lost bytes").await;
+    eventually("the dead connection to drop 4 more bytes", || {
+        proxy.stats().bytes_dropped == 8
+    })
+    .await;
+    let mut fresh = connect(&proxy, 2).await;
+    assert_eq!(round_trip(&mut fresh, b"back").await, b"back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackhole_that_caught_nothing_heals_its_connection_fully() {
+    let (proxy, mut client) = echo_client().await;
+
+    proxy.apply(Target::All, Fault::Blackhole);
+    assert_silent(&mut client, "the blackholed client").await;
+    proxy.heal(Target::All);
+    assert_eq!(round_trip(&mut client, b"back").await, b"back");
+    assert_eq!(proxy.stats().bytes_dropped, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +198,8 @@ async fn bytes_sent_into_a_blackhole_stay_lost_even_when_a_delay_still_held_them
     .await;
 
     proxy.heal(Target::All);
-    assert_eq!(round_trip(&mut client, b"back").await, b"back");
+    client.write_all(b"more").await.unwrap();
+    assert_silent(&mut client, "a healed connection that lost bytes").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +365,9 @@ async fn a_partition_silences_connections_made_during_it_until_healed_for_new_on
     eventually("both x to be dropped", || proxy.stats().bytes_dropped == 2).await;
 
     assert_eq!(proxy.heal(Target::AllAndNew), 3);
-    assert_eq!(round_trip(&mut after, b"a").await, b"a");
+    // The connections that lost their "x" stay dead; a new one gets through.
+    after.write_all(b"a").await.unwrap();
+    assert_silent(&mut after, "a connection that lost bytes in the partition").await;
     let mut later = connect(&proxy, 4).await;
     assert_eq!(round_trip(&mut later, b"l").await, b"l");
     assert_eq!(proxy.stats().applied.blackhole, 3);
