@@ -149,6 +149,8 @@ struct Conn {
     armed: Option<Instant>,
     /// Its slot in the timer set.
     timer: TimerSlot,
+    /// Its id waits in the ready queue.
+    queued: bool,
     /// The hello this connection was welcomed for, to answer a retry of it: (nonce, resumed).
     welcomed: Option<(u64, bool)>,
 }
@@ -176,7 +178,9 @@ pub struct Server {
     scratch: Vec<Incoming>,
     events: VecDeque<ServerEvent>,
     ready: VecDeque<ConnId>,
-    ready_set: BTreeSet<ConnId>,
+    /// Ids waiting in `ready` whose connection is gone (a connection waiting there says so itself,
+    /// in `Conn::queued`): each id waits there once at most.
+    orphans: BTreeSet<ConnId>,
     timers: Timers,
     limits: DecodeLimits,
     refused_tokens: u64,
@@ -217,7 +221,7 @@ impl Server {
             scratch: Vec::new(),
             events: VecDeque::new(),
             ready: VecDeque::new(),
-            ready_set: BTreeSet::new(),
+            orphans: BTreeSet::new(),
             timers: Timers::default(),
             limits,
             refused_tokens: 0,
@@ -244,6 +248,8 @@ impl Server {
             closing: false,
             armed: None,
             timer: self.timers.new_slot(),
+            // An id still waiting in the ready queue from a connection gone before is this one's.
+            queued: self.orphans.remove(&conn),
             welcomed: None,
         };
         // Past the bound, a connection gets no handshake at all: it is closed unread.
@@ -251,6 +257,9 @@ impl Server {
         if let Some(old) = self.conns.insert(conn, c) {
             // The adapter reused the id of a connection it never reported closed.
             self.timers.free_slot(old.timer);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.queued = old.queued;
+            }
         }
         self.pending.insert(conn);
         self.mark_ready(conn);
@@ -692,10 +701,11 @@ impl Server {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut BytesMut) -> Option<Transmit> {
         let now = self.observe(now);
         while let Some(conn) = self.ready.pop_front() {
-            self.ready_set.remove(&conn);
             let Some(c) = self.conns.get_mut(&conn) else {
+                self.orphans.remove(&conn);
                 continue;
             };
+            c.queued = false;
             let mut session = c.session.and_then(|id| self.sessions.get_mut(&id));
             let budget = self.config.channel.max_batch_bytes;
             // A closing connection without a session writes only its handshake reply, if any.
@@ -723,8 +733,8 @@ impl Server {
                     close: true,
                 });
             }
-            if more && self.ready_set.insert(conn) {
-                self.ready.push_back(conn);
+            if more {
+                queue(&mut self.ready, conn, c);
             }
             let timers = &mut self.timers;
             let deadline = conn_deadline(c, self.config.handshake_timeout);
@@ -1006,10 +1016,11 @@ impl Server {
     }
 
     fn touch_conn(&mut self, conn: ConnId) {
-        self.mark_ready(conn);
         let Some(c) = self.conns.get_mut(&conn) else {
+            self.mark_ready(conn);
             return;
         };
+        queue(&mut self.ready, conn, c);
         let deadline = conn_deadline(c, self.config.handshake_timeout);
         rearm(
             &mut self.timers,
@@ -1037,19 +1048,19 @@ impl Server {
             return;
         };
         if let Some(conn) = s.conn {
-            if self.ready_set.insert(conn) {
-                self.ready.push_back(conn);
-            }
-            if let Some(c) = self.conns.get_mut(&conn) {
-                let deadline = conn_deadline(c, self.config.handshake_timeout);
-                rearm(
-                    &mut self.timers,
-                    Key::Conn(conn),
-                    c.timer,
-                    &mut c.armed,
-                    deadline,
-                );
-            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                self.mark_ready(conn);
+                return self.retime(Key::Session(id));
+            };
+            queue(&mut self.ready, conn, c);
+            let deadline = conn_deadline(c, self.config.handshake_timeout);
+            rearm(
+                &mut self.timers,
+                Key::Conn(conn),
+                c.timer,
+                &mut c.armed,
+                deadline,
+            );
         }
         let deadline = session_deadline(s, self.config.retention);
         rearm(
@@ -1061,9 +1072,15 @@ impl Server {
         );
     }
 
+    /// Queues `conn` for [`Server::poll_transmit`], unless it waits there already.
     fn mark_ready(&mut self, conn: ConnId) {
-        if self.ready_set.insert(conn) {
-            self.ready.push_back(conn);
+        match self.conns.get_mut(&conn) {
+            Some(c) => queue(&mut self.ready, conn, c),
+            None => {
+                if self.orphans.insert(conn) {
+                    self.ready.push_back(conn);
+                }
+            }
         }
     }
 
@@ -1106,6 +1123,9 @@ impl Server {
         let c = self.conns.remove(&conn)?;
         self.pending.remove(&conn);
         self.timers.free_slot(c.timer);
+        if c.queued {
+            self.orphans.insert(conn);
+        }
         Some(c)
     }
 
@@ -1134,6 +1154,14 @@ fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
         earliest(retention, s.requests.deadline()),
         earliest(channel, held),
     )
+}
+
+/// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
+fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
+    if !c.queued {
+        c.queued = true;
+        ready.push_back(conn);
+    }
 }
 
 /// Moves `key`'s entry in the timer set (in `slot`) from its armed deadline (kept on its entity) to
@@ -1294,6 +1322,45 @@ impl Timers {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn server() -> Server {
+        let entropy =
+            Box::new(<rand_chacha::ChaCha8Rng as rand_core::SeedableRng>::seed_from_u64(1));
+        Server::new(
+            ServerConfig::new(Config::new(crate::Transport::Stream)),
+            Instant::ZERO,
+            entropy,
+        )
+        .expect("valid config")
+    }
+
+    /// A connection id waits in the ready queue once at most: also when its connection is gone
+    /// before the queue is drained, and when a new connection takes the id meanwhile.
+    #[test]
+    fn a_connection_id_waits_in_the_ready_queue_once() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        s.on_connection(t, 1);
+        s.on_connection(t, 2);
+        s.on_disconnected(t, 1);
+        assert_eq!(s.ready.iter().copied().collect::<Vec<_>>(), [1, 2]);
+        assert!(s.orphans.contains(&1));
+        s.mark_ready(1);
+        s.mark_ready(2);
+        assert_eq!(s.ready.len(), 2);
+        s.on_connection(t, 1);
+        assert!(s.orphans.is_empty() && s.conns[&1].queued);
+        assert_eq!(s.ready.len(), 2);
+        s.on_disconnected(t, 2);
+        let mut buf = BytesMut::new();
+        while s.poll_transmit(t, &mut buf).is_some() {}
+        assert!(s.ready.is_empty() && s.orphans.is_empty());
+        assert!(s.conns.values().all(|c| !c.queued));
+        s.mark_ready(2);
+        assert_eq!(s.ready.len(), 1);
+        assert!(s.poll_transmit(t, &mut buf).is_none());
+        assert!(s.orphans.is_empty());
+    }
 
     proptest! {
         /// The timer heap agrees with a set of `(deadline, key)` pairs, whatever is armed, moved,
