@@ -24,7 +24,7 @@ use crate::session::{Entropy, SessionEvent};
 use crate::time::Duration;
 
 /// Decides whether a new session's credentials are accepted; runs on the driver, so keep it quick.
-pub type Authenticator = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+pub type Authenticator = alloc::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 /// How a server runs.
 #[derive(Clone)]
@@ -62,7 +62,7 @@ impl ServerOptions {
         check: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.config.authenticate = true;
-        self.authenticator = Some(Arc::new(check));
+        self.authenticator = Some(alloc::sync::Arc::new(check));
         self
     }
 }
