@@ -568,7 +568,9 @@ impl<R: Runtime> Future for ClientDriver<R> {
                     Poll::Pending => progress |= this.out.len() < before,
                 }
             }
-            if step.over && (this.io.is_none() || this.out.is_empty()) {
+            // Over: what the socket took is the last word; a peer that stopped reading is not
+            // waited for.
+            if step.over {
                 if let Some(io) = &mut this.io {
                     let _ = io.poll_shutdown(cx);
                 }

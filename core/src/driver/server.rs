@@ -137,7 +137,13 @@ impl State {
                 break;
             }
         }
-        if self.server.poll_timeout() < self.armed || self.armed.is_none() {
+        // The timer task sleeps until `armed`; it must hear of an earlier deadline.
+        let earlier = match (self.server.poll_timeout(), self.armed) {
+            (Some(t), Some(armed)) => t < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier {
             wakes.wake(&mut self.driver);
         }
     }
