@@ -1184,19 +1184,11 @@ fn rearm(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimerSlot(u32);
 
-/// One armed timer.
+/// One armed timer: its deadline and its slot (16 bytes, so sifting moves little).
 #[derive(Debug, Clone, Copy)]
 struct TimerEntry {
     at: Instant,
-    key: Key,
     slot: TimerSlot,
-}
-
-impl TimerEntry {
-    /// The order timers fire in: by deadline, then sessions after connections, then by id.
-    fn order(&self) -> (Instant, Key) {
-        (self.at, self.key)
-    }
 }
 
 /// The timers of every session and connection: a binary min-heap by `(deadline, key)`, where each
@@ -1207,6 +1199,8 @@ struct Timers {
     heap: Vec<TimerEntry>,
     /// Per slot, its entry's index in `heap` ([`UNARMED`] if none).
     pos: Vec<u32>,
+    /// Per slot, the key of its session or connection (which orders equal deadlines).
+    keys: Vec<Key>,
     /// Slots of entities that are gone, for new ones.
     free: Vec<TimerSlot>,
 }
@@ -1222,6 +1216,7 @@ impl Timers {
         }
         let slot = TimerSlot(u32::try_from(self.pos.len()).expect("fewer than 2^32 timers"));
         self.pos.push(UNARMED);
+        self.keys.push(Key::Conn(0));
         slot
     }
 
@@ -1237,7 +1232,8 @@ impl Timers {
         match (i, at) {
             (UNARMED, None) => {}
             (UNARMED, Some(at)) => {
-                self.heap.push(TimerEntry { at, key, slot });
+                self.keys[slot.0 as usize] = key;
+                self.heap.push(TimerEntry { at, slot });
                 self.sift_up(self.heap.len() - 1);
             }
             (i, Some(at)) => {
@@ -1273,8 +1269,15 @@ impl Timers {
     /// Disarms and returns the earliest timer if it is due at `now`.
     fn pop_due(&mut self, now: Instant) -> Option<Key> {
         let first = *self.heap.first().filter(|e| e.at <= now)?;
-        self.set(first.slot, first.key, None);
-        Some(first.key)
+        let key = self.keys[first.slot.0 as usize];
+        self.set(first.slot, key, None);
+        Some(key)
+    }
+
+    /// Whether `a` fires before `b`: by deadline, then by key (connections before sessions, then
+    /// by id).
+    fn before(&self, a: TimerEntry, b: TimerEntry) -> bool {
+        a.at < b.at || (a.at == b.at && self.keys[a.slot.0 as usize] < self.keys[b.slot.0 as usize])
     }
 
     fn place(&mut self, i: usize, e: TimerEntry) {
@@ -1287,7 +1290,7 @@ impl Timers {
         while i > 0 {
             let parent = (i - 1) / 2;
             let p = self.heap[parent];
-            if p.order() <= e.order() {
+            if !self.before(e, p) {
                 break;
             }
             self.place(i, p);
@@ -1304,11 +1307,11 @@ impl Timers {
             if child >= n {
                 break;
             }
-            if child + 1 < n && self.heap[child + 1].order() < self.heap[child].order() {
+            if child + 1 < n && self.before(self.heap[child + 1], self.heap[child]) {
                 child += 1;
             }
             let c = self.heap[child];
-            if e.order() <= c.order() {
+            if !self.before(c, e) {
                 break;
             }
             self.place(i, c);
