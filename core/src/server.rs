@@ -176,6 +176,8 @@ pub struct Server {
     pending: BTreeSet<ConnId>,
     /// Reused by `handle_input` for the frames of one read.
     scratch: Vec<Incoming>,
+    /// Reused by `handle_timeout` for the timers due at once.
+    due: Vec<Key>,
     events: VecDeque<ServerEvent>,
     ready: VecDeque<ConnId>,
     /// Ids waiting in `ready` whose connection is gone (a connection waiting there says so itself,
@@ -219,6 +221,7 @@ impl Server {
             conns: BTreeMap::new(),
             pending: BTreeSet::new(),
             scratch: Vec::new(),
+            due: Vec::new(),
             events: VecDeque::new(),
             ready: VecDeque::new(),
             orphans: BTreeSet::new(),
@@ -621,19 +624,21 @@ impl Server {
         let now = self.observe(now);
         // Take what is due once: a timer still due after its handler (a heartbeat waits for the
         // transmit drain to take its ping) is the next call's business, not a loop's.
-        let mut due = Vec::new();
+        let mut due = core::mem::take(&mut self.due);
         while let Some(key) = self.timers.pop_due(now) {
             if let Some(armed) = self.armed_mut(key) {
                 *armed = None;
             }
             due.push(key);
         }
-        for key in due {
+        for &key in &due {
             match key {
                 Key::Conn(conn) => self.conn_timeout(now, conn),
                 Key::Session(id) => self.session_timeout(now, id),
             }
         }
+        due.clear();
+        self.due = due;
     }
 
     fn conn_timeout(&mut self, now: Instant, conn: ConnId) {
