@@ -384,6 +384,8 @@ pub struct ClientDriver<R: Runtime> {
     read_buf: BytesMut,
     out: BytesMut,
     alarm: Alarm,
+    /// A write failed: the connection is gone, and the core is yet to hear.
+    write_failed: bool,
 }
 
 impl<R: Runtime> core::fmt::Debug for ClientDriver<R> {
@@ -436,6 +438,7 @@ pub fn client<R: Runtime>(
         read_buf: BytesMut::new(),
         out: BytesMut::new(),
         alarm: Alarm::new(),
+        write_failed: false,
     };
     Ok((ClientHandle { shared }, driver))
 }
@@ -519,7 +522,7 @@ impl<R: Runtime> Future for ClientDriver<R> {
                 }
             }
             let mut input = None;
-            let mut ended = false;
+            let mut ended = core::mem::take(&mut this.write_failed);
             if let Some(io) = &mut this.io {
                 match poll_read_chunk(io, cx, &mut this.read_buf) {
                     Poll::Ready(Ok(Some(data))) => input = Some(data),
@@ -562,7 +565,8 @@ impl<R: Runtime> Future for ClientDriver<R> {
                         tracing::debug!(error = %e, "write failed");
                         this.io = None;
                         this.out.clear();
-                        this.step(None, true, None);
+                        // The next pass reports it, and acts on the reconnect it brings.
+                        this.write_failed = true;
                         progress = true;
                     }
                     Poll::Pending => progress |= this.out.len() < before,

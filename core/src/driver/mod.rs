@@ -65,7 +65,8 @@ pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
 pub trait Timer: Send {
     /// Moves the deadline.
     fn reset(self: Pin<&mut Self>, deadline: std::time::Instant);
-    /// Ready once the deadline has passed.
+    /// Ready once the deadline has passed, and ready again on every poll until it is reset (async-io's
+    /// timer fires once and must be wrapped to keep this promise).
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()>;
 }
 

@@ -460,6 +460,9 @@ impl Drop for RequestGuard<'_> {
     }
 }
 
+/// How long to wait after a failed accept before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 /// Connections accepted per poll before yielding.
 const ACCEPTS_PER_POLL: usize = 64;
 
@@ -471,6 +474,8 @@ pub struct ServerDriver<R: Runtime> {
     listener: Option<R::Listener>,
     clock: Clock,
     alarm: Alarm,
+    /// After a failed accept, when to try again.
+    accept_retry: Option<std::time::Instant>,
 }
 
 impl<R: Runtime> core::fmt::Debug for ServerDriver<R> {
@@ -514,6 +519,7 @@ pub fn server<R: Runtime>(
         listener: Some(listener),
         clock,
         alarm: Alarm::new(),
+        accept_retry: None,
     };
     Ok((ServerHandle { shared, local_addr }, driver))
 }
@@ -527,14 +533,22 @@ impl<R: Runtime> Future for ServerDriver<R> {
             let Some(listener) = &mut this.listener else {
                 return Poll::Ready(());
             };
-            let accepted = match listener.poll_accept(cx) {
-                Poll::Ready(Ok((io, peer))) => Some((io, peer)),
-                Poll::Ready(Err(e)) => {
-                    // Out of descriptors, a connection reset before accept: the listener lives on.
+            let resting = this.accept_retry.is_some_and(|t| R::now() < t);
+            let accepted = match (resting, listener.poll_accept(cx)) {
+                (true, _) => None,
+                (false, Poll::Ready(Ok((io, peer)))) => Some((io, peer)),
+                (false, Poll::Ready(Err(e))) => {
+                    // Out of descriptors, or a connection reset before it was accepted: the
+                    // listener lives on, but a listener in error registers no wake-up, and out of
+                    // descriptors does not clear at once; try again shortly.
                     tracing::warn!(error = %e, "accept failed");
+                    this.accept_retry = Some(R::now() + ACCEPT_RETRY);
                     None
                 }
-                Poll::Pending => None,
+                (false, Poll::Pending) => {
+                    this.accept_retry = None;
+                    None
+                }
             };
             let (deadline, stop, conn) = this.shared.with(|s, wakes| {
                 register(&mut s.driver, cx.waker());
@@ -579,10 +593,14 @@ impl<R: Runtime> Future for ServerDriver<R> {
                 }));
                 continue;
             }
-            let Some(deadline) = deadline else {
-                return Poll::Pending;
+            let deadline = match (deadline.map(|d| this.clock.to_std(d)), this.accept_retry) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(d) => d,
+                    None => return Poll::Pending,
+                },
             };
-            match this.alarm.poll(&this.rt, cx, this.clock.to_std(deadline)) {
+            match this.alarm.poll(&this.rt, cx, deadline) {
                 Poll::Ready(()) => continue,
                 Poll::Pending => return Poll::Pending,
             }
