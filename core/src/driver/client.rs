@@ -216,6 +216,17 @@ impl ClientHandle {
         .await
     }
 
+    /// [`ClientHandle::send`] for a plain (non-async) thread: blocks it while the queue is full.
+    /// Never call it from inside an async task, whose thread it would block.
+    pub fn send_blocking(
+        &self,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        pollster::block_on(self.send(stream, mode, payload))
+    }
+
     /// Replies to the server's message `to`: reliable, de-duplicated, and it survives reconnects.
     /// Callable from any thread.
     pub fn reply(&self, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
@@ -329,6 +340,15 @@ impl ClientHandle {
     }
 }
 
+/// The session's events as a stream: the same as [`ClientHandle::next_event`] in a loop.
+impl futures_core::Stream for ClientHandle {
+    type Item = SessionEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
+        self.poll_event(cx)
+    }
+}
+
 /// Forgets an awaited request whose future is dropped.
 struct RequestGuard<'a> {
     shared: &'a Shared<State>,
@@ -386,6 +406,7 @@ pub struct ClientDriver<R: Runtime> {
     alarm: Alarm,
     /// A write failed: the connection is gone, and the core is yet to hear.
     write_failed: bool,
+    span: tracing::Span,
 }
 
 impl<R: Runtime> core::fmt::Debug for ClientDriver<R> {
@@ -439,6 +460,7 @@ pub fn client<R: Runtime>(
         out: BytesMut::new(),
         alarm: Alarm::new(),
         write_failed: false,
+        span: tracing::info_span!("steadfast_client"),
     };
     Ok((ClientHandle { shared }, driver))
 }
@@ -493,6 +515,8 @@ impl<R: Runtime> Future for ClientDriver<R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        let span = this.span.clone();
+        let _entered = span.enter();
         this.shared.with(|s, _| register(&mut s.driver, cx.waker()));
         for _ in 0..READS_PER_POLL {
             let mut progress = false;

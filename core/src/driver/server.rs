@@ -332,6 +332,18 @@ impl ServerHandle {
         .await
     }
 
+    /// [`ServerHandle::send`] for a plain (non-async) thread: blocks it while the queue is full.
+    /// Never call it from inside an async task, whose thread it would block.
+    pub fn send_blocking(
+        &self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payload: Bytes,
+    ) -> Result<Sent, SendError> {
+        pollster::block_on(self.send(session, stream, mode, payload))
+    }
+
     /// Sends one payload to many sessions (fan-out); returns the sends that were refused.
     pub fn broadcast(
         &self,
@@ -424,6 +436,15 @@ impl ServerHandle {
     }
 }
 
+/// The server's events as a stream: the same as [`ServerHandle::next_event`] in a loop.
+impl futures_core::Stream for ServerHandle {
+    type Item = ServerEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
+        self.poll_event(cx)
+    }
+}
+
 struct RequestGuard<'a> {
     shared: &'a Shared<State>,
     key: (SessionId, Seq),
@@ -476,6 +497,7 @@ pub struct ServerDriver<R: Runtime> {
     alarm: Alarm,
     /// After a failed accept, when to try again.
     accept_retry: Option<std::time::Instant>,
+    span: tracing::Span,
 }
 
 impl<R: Runtime> core::fmt::Debug for ServerDriver<R> {
@@ -520,6 +542,7 @@ pub fn server<R: Runtime>(
         clock,
         alarm: Alarm::new(),
         accept_retry: None,
+        span: tracing::info_span!("steadfast_server", %local_addr),
     };
     Ok((ServerHandle { shared, local_addr }, driver))
 }
@@ -529,6 +552,8 @@ impl<R: Runtime> Future for ServerDriver<R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        let span = this.span.clone();
+        let _entered = span.enter();
         for _ in 0..ACCEPTS_PER_POLL {
             let Some(listener) = &mut this.listener else {
                 return Poll::Ready(());
@@ -582,8 +607,9 @@ impl<R: Runtime> Future for ServerDriver<R> {
                 this.listener = None;
                 return Poll::Ready(());
             }
-            if let (Some(id), Some((io, _))) = (conn, accepted) {
+            if let (Some(id), Some((io, peer))) = (conn, accepted) {
                 this.rt.spawn(Box::pin(ConnTask {
+                    span: tracing::info_span!(parent: &this.span, "steadfast_conn", conn = id, %peer),
                     shared: this.shared.clone(),
                     id,
                     io,
@@ -621,6 +647,7 @@ struct ConnTask<S> {
     read_buf: BytesMut,
     out: BytesMut,
     closing: bool,
+    span: tracing::Span,
 }
 
 impl<S: super::Io> ConnTask<S> {
@@ -641,6 +668,8 @@ impl<S: super::Io> Future for ConnTask<S> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        let span = this.span.clone();
+        let _entered = span.enter();
         for _ in 0..READS_PER_POLL {
             let mut input = None;
             if !this.closing {
