@@ -49,10 +49,17 @@ async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_b
             ..
         } = event
         {
-            assert_eq!(m.payload.as_ref(), next.to_be_bytes(), "in order, exactly once");
+            assert_eq!(
+                m.payload.as_ref(),
+                next.to_be_bytes(),
+                "in order, exactly once"
+            );
             next += 1;
         }
     }
     let refused = thread.join().unwrap();
-    assert!(refused > 0, "a queue of 8 never filled: backpressure went untested");
+    assert!(
+        refused > 0,
+        "a queue of 8 never filled: backpressure went untested"
+    );
 }
