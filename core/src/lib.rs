@@ -50,6 +50,7 @@ pub mod send;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod tiebreak;
 pub mod time;
 pub mod unreliable;

@@ -1,0 +1,1 @@
+//! A file-backed [`Store`](super::Store): being written.
