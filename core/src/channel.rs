@@ -114,6 +114,8 @@ pub struct Channel {
     state: State,
     now: Instant,
     stats: Stats,
+    /// With a durable store, the messages that arrived since the owner last took them.
+    arrivals: Option<Vec<crate::store::Stored>>,
 }
 
 #[derive(Debug)]
@@ -148,8 +150,49 @@ impl Channel {
             state: State::Open,
             now,
             stats: Stats::default(),
+            arrivals: None,
             config,
         })
+    }
+
+    /// Keeps every arriving message for [`Channel::take_arrivals`], for a durable store.
+    pub(crate) fn record_arrivals(&mut self) {
+        self.arrivals.get_or_insert_with(Vec::new);
+    }
+
+    /// The messages that arrived (delivered or held for reordering) since the last call.
+    pub(crate) fn take_arrivals(&mut self) -> Vec<crate::store::Stored> {
+        self.arrivals
+            .as_mut()
+            .map(core::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Takes back what a store kept from a previous process into a channel that has done nothing
+    /// yet; returns the messages the application had received but not consumed, to hand out again.
+    pub(crate) fn restore(
+        &mut self,
+        r: &crate::store::Recovered,
+    ) -> Result<Vec<Message>, crate::store::StoreError> {
+        self.send.restore(r.next_seq, &r.unacknowledged)?;
+        let waiting = |m: &&crate::store::Stored| m.seq >= r.watermark && !m.unordered;
+        self.recv.restore(
+            r.watermark,
+            &r.arrived_above,
+            r.unconsumed
+                .iter()
+                .filter(waiting)
+                .map(|m| (m.seq, m.stream, m.payload.clone())),
+        )?;
+        Ok(r.unconsumed
+            .iter()
+            .filter(|m| !waiting(m))
+            .map(|m| Message {
+                stream: m.stream,
+                seq: m.seq,
+                payload: m.payload.clone(),
+            })
+            .collect())
     }
 
     /// Queues `payload` on stream 0 in the configured [`Config::delivery`] and returns its sequence
@@ -475,6 +518,12 @@ impl Channel {
                         return;
                     }
                 }
+                let kept = self.arrivals.is_some().then(|| crate::store::Stored {
+                    seq: d.seq,
+                    stream: d.stream,
+                    unordered: d.unordered,
+                    payload: d.payload.clone(),
+                });
                 let events = &mut self.events;
                 let arrival = self.recv.on_data(
                     now,
@@ -494,7 +543,11 @@ impl Channel {
                     Arrival::Duplicate => self.stats.duplicates_received += 1,
                     Arrival::BeyondWindow => self.stats.dropped_beyond_window += 1,
                     Arrival::NoRoom => self.stats.dropped_no_room += 1,
-                    Arrival::Delivered | Arrival::Buffered => {}
+                    Arrival::Delivered | Arrival::Buffered => {
+                        if let (Some(list), Some(m)) = (&mut self.arrivals, kept) {
+                            list.push(m);
+                        }
+                    }
                 }
             }
             Frame::Ack(AckFrame {

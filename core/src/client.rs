@@ -20,6 +20,7 @@ use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
     Requests, SessionCounters, SessionEvent, session_event,
 };
+use crate::store::{Identity, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
 
@@ -113,6 +114,8 @@ pub struct Client {
     counters: SessionCounters,
     limits: DecodeLimits,
     now: Instant,
+    /// Where the session is made durable, if anywhere; dropped (with an event) when it fails.
+    store: Option<alloc::boxed::Box<dyn Store>>,
 }
 
 impl core::fmt::Debug for Client {
@@ -160,7 +163,99 @@ impl Client {
             now,
             entropy,
             config,
+            store: None,
         })
+    }
+
+    /// A client whose session survives a restart of its process through `store`: what a previous
+    /// run left there is taken back (the session resumes with its identity, unacknowledged messages
+    /// and de-duplication state, and unconsumed messages come out again as
+    /// [`SessionEvent::Redelivered`]), and from then on everything that must survive is recorded.
+    pub fn with_store(
+        config: ClientConfig,
+        now: Instant,
+        entropy: alloc::boxed::Box<dyn Entropy>,
+        mut store: alloc::boxed::Box<dyn Store>,
+    ) -> Result<Self, ConfigError> {
+        let mut client = Client::new(config, now, entropy)?;
+        let recovered = store.recover().and_then(|r| {
+            let redelivered = client.channel.restore(&r)?;
+            Ok((r.identity, redelivered))
+        });
+        match recovered {
+            Ok((identity, redelivered)) => {
+                if let Some(id) = identity {
+                    client.session = Some((id.session, id.token));
+                    client.epoch = id.epoch;
+                }
+                client
+                    .events
+                    .extend(redelivered.into_iter().map(SessionEvent::Redelivered));
+                client.channel.record_arrivals();
+                client.store = Some(store);
+            }
+            Err(error) => {
+                // A store that cannot be read is not trusted with more: carry on in memory, loudly.
+                client = Client::new(client.config, now, client.entropy)?;
+                client
+                    .events
+                    .push_back(SessionEvent::DurabilityLost { error });
+            }
+        }
+        Ok(client)
+    }
+
+    /// Records through the store and makes it durable, falling back to memory (with an event) if
+    /// it fails.
+    fn durable(&mut self, f: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>) {
+        self.record(true, f);
+    }
+
+    fn record(&mut self, flush: bool, f: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let result = f(store.as_mut()).and_then(|()| if flush { store.flush() } else { Ok(()) });
+        if let Err(error) = result {
+            self.store = None;
+            self.events
+                .push_back(SessionEvent::DurabilityLost { error });
+        }
+    }
+
+    /// Records a reliable message the channel accepted.
+    fn journal(
+        &mut self,
+        sent: &Result<Sent, SendError>,
+        stream: u64,
+        unordered: bool,
+        payload: Option<Bytes>,
+    ) {
+        if let (Ok(sent), Some(payload)) = (sent, payload)
+            && let Some(seq) = sent.seq()
+        {
+            let m = Stored {
+                seq,
+                stream,
+                unordered,
+                payload,
+            };
+            self.durable(|s| s.sent(&m));
+        }
+    }
+
+    /// The application is done with message `seq` (a [`SessionEvent::Received`] or
+    /// [`SessionEvent::Redelivered`]): with a store, it will not be handed out again after a
+    /// restart. Without one this does nothing.
+    pub fn consumed(&mut self, seq: Seq) {
+        if self.store.is_some() {
+            self.durable(|s| s.consumed(seq));
+        }
+    }
+
+    /// Whether the session is being made durable (a store was given and has not failed).
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
     }
 
     /// What the adapter must do with its transport now, if anything.
@@ -198,8 +293,17 @@ impl Client {
             nonce,
             now,
         );
-        // Every attach claims a newer epoch, so a stale copy of this client is refused.
+        // Every attach claims a newer epoch, so a stale copy of this client is refused; a restarted
+        // process must not claim the same one again, so it is recorded before the hello goes.
         self.epoch += 1;
+        if let Some((session, token)) = self.session {
+            let identity = Identity {
+                session,
+                token,
+                epoch: self.epoch,
+            };
+            self.durable(|s| s.identity(identity));
+        }
         link.queue(self.hello(nonce));
         self.phase = Phase::Linked {
             link,
@@ -311,7 +415,30 @@ impl Client {
             }
         }
         self.scratch = frames;
+        self.record_arrivals();
         self.drain_channel();
+    }
+
+    /// Records what arrived before any ack of it can leave (acks are written by `poll_transmit`).
+    fn record_arrivals(&mut self) {
+        if self.store.is_none() {
+            return;
+        }
+        let arrivals = self.channel.take_arrivals();
+        if arrivals.is_empty() {
+            return;
+        }
+        self.durable(|s| {
+            for m in &arrivals {
+                s.arrived(m)?;
+                // A reply goes to its request, which does not outlive the process: nothing to
+                // hand out again.
+                if m.stream >= REPLY_STREAM {
+                    s.consumed(m.seq)?;
+                }
+            }
+            Ok(())
+        });
     }
 
     fn on_frame(&mut self, now: Instant, frame: Frame) {
@@ -364,6 +491,12 @@ impl Client {
         link.arbiter = Some(Arbiter::new(Role::Client, link.local_nonce, w.nonce));
         self.session = Some((w.session, w.token));
         self.epoch = self.epoch.max(w.epoch);
+        let identity = Identity {
+            session: w.session,
+            token: w.token,
+            epoch: self.epoch,
+        };
+        self.durable(|s| s.identity(identity));
         self.channel.sender_mut().set_in_flight_limit(
             self.config
                 .channel
@@ -446,7 +579,17 @@ impl Client {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        if matches!(
+            event,
+            SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
+        ) && let Some(store) = self.store.as_mut()
+        {
+            // Nothing in it will be needed again; a failure here costs nothing the event lacks.
+            let _ = store.clear().and_then(|()| store.flush());
+            self.store = None;
+        }
+        Some(event)
     }
 
     /// When [`Client::handle_timeout`] or [`Client::poll_directive`] next has work to do.
@@ -478,7 +621,10 @@ impl Client {
         if mode == Mode::Unreliable && !self.is_connected() {
             return Ok(Sent::Unreliable);
         }
-        self.channel.send_on(stream, mode, payload)
+        let kept = self.store.is_some().then(|| payload.clone());
+        let sent = self.channel.send_on(stream, mode, payload);
+        self.journal(&sent, stream, mode == Mode::Unordered, kept);
+        sent
     }
 
     /// Sends a reliable ordered request; a [`SessionEvent::Reply`] or, after `deadline`, a
@@ -507,9 +653,10 @@ impl Client {
             return Err(SendError::Closed(payload));
         }
         let stream = REPLY_STREAM.saturating_add(to);
-        self.channel
-            .send_on(stream, Mode::Ordered, payload)
-            .map(|s| s.seq().unwrap_or_default())
+        let kept = self.store.is_some().then(|| payload.clone());
+        let sent = self.channel.send_on(stream, Mode::Ordered, payload);
+        self.journal(&sent, stream, false, kept);
+        sent.map(|s| s.seq().unwrap_or_default())
     }
 
     /// Closes the session: the server is told, [`SessionEvent::Closed`] follows with the
@@ -569,6 +716,10 @@ impl Client {
     /// (keeping the link long enough for a close frame to go out).
     fn drain_channel(&mut self) {
         while let Some(e) = self.channel.poll_event() {
+            if let Event::Acknowledged { below } = e {
+                // Forgetting is not a durability point: no flush.
+                self.record(false, |s| s.acknowledged(below));
+            }
             if !matches!(e, Event::Closed { .. }) {
                 let ev = session_event(e, &mut self.requests);
                 self.events.push_back(ev);

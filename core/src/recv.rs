@@ -176,6 +176,40 @@ impl Receiver {
         self.watermark += 1;
     }
 
+    /// Takes back, into a receiver that has received nothing, what a store kept from a previous
+    /// process: the arrivals (so they are not delivered twice) and the ordered messages that were
+    /// waiting above a gap. Fails if they do not fit this receiver's bounds.
+    pub(crate) fn restore(
+        &mut self,
+        watermark: Seq,
+        above: &[Range<Seq>],
+        waiting: impl Iterator<Item = (Seq, u64, Bytes)>,
+    ) -> Result<(), crate::store::StoreError> {
+        let too_big = || {
+            crate::store::StoreError::Corrupt(alloc::string::String::from(
+                "stored arrivals exceed the receive window",
+            ))
+        };
+        self.watermark = watermark;
+        for r in above {
+            if r.start <= watermark || r.end.saturating_sub(watermark) > self.window {
+                return Err(too_big());
+            }
+            for seq in r.clone() {
+                self.above.insert(seq).map_err(|_| too_big())?;
+            }
+        }
+        for (seq, stream, payload) in waiting {
+            let i = (seq - watermark) as usize;
+            if self.reorder.len() <= i {
+                self.reorder.resize(i + 1, None);
+            }
+            self.reorder_bytes += payload.len();
+            self.reorder[i] = Some((stream, payload));
+        }
+        Ok(())
+    }
+
     /// Every sequence number below this has arrived.
     pub fn watermark(&self) -> Seq {
         self.watermark

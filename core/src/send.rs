@@ -557,6 +557,47 @@ impl Sender {
             .get(usize::try_from(seq.checked_sub(self.base)?).ok()?)
     }
 
+    /// Takes back, into a sender that has sent nothing, the unacknowledged messages a store kept
+    /// from a previous process (in sequence order, contiguous, ending just below `next_seq`). They
+    /// go out again as if never sent; the peer's de-duplication drops what it already had.
+    pub(crate) fn restore(
+        &mut self,
+        next_seq: Seq,
+        messages: &[crate::store::Stored],
+    ) -> Result<(), crate::store::StoreError> {
+        let base = messages.first().map_or(next_seq, |m| m.seq);
+        let contiguous = messages
+            .iter()
+            .enumerate()
+            .all(|(i, m)| m.seq == base + i as u64)
+            && base + messages.len() as u64 == next_seq;
+        if !contiguous || self.end() != 0 {
+            return Err(crate::store::StoreError::Corrupt(
+                alloc::string::String::from(
+                    "unacknowledged messages are not contiguous up to the next sequence number",
+                ),
+            ));
+        }
+        self.base = base;
+        self.next_unsent = base;
+        self.sent_end = next_seq;
+        for m in messages {
+            self.queued_bytes += m.payload.len();
+            self.slots.push_back(Slot {
+                stream: m.stream,
+                payload: m.payload.clone(),
+                unordered: m.unordered,
+                key: None,
+                sent_at: None,
+                sent_order: 0,
+                transmissions: 0,
+                acked: false,
+                lost: false,
+            });
+        }
+        Ok(())
+    }
+
     /// One past the last queued sequence number: the next one `push` assigns.
     pub fn end(&self) -> Seq {
         self.base + self.slots.len() as u64

@@ -88,6 +88,16 @@ pub enum SessionEvent {
         /// Messages sent but never acknowledged: their delivery is unknown.
         unacknowledged: Vec<Message>,
     },
+    /// A message received before this process restarted that the application had not consumed,
+    /// handed out again from the durable store: it may have been seen, so an application with
+    /// its own ledger checks the id (see [`crate::store`]).
+    Redelivered(Message),
+    /// The durable store failed: the session carries on, but only in memory, so a restart of this
+    /// process now loses it (Softnet's CPL-2 to CPL-1).
+    DurabilityLost {
+        /// What failed.
+        error: crate::store::StoreError,
+    },
     /// The session was closed by an application (this side's or the peer's). The last event.
     Closed {
         /// Who closed, with the code.

@@ -154,7 +154,10 @@ impl Store for MemoryStore {
     fn sent(&mut self, message: &Stored) -> Result<(), StoreError> {
         let s = &mut self.state;
         s.next_seq = s.next_seq.max(message.seq + 1);
-        match s.unacknowledged.binary_search_by_key(&message.seq, |m| m.seq) {
+        match s
+            .unacknowledged
+            .binary_search_by_key(&message.seq, |m| m.seq)
+        {
             Ok(i) => s.unacknowledged[i] = message.clone(),
             Err(i) => s.unacknowledged.insert(i, message.clone()),
         }
@@ -219,6 +222,8 @@ fn insert_range(ranges: &mut Vec<Range<Seq>>, seq: Seq) {
 }
 
 #[cfg(test)]
+// One-range lists are what these tests mean, not a mistaken `vec![x; n]`.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use alloc::vec;

@@ -56,6 +56,7 @@ pub struct Net {
     notices: VecDeque<(Instant, Side, ConnId)>,
     next_conn: ConnId,
     server_config: ServerConfig,
+    client_configs: Vec<ClientConfig>,
     seed: u64,
     restarts: u64,
 }
@@ -68,6 +69,7 @@ impl Net {
     pub fn new(server: ServerConfig, clients: Vec<ClientConfig>, seed: u64) -> Self {
         let now = Instant::ZERO;
         let n = clients.len();
+        let client_configs = clients.clone();
         Net {
             server: Server::new(server.clone(), now, entropy(seed)).expect("server config"),
             clients: clients
@@ -94,6 +96,7 @@ impl Net {
             notices: VecDeque::new(),
             next_conn: 1,
             server_config: server,
+            client_configs,
             seed,
             restarts: 0,
         }
@@ -172,7 +175,13 @@ impl Net {
             .extend(std::iter::from_fn(|| self.server.poll_event()));
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];
-            self.client_events[i].extend(std::iter::from_fn(|| c.poll_event()));
+            // The application takes each message and is done with it at once.
+            while let Some(e) = c.poll_event() {
+                if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = &e {
+                    c.consumed(m.seq);
+                }
+                self.client_events[i].push(e);
+            }
         }
         if self.deliver_one(now) {
             return Ok(true);
@@ -392,6 +401,29 @@ impl Net {
             entropy(self.seed.wrapping_add(self.restarts)),
         )
         .expect("server config");
+    }
+
+    /// Client `i`'s process dies and starts again on `store`: its connection closes under the
+    /// server, and whatever it did not make durable is gone.
+    #[allow(dead_code)]
+    pub fn restart_client(&mut self, i: usize, store: Box<dyn steadfast_core::store::Store>) {
+        self.restarts += 1;
+        if let Some(conn) = self.client_conn[i].take()
+            && let Some(w) = self.wires.get_mut(&conn)
+        {
+            w.client_open = false;
+            w.to_client.clear();
+            self.notices
+                .push_back((self.now + self.latency, Side::Server, conn));
+        }
+        self.frozen_until[i] = None;
+        self.clients[i] = Client::with_store(
+            self.client_configs[i].clone(),
+            self.now,
+            entropy(self.seed ^ self.restarts << 40),
+            store,
+        )
+        .expect("client config");
     }
 
     /// Client `i`'s received payloads (reliable and unreliable), in order.
