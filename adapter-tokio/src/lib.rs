@@ -72,6 +72,22 @@ pub fn connect(options: ClientOptions) -> io::Result<ClientHandle> {
     Ok(handle)
 }
 
+/// Starts a client session made durable by `store`: given the store a previous process of this
+/// client left, it resumes that session — nothing it sent is lost, nothing it received comes twice
+/// (see [`steadfast_core::store`]). A store that fails is reported with
+/// [`SessionEvent::DurabilityLost`] and the session carries on in memory.
+pub fn connect_with_store(
+    options: ClientOptions,
+    store: Box<dyn steadfast_core::store::Store>,
+) -> io::Result<ClientHandle> {
+    let rt = Tokio::current();
+    let (handle, driver) =
+        steadfast_core::driver::client::client_with_store(rt, options, os_entropy(), store)
+            .map_err(invalid)?;
+    tokio::spawn(driver);
+    Ok(handle)
+}
+
 /// Binds `addr` and serves sessions on the current tokio runtime.
 pub async fn listen(addr: SocketAddr, options: ServerOptions) -> io::Result<ServerHandle> {
     let listener = Listener::new(tokio::net::TcpListener::bind(addr).await?);

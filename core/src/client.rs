@@ -248,8 +248,10 @@ impl Client {
     /// [`SessionEvent::Redelivered`]): with a store, it will not be handed out again after a
     /// restart. Without one this does nothing.
     pub fn consumed(&mut self, seq: Seq) {
+        // Not flushed on its own: losing it in a crash means one flagged redelivery, not a loss,
+        // and the next durability point flushes it anyway.
         if self.store.is_some() {
-            self.durable(|s| s.consumed(seq));
+            self.record(false, |s| s.consumed(seq));
         }
     }
 

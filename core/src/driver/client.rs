@@ -20,6 +20,7 @@ use crate::identity::SessionId;
 use crate::mode::{Mode, Sent};
 use crate::send::SendError;
 use crate::session::{Entropy, SessionCounters, SessionEvent};
+use crate::store::Store;
 use crate::time::Duration;
 use crate::{CLOSE_NORMAL, Seq};
 
@@ -33,6 +34,11 @@ pub struct ClientOptions {
     pub servers: Vec<SocketAddr>,
     /// How long one connection attempt may take before it counts as failed.
     pub connect_timeout: Duration,
+    /// With a durable store: the application says when it is done with each message
+    /// ([`ClientHandle::consumed`]) instead of a message counting as consumed once it is taken.
+    /// Taking counts for most applications; one that must not lose a message it took but had not
+    /// finished with when its process died sets this and records its own effects first.
+    pub manual_consume: bool,
 }
 
 impl ClientOptions {
@@ -43,6 +49,7 @@ impl ClientOptions {
             config,
             servers,
             connect_timeout: Duration::from_secs(5),
+            manual_consume: false,
         }
     }
 }
@@ -68,6 +75,7 @@ pub(crate) struct State {
     over: bool,
     /// Live [`ClientHandle`]s; when the last goes, the session is closed.
     handles: usize,
+    manual_consume: bool,
     closed_waiters: Vec<Waker>,
     connected_waiters: Vec<Waker>,
 }
@@ -120,6 +128,17 @@ impl State {
             self.events.push_back(event);
             wakes.wake(&mut self.event_waiter);
         }
+    }
+
+    /// The application takes an event; a message taken counts as consumed unless it says otherwise.
+    fn take_event(&mut self) -> Option<SessionEvent> {
+        let event = self.events.pop_front()?;
+        if !self.manual_consume
+            && let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = &event
+        {
+            self.client.consumed(m.seq);
+        }
+        Some(event)
     }
 
     fn end(&mut self, wakes: &mut Wakes) {
@@ -266,12 +285,12 @@ impl ClientHandle {
 
     /// The next event, without waiting; `None` if none is ready.
     pub fn try_event(&self) -> Option<SessionEvent> {
-        self.shared.with(|s, _| s.events.pop_front())
+        self.shared.with(|s, _| s.take_event())
     }
 
     /// Polls for the next event (for building a `Stream`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
-        self.shared.with(|s, _| match s.events.pop_front() {
+        self.shared.with(|s, _| match s.take_event() {
             Some(e) => Poll::Ready(Some(e)),
             None if s.over => Poll::Ready(None),
             None => {
@@ -297,6 +316,12 @@ impl ClientHandle {
             })
         })
         .await
+    }
+
+    /// With a durable store and [`ClientOptions::manual_consume`]: the application is done with
+    /// message `seq`, which will not be handed out again after a restart.
+    pub fn consumed(&self, seq: Seq) {
+        self.shared.with(|s, _| s.client.consumed(seq));
     }
 
     /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.
@@ -424,17 +449,41 @@ pub fn client<R: Runtime>(
     options: ClientOptions,
     entropy: alloc::boxed::Box<dyn Entropy>,
 ) -> Result<(ClientHandle, ClientDriver<R>), ConfigError> {
+    start(rt, options, entropy, None)
+}
+
+/// A client session made durable by `store`: started on a store a previous process left, it resumes
+/// that process's session (see [`crate::store`]).
+pub fn client_with_store<R: Runtime>(
+    rt: R,
+    options: ClientOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+    store: alloc::boxed::Box<dyn Store>,
+) -> Result<(ClientHandle, ClientDriver<R>), ConfigError> {
+    start(rt, options, entropy, Some(store))
+}
+
+fn start<R: Runtime>(
+    rt: R,
+    options: ClientOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+    store: Option<alloc::boxed::Box<dyn Store>>,
+) -> Result<(ClientHandle, ClientDriver<R>), ConfigError> {
     let ClientOptions {
         mut config,
         servers,
         connect_timeout,
+        manual_consume,
     } = options;
     if servers.is_empty() {
         return Err(ConfigError::Zero("servers"));
     }
     config.servers = servers.len();
     let clock = Clock::new(R::now);
-    let client = Client::new(config, clock.now(), entropy)?;
+    let client = match store {
+        Some(store) => Client::with_store(config, clock.now(), entropy, store)?,
+        None => Client::new(config, clock.now(), entropy)?,
+    };
     let shared = Shared::new(State {
         client,
         clock,
@@ -445,6 +494,7 @@ pub fn client<R: Runtime>(
         driver: None,
         over: false,
         handles: 1,
+        manual_consume,
         closed_waiters: Vec::new(),
         connected_waiters: Vec::new(),
     });
