@@ -429,7 +429,7 @@ fn head(v: &[u64]) -> String {
 // What each side saw.
 
 /// Everything one side of a session told its application, in order.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Log {
     /// The numbers of the messages received on [`DATA`], in arrival order.
     pub received: Vec<u64>,
@@ -483,6 +483,43 @@ impl Log {
             SessionEvent::Acknowledged { .. } => {}
             other => self.unexpected.push(format!("{other:?}")),
         }
+    }
+}
+
+/// A summary: the message lists in full would drown a failure message.
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let in_order = self
+            .received
+            .iter()
+            .copied()
+            .eq(0..self.received.len() as u64);
+        let lost = self
+            .lost
+            .as_ref()
+            .map(|(reason, back)| format!("{reason:?}, {} handed back", back.len()));
+        f.debug_struct("Log")
+            .field(
+                "received",
+                &format_args!(
+                    "{} (last {:?}, {})",
+                    self.received.len(),
+                    self.received.last(),
+                    if in_order {
+                        "0.. in order"
+                    } else {
+                        "NOT 0.. in order"
+                    }
+                ),
+            )
+            .field("replies", &self.replies.len())
+            .field("connected", &self.connected)
+            .field("disconnected", &self.disconnected)
+            .field("lost", &lost)
+            .field("closed", &self.closed)
+            .field("sessions", &self.sessions)
+            .field("unexpected", &self.unexpected)
+            .finish()
     }
 }
 

@@ -88,6 +88,10 @@ async fn blackhole_longer_than_the_idle_timeout<R: Rt>() {
 async fn resets_during_traffic<R: Rt>() {
     const RESETS: usize = 3;
     let pair = Pair::start::<R>(Setup::default()).await;
+    // A little latency on every connection, so each reset destroys messages still in the proxy:
+    // the resume must resend them, not just carry on with what was never sent.
+    pair.chaos
+        .apply(Target::AllAndNew, Fault::Delay(Duration::from_millis(30)));
     let traffic = pair.traffic::<R>(PACE);
     let mut hits = 0;
     for i in 0..RESETS {
@@ -112,6 +116,13 @@ async fn resets_during_traffic<R: Rt>() {
     );
     // A reset is news at once: nobody waits for an idle timeout.
     assert_eq!(counters.idle_timeouts, 0, "{counters:?}");
+    // The delayed messages the resets destroyed were resent, both ways.
+    assert!(counters.resent_on_resume > 0, "{counters:?}");
+    let server_counters = pair
+        .server
+        .inspect(|s| s.counters(pair.session).copied())
+        .expect("the server holds the session");
+    assert!(server_counters.resent_on_resume > 0, "{server_counters:?}");
     let server = lock(&pair.server_log).clone();
     assert!(server.resumes() >= RESETS, "{server:?}");
     assert_eq!(server.idle_timeouts(), 0, "{server:?}");
