@@ -9,6 +9,7 @@
 //! | [`params`] | the workload, and what the swarm draws per seed: latencies, fault mix, rates |
 //! | [`world`] | the event queue, the nodes, the connections, the faults, the workload |
 //! | [`checker`] | the ledger and its safety and liveness rules |
+//! | [`store`] | a client's durable store, which outlives its process, and what a crash keeps of it |
 //! | [`marks`] | coverage marks: which fault and recovery paths a run exercised |
 //! | [`trace`] | the determinism self-check (an FNV-1a fold over every event) |
 //! | [`sweep`](mod@sweep) | many seeds on one thread or several, summed up in seed order |
@@ -23,7 +24,17 @@
 //! cargo run --release -p steadfast-sim -- --seeds 20 --canary dup-delivery   # must fail
 //! cargo run --release -p steadfast-sim -- --seeds 300 --transport datagram     # datagrams only
 //! STEADFAST_SIM_DUMP=1 cargo run --release -p steadfast-sim -- --seed 1       # end state of a hang
+//! STEADFAST_SIM_LOG=1 cargo run --release -p steadfast-sim -- --seed 1        # every app event
+//! cargo run --release -p steadfast-sim -- --seeds 2000 --client-crashes 6   # crash-heavy
 //! ```
+//!
+//! Client processes crash too (half the seeds, or every seed with `--client-crashes`): the
+//! `Client` is dropped with everything in memory and restarts after a while on its durable
+//! [`store`] — kept (then its session resumes with nothing lost and nothing delivered twice),
+//! kept minus its unflushed tail (a power loss), or wiped (then its new process starts a new
+//! session and the server must end the old one loudly). The simulated application records each
+//! delivery in its ledger and consumes the message in the same step, and recognises a
+//! `Redelivered` message its ledger already holds.
 //!
 //! Each seed draws its transport. Over streams the faults are resets, blackholes, half-open
 //! connections and partitions that hold bytes back; over datagrams every packet of each path
@@ -48,6 +59,7 @@
 pub mod checker;
 pub mod marks;
 pub mod params;
+pub mod store;
 pub mod sweep;
 pub mod trace;
 pub mod world;
