@@ -102,6 +102,15 @@ struct Entry {
     handed_back: bool,
     superseded: bool,
     crash_lost: bool,
+    /// Acknowledged, but the record of it was lost with its sender's store in a machine crash:
+    /// the restarted sender may hand it back.
+    ack_forgotten: bool,
+    /// Sent by a client process that died with its store wiped, and not (yet) delivered.
+    client_lost: bool,
+    /// A reply to a call whose client process died: nothing awaits it, and the core may drop it.
+    orphaned: bool,
+    /// How many times the sender's process had crashed when this was sent.
+    life: u32,
     resolved: bool,
     /// The entry sent before this one under the same tag (a broadcast's other receivers).
     same_tag: Option<usize>,
@@ -121,6 +130,9 @@ struct CtxState {
     newest: BTreeMap<u64, u64>,
     /// Conflated: the unacknowledged entry per key, by (stream, key).
     conflated: BTreeMap<(u64, u64), usize>,
+    /// Client contexts: how many times the process has crashed (a context survives a restart on
+    /// a kept store).
+    crashes: u32,
 }
 
 /// Totals for the summary.
@@ -138,6 +150,11 @@ pub struct Tally {
     pub superseded: u64,
     /// Messages that died with a crashed server process (no durable store).
     pub crash_lost: u64,
+    /// Messages a client sent that died with its process, whose store was wiped (or which had
+    /// none): the server never got them.
+    pub client_crash_lost: u64,
+    /// Replies to calls whose client process died, never delivered (nothing awaited them).
+    pub orphaned_replies: u64,
     /// Replies checked against the message they answer.
     pub replies_checked: u64,
 }
@@ -227,7 +244,8 @@ impl Checker {
         &self.violations
     }
 
-    /// Reliable messages neither delivered, handed back, replaced nor lost with a crashed sender.
+    /// Reliable messages neither delivered, handed back, replaced, lost with a crashed sender nor
+    /// replies orphaned by a crashed caller.
     pub fn outstanding(&self) -> u64 {
         self.outstanding
     }
@@ -274,6 +292,7 @@ impl Checker {
             }
             _ => 0,
         };
+        let life = c.crashes;
         let mut superseded = None;
         if let Some(seq) = seq {
             if replaced {
@@ -310,6 +329,10 @@ impl Checker {
             handed_back: false,
             superseded: false,
             crash_lost: false,
+            ack_forgotten: false,
+            client_lost: false,
+            orphaned: false,
+            life,
             resolved: false,
             same_tag: None,
         });
@@ -318,6 +341,13 @@ impl Checker {
         if mode.is_reliable() {
             self.tally.reliable += 1;
             self.outstanding += 1;
+            // The server answered a call its client's dead process made.
+            if role == Role::CallReply
+                && let Some(call) = answers.map(|x| &self.entries[x])
+                && call.life < self.ctxs[call.sender as usize].crashes
+            {
+                self.orphan(idx);
+            }
         }
         if let Some(old) = superseded {
             self.entries[old].superseded = true;
@@ -476,6 +506,13 @@ impl Checker {
             self.report(now, rule, detail);
         }
         let e = &mut self.entries[idx];
+        // What was written off with a crashed client arrived after all.
+        if std::mem::take(&mut e.client_lost) {
+            self.tally.client_crash_lost -= 1;
+        }
+        if std::mem::take(&mut e.orphaned) {
+            self.tally.orphaned_replies -= 1;
+        }
         e.delivered += 1;
         e.delivered_to.get_or_insert(receiver);
         if e.delivered_seq.is_none() {
@@ -553,7 +590,8 @@ impl Checker {
                 }
             }
             let e = &self.entries[idx];
-            if e.delivered == 0 {
+            // A reply whose caller died may be received and dropped: nothing awaited it.
+            if e.delivered == 0 && !e.orphaned {
                 let detail = format!(
                     "tag {} ({:?} {:?} stream {} seq {:?}) acknowledged but never delivered",
                     e.tag, e.role, e.mode, e.stream, e.seq
@@ -579,9 +617,12 @@ impl Checker {
                 self.report(now, "hand-back", detail);
             }
             let e = &mut self.entries[idx];
-            if e.acked {
+            if e.acked && !e.ack_forgotten {
                 let detail = format!("tag {} handed back after it was acknowledged", e.tag);
                 self.report(now, "hand-back", detail);
+            }
+            if std::mem::take(&mut self.entries[idx].orphaned) {
+                self.tally.orphaned_replies -= 1;
             }
             self.entries[idx].handed_back = true;
             self.resolve(idx);
@@ -606,8 +647,61 @@ impl Checker {
         }
     }
 
+    /// Client context `ctx`'s process crashed. Replies to the calls it made have nothing left to
+    /// resolve: the core may drop them (a reply is consumed on arrival and does not outlive its
+    /// request), so they are written off unless they still arrive. With `lost` (its store was
+    /// wiped, or it had none) the session dies with the process: what it sent and the server has
+    /// not received is written off too, as with a crashed server, unless it still arrives.
+    pub fn client_crashed(&mut self, ctx: Ctx, lost: bool) {
+        self.ctxs[ctx as usize].crashes += 1;
+        for idx in 0..self.entries.len() {
+            let e = &self.entries[idx];
+            if e.resolved || !e.mode.is_reliable() {
+                continue;
+            }
+            if lost && e.sender == ctx {
+                self.entries[idx].client_lost = true;
+                self.tally.client_crash_lost += 1;
+                self.resolve(idx);
+            } else if e.role == Role::CallReply
+                && e.answers.is_some_and(|x| self.entries[x].sender == ctx)
+            {
+                self.orphan(idx);
+            }
+        }
+    }
+
+    /// Client context `ctx`'s store lost the record of acknowledgements in a machine crash: of its
+    /// messages the peer acknowledged, those from `below` on are unacknowledged again as far as
+    /// its next process knows. Returns how many.
+    pub fn acks_forgotten(&mut self, ctx: Ctx, below: u64) -> u64 {
+        let mut n = 0;
+        for e in &mut self.entries {
+            if e.sender == ctx && e.acked && e.seq.is_some_and(|s| s >= below) {
+                e.ack_forgotten = true;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn orphan(&mut self, idx: usize) {
+        self.entries[idx].orphaned = true;
+        self.tally.orphaned_replies += 1;
+        self.resolve(idx);
+    }
+
+    /// Whether the application at destination `dest` has already taken the message `payload`
+    /// names: the client application's own ledger, which survives its process.
+    pub fn taken(&self, payload: &Bytes, dest: Dest) -> bool {
+        tag_of(payload)
+            .and_then(|tag| self.names.get(&self.entries, tag, dest))
+            .is_some_and(|idx| self.entries[idx].delivered > 0)
+    }
+
     /// The liveness check, once the faults have stopped and the bound has passed: every reliable
-    /// message was delivered, handed back, replaced while unsent, or died with a crashed server.
+    /// message was delivered, handed back, replaced while unsent, died with a crashed server or a
+    /// crashed client whose store was wiped, or answers a call of a crashed client process.
     pub fn finish(&mut self, now: Instant, heal_at: Instant) {
         let lost: Vec<usize> = (0..self.entries.len())
             .filter(|&i| !self.entries[i].resolved && self.entries[i].mode.is_reliable())

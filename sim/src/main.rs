@@ -21,9 +21,9 @@ OPTIONS:
     --first S              the first seed of a sweep (default 0)
     --jobs N               threads a sweep runs its seeds on (default: one per core); the output is
                            the same for any N (`--seed` always runs on one)
-    --canary NAME          break one guarantee in the simulated applications:
-                           dup-delivery, drop-delivery, reorder-delivery, forget-handback, misroute-reply,
-                           corrupt-past-checksum
+    --canary NAME          break one guarantee: dup-delivery, drop-delivery, reorder-delivery,
+                           forget-handback, misroute-reply, corrupt-past-checksum, core-skip-dedup,
+                           core-skip-resume, core-out-of-order, restart-forgets-store
     --clients N            client nodes (default 8)
     --duration SECS        workload-and-faults phase, virtual seconds (default 60)
     --call-ms MS           mean time between a client's calls (default 5000)
@@ -32,6 +32,8 @@ OPTIONS:
     --transport KIND       stream or datagram for every seed (default: the swarm draws it per seed)
     --no-corrupt           datagram paths never flip bits (by default the swarm may draw corruption;
                            the core's CRC-32 turns it into a drop)
+    --client-crashes N     every seed crashes client processes, up to N a minute (by default the
+                           swarm turns client crashes on for half the seeds, up to 3 a minute)
     --verbose              print every seed's parameters
     --quiet                no progress bar
 ";
@@ -94,6 +96,9 @@ fn parse() -> Result<Args, String> {
                 });
             }
             "--no-corrupt" => a.workload.corrupt = false,
+            "--client-crashes" => {
+                a.workload.client_crashes = Some(value("--client-crashes")? as u32);
+            }
             "--canary" => {
                 let name = it.next().ok_or("--canary needs a name")?;
                 a.canary = Some(Canary::parse(&name).ok_or(format!("unknown canary {name}"))?);
@@ -134,6 +139,9 @@ fn workload_flags(a: &Args) -> String {
     }
     if !w.corrupt {
         s += " --no-corrupt";
+    }
+    if let Some(n) = w.client_crashes {
+        s += &format!(" --client-crashes {n}");
     }
     if let Some(c) = a.canary {
         s += &format!(" --canary {}", c.name());
@@ -239,13 +247,15 @@ fn main() -> ExitCode {
         events as f64 / wall.max(1e-9)
     );
     println!(
-        "ledger: {} messages attempted ({} reliable), {} deliveries, {} handed back, {} conflated away, {} died with a crashed server, {} replies checked; slowest settle after heal {:.3}s",
+        "ledger: {} messages attempted ({} reliable), {} deliveries, {} handed back, {} conflated away, {} died with a crashed server, {} died with a crashed client whose store was wiped or absent, {} replies orphaned by a crashed caller, {} replies checked; slowest settle after heal {:.3}s",
         tally.attempted,
         tally.reliable,
         tally.delivered,
         tally.handed_back,
         tally.superseded,
         tally.crash_lost,
+        tally.client_crash_lost,
+        tally.orphaned_replies,
         tally.replies_checked,
         summary.settle_max.as_secs_f64()
     );

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// The marks every summary lists, reached or not, so a path never exercised shows as a zero.
-pub const KEY_MARKS: [&str; 26] = [
+pub const KEY_MARKS: [&str; 31] = [
     "resume",
     "resent_on_resume",
     "idle_timeout",
@@ -32,6 +32,11 @@ pub const KEY_MARKS: [&str; 26] = [
     "packet_truncated",
     "packet_reordered",
     "malformed_datagram",
+    "client_crash",
+    "client_restart_kept_store",
+    "client_restart_wiped_store",
+    "redelivered",
+    "recovered_resume",
 ];
 
 /// Named counters.

@@ -36,6 +36,9 @@ pub struct Workload {
     /// verifies a CRC-32 on every datagram, so a corrupted one is a drop; were one delivered, the
     /// ledger would report it (the `corrupt-past-checksum` canary proves it).
     pub corrupt: bool,
+    /// Client crashes forced on in every seed, up to this many per minute of workload (a
+    /// crash-heavy sweep); `None`: the swarm turns them on for half the seeds.
+    pub client_crashes: Option<u32>,
 }
 
 impl Default for Workload {
@@ -54,6 +57,7 @@ impl Default for Workload {
             request_timeout: Duration::from_secs(10),
             transport: None,
             corrupt: true,
+            client_crashes: None,
         }
     }
 }
@@ -83,11 +87,15 @@ pub enum Canary {
     CoreSkipResume,
     /// The core delivers ordered messages on arrival (forces datagrams, which reorder).
     CoreOutOfOrder,
+    /// A client restarted on its kept store actually starts from an empty one, as a process
+    /// pointed at the wrong directory would (forces client crashes, every client durable, no
+    /// wipes).
+    RestartForgetsStore,
 }
 
 impl Canary {
     /// Every canary.
-    pub const ALL: [Canary; 9] = [
+    pub const ALL: [Canary; 10] = [
         Canary::DupDelivery,
         Canary::DropDelivery,
         Canary::ReorderDelivery,
@@ -97,6 +105,7 @@ impl Canary {
         Canary::CoreSkipDedup,
         Canary::CoreSkipResume,
         Canary::CoreOutOfOrder,
+        Canary::RestartForgetsStore,
     ];
 
     /// Its command-line name.
@@ -111,6 +120,7 @@ impl Canary {
             Canary::CoreSkipDedup => "core-skip-dedup",
             Canary::CoreSkipResume => "core-skip-resume",
             Canary::CoreOutOfOrder => "core-out-of-order",
+            Canary::RestartForgetsStore => "restart-forgets-store",
         }
     }
 
@@ -163,6 +173,9 @@ pub struct FaultMix {
     /// Swizzle-clogging: a random set of client paths is cut one by one, then restored one by one
     /// in another order.
     pub swizzles: u32,
+    /// A client process dies and, after a while, starts again on its store (kept, or wiped; see
+    /// [`Crashes`]).
+    pub client_crashes: u32,
 }
 
 impl FaultMix {
@@ -177,15 +190,16 @@ impl FaultMix {
             + self.restarts
             + self.one_way_partitions
             + self.swizzles
+            + self.client_crashes
     }
 
-    /// A mix drawn for one seed: each kind is on with probability 1/2, at its own rate.
+    /// A mix drawn for one seed: each kind is on with probability 1/2, at its own rate. Client
+    /// crashes are drawn apart, last of a seed's parameters ([`Crashes::draw`]), so adding them
+    /// left every other draw of every seed as it was.
     pub fn draw(rng: &mut ChaCha8Rng, duration: Duration) -> FaultMix {
-        let minutes = (duration.as_secs_f64() / 60.0).max(0.25);
         let mut kind = |per_minute: f64| -> u32 {
             if rng.random_bool(0.5) {
-                let max = (per_minute * minutes).ceil().max(1.0) as u32;
-                rng.random_range(1..=max)
+                up_to(rng, per_minute, duration)
             } else {
                 0
             }
@@ -200,6 +214,78 @@ impl FaultMix {
             restarts: kind(1.5),
             one_way_partitions: kind(3.0),
             swizzles: kind(1.5),
+            client_crashes: 0,
+        }
+    }
+}
+
+/// A count from 1 to `per_minute` per minute of `duration` (at least 1).
+fn up_to(rng: &mut ChaCha8Rng, per_minute: f64, duration: Duration) -> u32 {
+    let minutes = (duration.as_secs_f64() / 60.0).max(0.25);
+    let max = (per_minute * minutes).ceil().max(1.0) as u32;
+    rng.random_range(1..=max)
+}
+
+/// How client processes crash and what their stores keep, drawn per seed.
+///
+/// A crash is a **process** crash (killed: the kernel closes its connection, so the server hears a
+/// FIN; every record the store was given survives) or, with probability `machine`, a **machine**
+/// crash (power loss: nothing tells the server, and the store loses what was appended since its
+/// last flush). Independently, with probability `wipe`, the store is deleted before the restart.
+/// With probability `mid_step` the process dies between two events of one step: the application
+/// has taken some of what the client handed out, and the rest dies with the process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Crashes {
+    /// Per client, whether it runs with a store (a client without one restarts from nothing).
+    pub durable: Vec<bool>,
+    /// The chance a crash deletes the store.
+    pub wipe: f64,
+    /// The chance a crash is a machine crash.
+    pub machine: f64,
+    /// The chance the process dies between two events of one step.
+    pub mid_step: f64,
+    /// The longest a crashed client stays down.
+    pub max_downtime: Duration,
+}
+
+impl Crashes {
+    /// Draws the client crashes of a seed (how many, into `faults`) and how they go.
+    fn draw(
+        rng: &mut ChaCha8Rng,
+        workload: &Workload,
+        canary: Option<Canary>,
+        faults: &mut FaultMix,
+    ) -> Crashes {
+        let d = workload.duration;
+        faults.client_crashes = match workload.client_crashes {
+            Some(per_minute) => up_to(rng, f64::from(per_minute.max(1)), d),
+            None if rng.random_bool(0.5) => up_to(rng, 3.0, d),
+            None => 0,
+        };
+        let all = rng.random_bool(0.7);
+        let mut durable: Vec<bool> = (0..workload.clients)
+            .map(|_| all || rng.random_bool(0.5))
+            .collect();
+        let mut wipe = if rng.random_bool(0.5) {
+            0.0
+        } else {
+            rng.random_range(0.0..=0.4)
+        };
+        let machine = rng.random_range(0.0..=0.5);
+        let mid_step = rng.random_range(0.0..=0.7);
+        let max_downtime = Duration::from_millis(rng.random_range(0..=5_000));
+        if canary == Some(Canary::RestartForgetsStore) {
+            // Every restart is one that must resume.
+            faults.client_crashes = faults.client_crashes.max(3);
+            durable.iter_mut().for_each(|d| *d = true);
+            wipe = 0.0;
+        }
+        Crashes {
+            durable,
+            wipe,
+            machine,
+            mid_step,
+            max_downtime,
         }
     }
 }
@@ -325,6 +411,8 @@ pub struct Params {
     pub transport: Transport,
     /// Datagram runs: per client, the per-datagram faults of its path, `[down, up]`.
     pub paths: Vec<[PathFaults; 2]>,
+    /// How client processes crash and what their stores keep.
+    pub crashes: Crashes,
     /// The deliberately broken guarantee, if any.
     pub canary: Option<Canary>,
 }
@@ -356,7 +444,7 @@ impl Params {
         let partition_refuses = rng.random_bool(0.5);
         let max_fault_len = Duration::from_millis(rng.random_range(500..=15_000));
         let max_downtime = Duration::from_millis(rng.random_range(0..=5_000));
-        let faults = FaultMix::draw(&mut rng, workload.duration);
+        let mut faults = FaultMix::draw(&mut rng, workload.duration);
         let max_queued = rng
             .random_bool(0.25)
             .then(|| rng.random_range(16..=256usize));
@@ -390,6 +478,7 @@ impl Params {
         } else {
             Vec::new()
         };
+        let crashes = Crashes::draw(&mut rng, &workload, canary, &mut faults);
         Params {
             seed,
             workload,
@@ -405,6 +494,7 @@ impl Params {
             faults,
             transport,
             paths,
+            crashes,
             canary,
         }
     }
@@ -476,7 +566,7 @@ impl fmt::Display for Params {
         let m = &self.faults;
         writeln!(
             f,
-            "  faults: resets={} blackholes={} half_opens={} partitions={} one_way_partitions={} swizzles={} pauses={} migrations={} restarts={}",
+            "  faults: resets={} blackholes={} half_opens={} partitions={} one_way_partitions={} swizzles={} pauses={} migrations={} restarts={} client_crashes={}",
             m.resets,
             m.blackholes,
             m.half_opens,
@@ -485,7 +575,22 @@ impl fmt::Display for Params {
             m.swizzles,
             m.pauses,
             m.migrations,
-            m.restarts
+            m.restarts,
+            m.client_crashes
+        )?;
+        let c = &self.crashes;
+        let durable: String = c
+            .durable
+            .iter()
+            .map(|d| if *d { 'D' } else { '-' })
+            .collect();
+        writeln!(
+            f,
+            "  client crashes: durable={durable} wipe={:.3} machine={:.3} mid_step={:.3} max_downtime={}",
+            c.wipe,
+            c.machine,
+            c.mid_step,
+            ms(c.max_downtime)
         )?;
         write!(
             f,

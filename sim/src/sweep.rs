@@ -57,6 +57,8 @@ impl Summary {
         s.handed_back += t.handed_back;
         s.superseded += t.superseded;
         s.crash_lost += t.crash_lost;
+        s.client_crash_lost += t.client_crash_lost;
+        s.orphaned_replies += t.orphaned_replies;
         s.replies_checked += t.replies_checked;
         if !out.violations.is_empty() {
             self.violations += out.violations.len();

@@ -22,6 +22,7 @@ use steadfast_core::{Config, Mode, SendError, Sent, Transport};
 use crate::checker::{self, Checker, Ctx, MsgMode, Role, Violation};
 use crate::marks::Marks;
 use crate::params::{Canary, Fanout, Params};
+use crate::store::Kept;
 use crate::trace::Trace;
 
 /// The stream calls travel on.
@@ -72,7 +73,26 @@ enum Fault {
     Restart(Duration),
     OneWay(Duration),
     Swizzle(Duration),
+    /// A client process dies and restarts after this long.
+    ClientCrash(Duration),
 }
+
+/// How one client process dies (see [`crate::params::Crashes`]).
+#[derive(Debug, Clone, Copy)]
+struct Crash {
+    /// The store is deleted before the restart.
+    wipe: bool,
+    /// Power loss: the server is not told, and the store loses its unflushed tail.
+    machine: bool,
+    /// How long the client stays down.
+    downtime: Duration,
+    /// A mid-step crash: how many more events the application takes before the process dies
+    /// with the next one in hand.
+    take: Option<u32>,
+}
+
+/// How long an armed mid-step crash waits for events before the process dies anyway.
+const MID_STEP_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -104,6 +124,16 @@ enum Ev {
     },
     Respawn {
         client: usize,
+    },
+    /// An armed mid-step crash of incarnation `inc` strikes, if no step has triggered it yet.
+    CrashNow {
+        client: usize,
+        inc: u32,
+    },
+    /// A crashed client (down since incarnation `inc` died) starts again.
+    ClientUp {
+        client: usize,
+        inc: u32,
     },
     Fault(Fault),
     ServerUp,
@@ -140,6 +170,8 @@ impl Ev {
             Ev::Check => [12, 0, 0],
             Ev::Cut { client, mask, .. } => [13, client as u64, u64::from(mask)],
             Ev::Packet { conn, up, .. } => [14, conn as u64, u64::from(up)],
+            Ev::CrashNow { client, inc } => [15, client as u64, u64::from(inc)],
+            Ev::ClientUp { client, inc } => [16, client as u64, u64::from(inc)],
         }
     }
 }
@@ -294,6 +326,22 @@ struct ClientNode {
     failed_backlog: VecDeque<usize>,
     timer: Timer,
     over: bool,
+    /// Its durable store, if it runs with one: it outlives the `Client`, as a directory outlives a
+    /// process.
+    store: Option<Kept>,
+    /// The process is dead (crashed, not yet restarted); `client` is an inert stand-in.
+    down: bool,
+    /// A mid-step crash waiting for the application's next step.
+    armed: Option<Crash>,
+    /// Restarted on its kept store while it held this session: the next outcome must be its
+    /// resume (or a loud `SessionLost`), never a fresh session.
+    expect_resume: Option<SessionId>,
+    /// Messages the application took whose consumption the last restart's store lost with its
+    /// unflushed tail (a machine crash): these, and only these, may come out again as
+    /// `Redelivered` although the application's ledger has them.
+    unconsumed_again: Vec<u64>,
+    /// While down: the mark its restart counts under.
+    restart: Option<&'static str>,
 }
 
 struct ServerNode {
@@ -384,10 +432,27 @@ pub struct Sim {
     canary: CanaryState,
     server_config: ServerConfig,
     client_config: ClientConfig,
+    /// `STEADFAST_SIM_LOG`: every application event and node fault goes to stderr.
+    log: bool,
 }
 
 fn instant(d: Duration) -> Instant {
     Instant::from_duration(d)
+}
+
+/// A client process starting at `now`: on `store` if it has one, taking back what an earlier
+/// process left there.
+fn start_client(
+    config: &ClientConfig,
+    now: Instant,
+    entropy: Box<ChaCha8Rng>,
+    store: Option<&Kept>,
+) -> Client {
+    match store {
+        Some(s) => Client::with_store(config.clone(), now, entropy, Box::new(s.clone())),
+        None => Client::new(config.clone(), now, entropy),
+    }
+    .expect("client config is valid")
 }
 
 fn mode_of(i: u64) -> (Mode, MsgMode) {
@@ -435,23 +500,29 @@ impl Sim {
         let mut checker = Checker::default();
         let n = params.workload.clients;
         let clients = (0..n)
-            .map(|_| ClientNode {
-                client: Client::new(
-                    client_config.clone(),
-                    now,
-                    Box::new(ChaCha8Rng::seed_from_u64(rng.random())),
-                )
-                .expect("client config is valid"),
-                inc: 0,
-                ctx: checker.new_ctx(None),
-                conn: None,
-                connecting: false,
-                session: None,
-                frozen_until: None,
-                backlog: VecDeque::new(),
-                failed_backlog: VecDeque::new(),
-                timer: Timer::default(),
-                over: false,
+            .map(|i| {
+                let durable = params.crashes.durable.get(i).copied().unwrap_or(false);
+                let store = durable.then(Kept::new);
+                let entropy = Box::new(ChaCha8Rng::seed_from_u64(rng.random()));
+                ClientNode {
+                    client: start_client(&client_config, now, entropy, store.as_ref()),
+                    store,
+                    down: false,
+                    armed: None,
+                    expect_resume: None,
+                    unconsumed_again: Vec::new(),
+                    restart: None,
+                    inc: 0,
+                    ctx: checker.new_ctx(None),
+                    conn: None,
+                    connecting: false,
+                    session: None,
+                    frozen_until: None,
+                    backlog: VecDeque::new(),
+                    failed_backlog: VecDeque::new(),
+                    timer: Timer::default(),
+                    over: false,
+                }
             })
             .collect();
         let mut sim = Sim {
@@ -489,6 +560,7 @@ impl Sim {
             canary: CanaryState::default(),
             server_config,
             client_config,
+            log: std::env::var_os("STEADFAST_SIM_LOG").is_some(),
             params,
         };
         sim.plan();
@@ -558,13 +630,18 @@ impl Sim {
         // Faults that last a while: how many, which, and the longest each may last (drawn in
         // this order, so a seed's run never changes).
         type Timed = (u32, fn(Duration) -> Fault, Duration);
-        let timed: [Timed; 6] = [
+        let timed: [Timed; 7] = [
             (f.partitions, Fault::Partition, len),
             (f.pauses, Fault::Pause, len),
             (f.migrations, Fault::Migrate, len),
             (f.restarts, Fault::Restart, down),
             (f.one_way_partitions, Fault::OneWay, len),
             (f.swizzles, Fault::Swizzle, len),
+            (
+                f.client_crashes,
+                Fault::ClientCrash,
+                self.params.crashes.max_downtime,
+            ),
         ];
         for (count, fault, longest) in timed {
             for _ in 0..count {
@@ -601,6 +678,7 @@ impl Sim {
         if self.settled_at.is_none() {
             self.now = self.now.max(self.end);
             self.checker.finish(self.now, self.heal_at);
+            self.check_sessions_reported();
             if std::env::var_os("STEADFAST_SIM_DUMP").is_some() {
                 self.dump();
             }
@@ -643,6 +721,18 @@ impl Sim {
                 event,
             } => self.on_think(client, inc, to, event),
             Ev::Respawn { client } => self.respawn(client),
+            Ev::CrashNow { client, inc } => {
+                let node = &mut self.clients[client];
+                // Faults stop when the network heals.
+                if node.inc == inc
+                    && !node.down
+                    && let Some(crash) = node.armed.take()
+                    && self.now < self.heal_at
+                {
+                    self.crash_client(client, crash);
+                }
+            }
+            Ev::ClientUp { client, inc } => self.client_up(client, inc),
             Ev::Fault(f) => self.on_fault(f),
             Ev::ServerUp => self.server_up(),
             Ev::Heal => {
@@ -650,7 +740,7 @@ impl Sim {
                 self.schedule(self.now, Ev::Check);
             }
             Ev::Check => {
-                if self.checker.outstanding() == 0 {
+                if self.checker.outstanding() == 0 && self.unowned_sessions().is_empty() {
                     self.settled_at = Some(self.now);
                     self.stop = true;
                 } else {
@@ -692,6 +782,9 @@ impl Sim {
             (self.server.server.poll_timeout(), &mut self.server.timer)
         } else {
             let c = &mut self.clients[node - 1];
+            if c.down {
+                return;
+            }
             (c.client.poll_timeout(), &mut c.timer)
         };
         let Some(at) = deadline else {
@@ -742,6 +835,9 @@ impl Sim {
             }
             self.server.server.poll_timeout()
         } else {
+            if self.clients[node - 1].down {
+                return;
+            }
             self.clients[node - 1].client.poll_timeout()
         };
         if due.is_none_or(|d| d > now) {
@@ -765,13 +861,15 @@ impl Sim {
         for (i, c) in self.clients.iter().enumerate() {
             let ch = c.client.channel();
             eprintln!(
-                "client {i}: ctx={} conn={:?} connecting={} connected={} session={:?} over={} timeout={:?} stats={:?} counters={:?}",
+                "client {i}: ctx={} conn={:?} connecting={} connected={} session={:?} over={} down={} durable={} timeout={:?} stats={:?} counters={:?}",
                 c.ctx,
                 c.conn,
                 c.connecting,
                 c.client.is_connected(),
                 c.client.session(),
                 c.over,
+                c.down,
+                c.client.is_durable(),
                 c.client.poll_timeout(),
                 ch.stats(),
                 c.client.counters()
@@ -794,8 +892,48 @@ impl Sim {
         );
     }
 
+    /// One line of the `STEADFAST_SIM_LOG` log, payloads shown by their tag.
+    fn log_event(&self, who: &str, e: &dyn std::fmt::Debug) {
+        let text = format!("{e:?}");
+        // A payload prints as its bytes; its tag is what names it in the ledger.
+        let text = shorten_payloads(&text);
+        eprintln!("[{:.6}] {who}: {text}", self.now.as_nanos() as f64 / 1e9);
+    }
+
     fn violation(&mut self, rule: &'static str, detail: String) {
         self.checker.report(self.now, rule, detail);
+    }
+
+    /// Sessions the server holds that no live client owns. A client that lost its session (its
+    /// process died with its store, or the session ended on its side) leaves the server's copy to
+    /// end loudly, by its retention time at the latest; a run has not settled until it has.
+    fn unowned_sessions(&self) -> Vec<SessionId> {
+        if self.server.down {
+            return Vec::new();
+        }
+        let owned = |s: &SessionId| {
+            self.clients
+                .iter()
+                .any(|c| !c.down && !c.over && c.session == Some(*s))
+        };
+        self.server
+            .sessions
+            .keys()
+            .filter(|s| !owned(s))
+            .copied()
+            .collect()
+    }
+
+    /// At the end of a run that never settled: the server's sessions nobody owns were never
+    /// reported lost.
+    fn check_sessions_reported(&mut self) {
+        let after = (self.now - self.heal_at).as_secs_f64();
+        for s in self.unowned_sessions().into_iter().take(4) {
+            let detail = format!(
+                "the server still holds session {s:?} {after:.3}s after the faults stopped, though no live client owns it: its end was never reported"
+            );
+            self.violation("session-not-reported", detail);
+        }
     }
 }
 
@@ -919,6 +1057,9 @@ impl Sim {
     }
 
     fn client_input(&mut self, i: usize, conn: usize, wire: Wire) {
+        if self.clients[i].down {
+            return;
+        }
         if self.frozen(i + 1) {
             self.clients[i].backlog.push_back((conn, wire));
             return;
@@ -965,7 +1106,7 @@ impl Sim {
     fn connect_failed(&mut self, i: usize, conn: usize) {
         let now = self.now;
         let node = &mut self.clients[i];
-        if node.conn == Some(conn) && node.connecting {
+        if node.conn == Some(conn) && node.connecting && !node.down {
             node.conn = None;
             node.connecting = false;
             self.marks.add("connect_failed", 1);
@@ -1174,7 +1315,28 @@ impl Sim {
 impl Sim {
     fn flush_client(&mut self, i: usize) {
         let now = self.now;
+        if self.clients[i].down {
+            return;
+        }
         while let Some(e) = self.clients[i].client.poll_event() {
+            if let Some(crash) = self.clients[i].armed
+                && crash.take == Some(0)
+                && now < self.heal_at
+                // Polling the session's last event already cleared its store: the process dies
+                // after the application has seen it, not before.
+                && !matches!(
+                    e,
+                    SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
+                )
+            {
+                // The process dies with this event (and any after it) in hand.
+                self.clients[i].armed = None;
+                self.marks.add("client_crash_mid_step", 1);
+                return self.crash_client(i, crash);
+            }
+            if let Some(Crash { take: Some(n), .. }) = &mut self.clients[i].armed {
+                *n = n.saturating_sub(1);
+            }
             self.client_event(i, e);
         }
         self.transmit_client(i);
@@ -1280,6 +1442,9 @@ impl Sim {
 
     fn server_event(&mut self, e: ServerEvent) {
         let now = self.now;
+        if self.log {
+            self.log_event("server", &e);
+        }
         let ServerEvent::Session { session, event } = e else {
             return;
         };
@@ -1456,6 +1621,10 @@ impl Sim {
 
     fn client_event(&mut self, i: usize, e: SessionEvent) {
         let now = self.now;
+        if self.log {
+            let who = format!("client {i} ctx {}", self.clients[i].ctx);
+            self.log_event(&who, &e);
+        }
         let ctx = self.clients[i].ctx;
         let dest = self.clients[i].session.map_or(0, |s| s.0);
         match e {
@@ -1465,6 +1634,16 @@ impl Sim {
                 retransmitted,
                 ..
             } => {
+                if let Some(expected) = self.clients[i].expect_resume.take() {
+                    if resumed && session == expected {
+                        self.marks.add("recovered_resume", 1);
+                    } else {
+                        let detail = format!(
+                            "client {i} restarted on its kept store holding session {expected:?}, then connected to {session:?} (resumed={resumed}) instead of resuming it or losing it loudly"
+                        );
+                        self.violation("resume-expected", detail);
+                    }
+                }
                 self.clients[i].session = Some(session);
                 self.owner.insert(session, ctx);
                 self.marks.add("resume", u64::from(resumed));
@@ -1474,7 +1653,35 @@ impl Sim {
             SessionEvent::Disconnected {
                 cause: DisconnectCause::IdleTimeout { .. },
             } => self.marks.add("idle_timeout", 1),
-            SessionEvent::Received(m) => self.client_received(i, m.stream, m.seq, m.payload),
+            SessionEvent::Received(m) => {
+                // The application records the delivery in its ledger and consumes the message
+                // in one step (its ledger and the commit are one write).
+                self.client_received(i, m.stream, m.seq, m.payload);
+                self.clients[i].client.consumed(m.seq);
+            }
+            SessionEvent::Redelivered(m) => {
+                self.marks.add("redelivered", 1);
+                if self.checker.taken(&m.payload, dest) {
+                    // The application's ledger recognises it: not a second delivery.
+                    self.marks.add("redelivered_recognised", 1);
+                    if !self.clients[i].unconsumed_again.contains(&m.seq) {
+                        let detail = format!(
+                            "client {i} was handed seq {} (tag {:?}) again after a restart although it consumed it and its store lost nothing",
+                            m.seq,
+                            checker::tag_of(&m.payload)
+                        );
+                        self.violation("redelivered-consumed", detail);
+                    }
+                } else {
+                    self.client_received(i, m.stream, m.seq, m.payload);
+                }
+                self.clients[i].client.consumed(m.seq);
+            }
+            SessionEvent::DurabilityLost { error } => {
+                // The simulated store never fails: the core judged its own records unusable.
+                let detail = format!("client {i}: {error}");
+                self.violation("durability-lost", detail);
+            }
             SessionEvent::ReceivedUnreliable { stream, payload } => {
                 self.trace.word(checker::tag_of(&payload).unwrap_or(0));
                 self.checker
@@ -1498,6 +1705,10 @@ impl Sim {
                 reason,
                 unacknowledged,
             } => {
+                if self.clients[i].expect_resume.take().is_some() {
+                    // The server no longer held it: a loud end, as the contract requires.
+                    self.marks.add("recovered_lost", 1);
+                }
                 self.marks.add("session_lost", 1);
                 self.marks.add(
                     match reason {
@@ -1616,7 +1827,7 @@ impl Sim {
         };
         let next = now + self.exp(mean);
         self.schedule(next, Ev::ClientTick { client: i, call });
-        if self.clients[i].over {
+        if self.clients[i].over || self.clients[i].down {
             return;
         }
         let tag = self.next_tag();
@@ -1790,14 +2001,23 @@ impl Sim {
 
     fn respawn(&mut self, i: usize) {
         let now = self.now;
+        // A crash in the meantime restarts the process anew instead.
+        if !self.clients[i].over || self.clients[i].down {
+            return;
+        }
         if let Some(t) = self.clients[i].frozen_until.filter(|t| *t > now) {
             self.schedule(t, Ev::Respawn { client: i });
             return;
         }
         self.collect_client_marks(i);
         let entropy = Box::new(ChaCha8Rng::seed_from_u64(self.rng.random()));
-        let client =
-            Client::new(self.client_config.clone(), now, entropy).expect("client config is valid");
+        // The session is over and its store cleared: the application starts a new one on it.
+        let client = start_client(
+            &self.client_config,
+            now,
+            entropy,
+            self.clients[i].store.as_ref(),
+        );
         let ctx = self.checker.new_ctx(None);
         if let Some(conn) = self.clients[i].conn.take() {
             self.close_client_side(conn);
@@ -1885,7 +2105,151 @@ impl Sim {
                 }
             }
             Fault::Restart(d) => self.restart(d),
+            Fault::ClientCrash(downtime) => {
+                let c = self.params.crashes.clone();
+                let wipe = self.rng.random_bool(c.wipe);
+                let machine = self.rng.random_bool(c.machine);
+                let mid_step = self.rng.random_bool(c.mid_step);
+                let take = mid_step.then(|| self.rng.random_range(0..4u32));
+                self.trace
+                    .words(&[u64::from(wipe), u64::from(machine), u64::from(mid_step)]);
+                let node = &mut self.clients[i];
+                if node.down || node.armed.is_some() {
+                    self.marks.add("client_crash_skipped", 1);
+                    return;
+                }
+                let crash = Crash {
+                    wipe,
+                    machine,
+                    downtime,
+                    take,
+                };
+                if take.is_some() {
+                    // Dies during one of its next steps, or anyway once a quiet spell has passed.
+                    node.armed = Some(crash);
+                    let inc = node.inc;
+                    self.schedule(now + MID_STEP_WAIT, Ev::CrashNow { client: i, inc });
+                } else {
+                    self.crash_client(i, crash);
+                }
+            }
         }
+    }
+
+    /// Client `i`'s process dies: the `Client` is dropped with everything it held in memory (its
+    /// event queue, its requests, whatever it had not recorded), its connection closes under the
+    /// server (a process crash: the kernel sends a FIN after what was already written; a machine
+    /// crash: nothing), and it restarts after the drawn downtime on its store (kept, or wiped).
+    fn crash_client(&mut self, i: usize, crash: Crash) {
+        let now = self.now;
+        if self.log {
+            let who = format!("client {i} ctx {}", self.clients[i].ctx);
+            self.log_event(&who, &crash);
+        }
+        self.marks.add("client_crash", 1);
+        self.marks
+            .add("client_crash_machine", u64::from(crash.machine));
+        self.collect_client_marks(i);
+        if let Some(conn) = self.clients[i].conn.take() {
+            let c = &mut self.conns[conn];
+            if c.client_open {
+                c.client_open = false;
+                if !self.datagram && !crash.machine {
+                    self.push(conn, true, Wire::Close);
+                }
+            }
+        }
+        let ctx = self.clients[i].ctx;
+        let node = &mut self.clients[i];
+        let kept = match &node.store {
+            Some(store) => {
+                let lost = store.crash(crash.machine);
+                self.marks
+                    .add("store_tail_lost", u64::from(lost.records > 0));
+                if lost.records > 0 {
+                    // Acknowledgements are recorded without a flush: the store may now hold
+                    // messages the application was told were acknowledged, and hand them back.
+                    let r = store.snapshot();
+                    let below = r.unacknowledged.first().map_or(r.next_seq, |m| m.seq);
+                    let n = self.checker.acks_forgotten(ctx, below);
+                    self.marks.add("ack_forgotten", n);
+                }
+                if crash.wipe {
+                    store.wipe();
+                }
+                node.unconsumed_again = lost.consumed;
+                !crash.wipe
+            }
+            None => false,
+        };
+        // On a kept store the session lives on (the same ledger context); else it died here,
+        // unless the application had already seen it end.
+        let resumes = kept && !node.over;
+        let held = node.session.filter(|_| !node.over);
+        node.expect_resume = if resumes { held } else { None };
+        // The dead process does nothing more; an inert stand-in takes its place until it restarts.
+        node.client = Client::new(
+            self.client_config.clone(),
+            now,
+            Box::new(ChaCha8Rng::seed_from_u64(0)),
+        )
+        .expect("client config is valid");
+        node.down = true;
+        node.inc += 1;
+        node.connecting = false;
+        node.armed = None;
+        node.frozen_until = None;
+        node.backlog.clear();
+        node.failed_backlog.clear();
+        node.timer.generation += 1;
+        node.timer.armed = None;
+        let inc = node.inc;
+        node.restart = Some(match (&node.store, crash.wipe) {
+            (Some(_), false) => "client_restart_kept_store",
+            (Some(_), true) => "client_restart_wiped_store",
+            (None, _) => "client_restart_no_store",
+        });
+        self.checker.client_crashed(ctx, !resumes);
+        if !resumes {
+            // The next process starts a new session: a new ledger context.
+            self.marks
+                .add("orphaned_session", u64::from(held.is_some()));
+            let fresh = self.checker.new_ctx(None);
+            let node = &mut self.clients[i];
+            node.ctx = fresh;
+            node.session = None;
+            node.over = false;
+        }
+        self.trace.words(&[i as u64, u64::from(resumes)]);
+        let up = (now + crash.downtime).min(self.heal_at.max(now));
+        self.schedule(up, Ev::ClientUp { client: i, inc });
+    }
+
+    /// A crashed client starts again: on its kept store, resuming its session (the same ledger
+    /// context), or from nothing, with a new session.
+    fn client_up(&mut self, i: usize, inc: u32) {
+        let now = self.now;
+        if !self.clients[i].down || self.clients[i].inc != inc {
+            return;
+        }
+        if self.params.canary == Some(Canary::RestartForgetsStore)
+            && let Some(store) = &self.clients[i].store
+        {
+            store.wipe();
+        }
+        let entropy = Box::new(ChaCha8Rng::seed_from_u64(self.rng.random()));
+        let node = &mut self.clients[i];
+        node.client = start_client(&self.client_config, now, entropy, node.store.as_ref());
+        node.down = false;
+        if self.log {
+            let (who, what) = (format!("client {i} ctx {}", node.ctx), node.restart);
+            self.log_event(&who, &what);
+        }
+        let node = &mut self.clients[i];
+        if let Some(mark) = node.restart.take() {
+            self.marks.add(mark, 1);
+        }
+        self.flush_client(i);
     }
 
     /// Cuts the directions of `mask` (1: down, 2: up) of client `i`'s path until `until` (at the
@@ -1939,7 +2303,7 @@ impl Sim {
 
     fn pause(&mut self, node: usize, d: Duration) {
         let now = self.now;
-        if node == 0 && self.server.down {
+        if (node == 0 && self.server.down) || (node > 0 && self.clients[node - 1].down) {
             return;
         }
         let until = (now + d).min(self.heal_at);
@@ -2085,6 +2449,62 @@ impl Sim {
             self.marks.add(name, v);
         }
     }
+}
+
+/// Replaces each `b"..."` payload in a debug print by the tag its first 8 bytes carry.
+fn shorten_payloads(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("b\"") {
+        out.push_str(&rest[..start]);
+        let body = &rest[start + 2..];
+        // The closing quote is the first one not escaped.
+        let mut escaped = false;
+        let end = body
+            .char_indices()
+            .find(|&(_, c)| {
+                let close = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                close
+            })
+            .map_or(body.len(), |(k, _)| k);
+        let bytes = unescape(&body[..end]);
+        match bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(head) => out.push_str(&format!("tag:{}", u64::from_le_bytes(head))),
+            None => out.push_str("b?"),
+        }
+        rest = body.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The bytes of a `Bytes` debug print (`\xNN`, `\\`, `\"`, `\n`, `\r`, `\t`, `\0` escapes).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut v = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            match b[i + 1] {
+                b'x' if i + 3 < b.len() => {
+                    v.push(u8::from_str_radix(&s[i + 2..i + 4], 16).unwrap_or(0));
+                    i += 4;
+                    continue;
+                }
+                b'n' => v.push(b'\n'),
+                b'r' => v.push(b'\r'),
+                b't' => v.push(b'\t'),
+                b'0' => v.push(0),
+                c => v.push(c),
+            }
+            i += 2;
+        } else {
+            v.push(b[i]);
+            i += 1;
+        }
+    }
+    v
 }
 
 /// Runs one seed.
