@@ -46,10 +46,12 @@ impl Disk {
     }
 
     fn flush(&mut self) {
-        let tail = std::mem::take(&mut self.tail);
-        for r in tail {
+        // Drained in place, so the tail keeps its allocation from one flush to the next.
+        let mut tail = std::mem::take(&mut self.tail);
+        for r in tail.drain(..) {
             self.apply(r);
         }
+        self.tail = tail;
     }
 }
 
