@@ -767,6 +767,86 @@ mod tests {
         )
     }
 
+    /// A reliable ordered message from `sender` with sequence number `seq`.
+    fn call(c: &mut Checker, sender: Ctx, tag: u64, seq: u64) -> usize {
+        c.sent(
+            Instant::ZERO,
+            sender,
+            0,
+            tag,
+            1,
+            MsgMode::Ordered,
+            Role::Call,
+            Some(seq),
+            false,
+            0,
+            16,
+            None,
+        )
+    }
+
+    /// The server's reply (tag `tag`, sequence number `seq`) to the call entry `to`.
+    fn reply(c: &mut Checker, server: Ctx, tag: u64, seq: u64, to: usize) -> usize {
+        c.sent(
+            Instant::ZERO,
+            server,
+            7,
+            tag,
+            1 << 61,
+            MsgMode::Ordered,
+            Role::CallReply,
+            Some(seq),
+            false,
+            0,
+            16,
+            Some(to),
+        )
+    }
+
+    #[test]
+    fn what_a_client_with_a_wiped_store_never_sent_is_written_off_until_it_arrives_after_all() {
+        let mut c = Checker::default();
+        let client = c.new_ctx(None);
+        call(&mut c, client, 1, 0);
+        call(&mut c, client, 2, 1);
+        c.client_crashed(client, true);
+        assert_eq!((c.outstanding(), c.tally().client_crash_lost), (0, 2));
+        // The first was on the wire when the process died.
+        c.delivered(Instant::ZERO, 9, None, 0, 1, Some(0), &payload(1, 16));
+        assert_eq!(c.tally().client_crash_lost, 1);
+        assert!(c.violations().is_empty(), "{:?}", c.violations());
+    }
+
+    #[test]
+    fn a_client_restarted_on_its_kept_store_still_owes_everything_it_sent() {
+        let mut c = Checker::default();
+        let client = c.new_ctx(None);
+        call(&mut c, client, 1, 0);
+        c.client_crashed(client, false);
+        assert_eq!(c.outstanding(), 1);
+        c.finish(Instant::ZERO, Instant::ZERO);
+        assert_eq!(c.violations()[0].rule, "liveness");
+    }
+
+    #[test]
+    fn replies_to_calls_of_a_dead_process_are_written_off_and_the_new_process_is_owed_its_own() {
+        let mut c = Checker::default();
+        let (client, server) = (c.new_ctx(None), c.new_ctx(Some(0)));
+        let old = call(&mut c, client, 1, 0);
+        reply(&mut c, server, 2, 0, old);
+        c.client_crashed(client, false);
+        // The restarted process resent the old call; the server answers it only now.
+        reply(&mut c, server, 3, 1, old);
+        let new = call(&mut c, client, 4, 1);
+        reply(&mut c, server, 5, 2, new);
+        assert_eq!(c.tally().orphaned_replies, 2);
+        // Still owed: both calls, and the reply to the new one.
+        assert_eq!(c.outstanding(), 3);
+        // A written-off reply received and dropped by the core is no acked-then-lost.
+        c.acknowledged(Instant::ZERO, server, 2);
+        assert!(c.violations().is_empty(), "{:?}", c.violations());
+    }
+
     /// Every name finds its newest entry, for a broadcast's shared tag, a tag far out of sequence,
     /// and a name sent twice.
     #[test]
