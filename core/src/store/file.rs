@@ -31,8 +31,9 @@
 //!
 //! Replaying the records through [`MemoryStore`]'s logic gives the state, so a file store recovers
 //! exactly what a memory store given the same calls would hold. Types 6 and 7 appear only in a
-//! snapshot written by compaction: a base record resets the whole state to its values, then come the
-//! identity, a sent record per unacknowledged message and a held record per unconsumed one.
+//! snapshot written by compaction: a base record (left out if its counters are all zero) resets the
+//! whole state to its values, then come the identity, a sent record per unacknowledged message and a
+//! held record per unconsumed one.
 //!
 //! # Recovery
 //!
@@ -499,11 +500,15 @@ fn write_record(w: &mut impl Write, kind: u8, fields: &[u8], payload: &[u8]) -> 
     Ok(HEADER_LEN as u64 + u64::from(len))
 }
 
-/// Writes `state` as records (base, identity, sent, held); returns their length.
+/// Writes `state` as records (base, identity, sent, held; each only if there is one); returns
+/// their length.
 fn write_snapshot(w: &mut impl Write, state: &Recovered) -> io::Result<u64> {
     let mut fields = Vec::new();
-    base_fields(&mut fields, state);
-    let mut len = write_record(w, BASE, &fields, &[])?;
+    let mut len = 0;
+    if has_base(state) {
+        base_fields(&mut fields, state);
+        len += write_record(w, BASE, &fields, &[])?;
+    }
     if let Some(identity) = &state.identity {
         fields.clear();
         identity_fields(&mut fields, identity);
@@ -531,10 +536,16 @@ fn snapshot_len(state: &Recovered) -> u64 {
         + uvar_len(state.arrived_above.len() as u64)
         + ranges;
     MAGIC.len() as u64
-        + record(base)
+        + if has_base(state) { record(base) } else { 0 }
         + state.identity.map_or(0, |_| record(32))
         + state.unacknowledged.iter().map(message).sum::<u64>()
         + state.unconsumed.iter().map(message).sum::<u64>()
+}
+
+/// Whether a snapshot needs a base record: not for counters at zero, where replay starts anyway
+/// (so a cleared log is its magic alone).
+fn has_base(state: &Recovered) -> bool {
+    state.next_seq != 0 || state.watermark != 0 || !state.arrived_above.is_empty()
 }
 
 fn identity_fields(b: &mut Vec<u8>, identity: &Identity) {
@@ -819,13 +830,19 @@ mod tests {
                 payload: Bytes::new(),
             }],
         };
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC);
-        let written = write_snapshot(&mut out, &state).unwrap();
-        assert_eq!(MAGIC.len() as u64 + written, snapshot_len(&state));
-        assert_eq!(out.len() as u64, snapshot_len(&state));
-        let replayed = replay(&out);
-        assert!(replayed.corrupt.is_none());
-        assert_eq!(replayed.model.snapshot(), &state);
+        let identity_only = Recovered {
+            identity: state.identity,
+            ..Recovered::default()
+        };
+        for state in [state, identity_only, Recovered::default()] {
+            let mut out = Vec::new();
+            out.extend_from_slice(&MAGIC);
+            let written = write_snapshot(&mut out, &state).unwrap();
+            assert_eq!(MAGIC.len() as u64 + written, snapshot_len(&state));
+            assert_eq!(out.len() as u64, snapshot_len(&state));
+            let replayed = replay(&out);
+            assert!(replayed.corrupt.is_none());
+            assert_eq!(replayed.model.snapshot(), &state);
+        }
     }
 }
