@@ -601,8 +601,16 @@ impl Checker {
         }
     }
 
-    /// A session of context `sender` ended and handed these payloads back.
-    pub fn handed_back(&mut self, now: Instant, sender: Ctx, dest: Dest, payloads: &[Bytes]) {
+    /// A session of context `sender` ended and handed these payloads back. Returns how many of
+    /// them had been acknowledged before a machine crash made their sender forget it.
+    pub fn handed_back(
+        &mut self,
+        now: Instant,
+        sender: Ctx,
+        dest: Dest,
+        payloads: &[Bytes],
+    ) -> u64 {
+        let mut forgotten = 0;
         for p in payloads {
             let Some(idx) = self.lookup(now, p, dest, "hand-back") else {
                 continue;
@@ -621,6 +629,8 @@ impl Checker {
                 let detail = format!("tag {} handed back after it was acknowledged", e.tag);
                 self.report(now, "hand-back", detail);
             }
+            let e = &self.entries[idx];
+            forgotten += u64::from(e.acked && e.ack_forgotten);
             if std::mem::take(&mut self.entries[idx].orphaned) {
                 self.tally.orphaned_replies -= 1;
             }
@@ -628,6 +638,7 @@ impl Checker {
             self.resolve(idx);
         }
         self.ctxs[sender as usize].unacked.clear();
+        forgotten
     }
 
     /// The server process of incarnation `epoch` crashed: what its sessions had not yet delivered
@@ -845,6 +856,23 @@ mod tests {
         // A written-off reply received and dropped by the core is no acked-then-lost.
         c.acknowledged(Instant::ZERO, server, 2);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
+    }
+
+    #[test]
+    fn a_hand_back_may_include_what_was_acknowledged_only_if_a_power_loss_made_the_sender_forget() {
+        for forgot in [false, true] {
+            let mut c = Checker::default();
+            let client = c.new_ctx(None);
+            call(&mut c, client, 1, 0);
+            c.delivered(Instant::ZERO, 9, None, 0, 1, Some(0), &payload(1, 16));
+            c.acknowledged(Instant::ZERO, client, 1);
+            if forgot {
+                assert_eq!(c.acks_forgotten(client, 0), 1);
+            }
+            let n = c.handed_back(Instant::ZERO, client, 0, &[payload(1, 16)]);
+            assert_eq!(n, u64::from(forgot));
+            assert_eq!(c.violations().is_empty(), forgot, "{:?}", c.violations());
+        }
     }
 
     /// Every name finds its newest entry, for a broadcast's shared tag, a tag far out of sequence,
