@@ -187,6 +187,9 @@ fn main() -> ExitCode {
     let mut failing = 0usize;
     let summary = steadfast_sim::sweep(&seeds, &args.workload, args.canary, jobs, |out| {
         let seed = out.params.seed;
+        if single || args.verbose {
+            bar.suspend(|| println!("{}", out.params));
+        }
         if !out.violations.is_empty() {
             failing += 1;
             bar.suspend(|| {
