@@ -121,7 +121,7 @@ pub type Clock = fn() -> Instant;
 pub enum SyncPolicy {
     /// Every [`Store::flush`] that follows a new record syncs it: once `flush` returns, the records
     /// survive a power loss too (given a disk that honours the sync). The slowest: a sync per
-    /// flush, that is per message sent or acknowledged.
+    /// flush, which the client calls per message sent and before each acknowledgement.
     EveryFlush,
     /// A flush syncs once `max_records` records, or records older than the delay, wait unsynced;
     /// other flushes only write to the operating system. A power loss loses at most the records
@@ -137,7 +137,7 @@ pub enum SyncPolicy {
     },
     /// Never sync (except while compacting): survives the process being killed, not a power loss
     /// or kernel crash, which can lose whatever the operating system had not yet written back
-    /// (on Linux, typically up to 30 seconds of records). The fastest.
+    /// (on Linux, by default, up to about half a minute of records). The fastest.
     None,
 }
 
@@ -235,8 +235,7 @@ impl FileStore {
     /// Rewrites the log as a snapshot of the live state now, whatever its size.
     pub fn compact(&mut self) -> Result<(), StoreError> {
         self.usable()?;
-        let snapshot = self.model.snapshot().clone();
-        self.rewrite(&snapshot).map_err(|e| self.fail(e))
+        self.rewrite_live().map_err(|e| self.fail(e))
     }
 
     /// Writes and syncs every record so far, whatever the policy: for a caller with a timer, so a
@@ -323,8 +322,7 @@ impl FileStore {
     fn maybe_compact(&mut self) -> io::Result<()> {
         let live = snapshot_len(self.model.snapshot());
         if self.len >= self.floor && self.len > COMPACTION_FACTOR * live {
-            let snapshot = self.model.snapshot().clone();
-            self.rewrite(&snapshot)
+            self.rewrite_live()
         } else {
             self.schedule_check_with(live);
             Ok(())
@@ -343,6 +341,15 @@ impl FileStore {
             .floor
             .max(COMPACTION_FACTOR * live + 1)
             .max(self.len + self.len / 8);
+    }
+
+    /// Replaces the log by the live state alone.
+    fn rewrite_live(&mut self) -> io::Result<()> {
+        // Taken out for the while, rather than cloned, so `rewrite` may borrow the store.
+        let model = core::mem::take(&mut self.model);
+        let result = self.rewrite(model.snapshot());
+        self.model = model;
+        result
     }
 
     /// Replaces the log by `state` alone: written aside, synced, renamed over, directory synced.
@@ -368,7 +375,7 @@ impl FileStore {
         self.unsynced = 0;
         self.unsynced_since = None;
         self.syncs += 1;
-        self.schedule_check();
+        self.schedule_check_with(len);
         sync_dir(&self.dir)
     }
 
@@ -459,7 +466,6 @@ impl Store for FileStore {
             .map_err(|e| self.fail(e))?;
         self.model = MemoryStore::new();
         self.failed = None;
-        self.schedule_check();
         Ok(())
     }
 }
