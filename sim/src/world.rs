@@ -6,6 +6,15 @@
 //! and re-arm); every connection direction is a FIFO whose head is an event, so jitter shifts whole
 //! deliveries but never reorders a byte stream. A frozen node's inputs wait in its backlog and its
 //! timers fire late, when it wakes; a restarted server loses every session and connection.
+//!
+//! A crashed client process loses its `Client` and everything in it (queued events, requests,
+//! think timers) and restarts on its durable store. On a kept store its session goes on under the
+//! same ledger context, so everything it sent or was sent is still owed exactly once; on a wiped
+//! store (or none) the new process starts a new session under a new context, what the dead one
+//! sent and the server never got is written off, and the server must end the old session loudly
+//! (the core does so when its retention expires: `SessionLost { RetentionExpired }`, handing back
+//! what the client never acknowledged; nothing supersedes it, since the new process does not know
+//! it). Either way, replies to the dead process's calls are owed to nobody.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
