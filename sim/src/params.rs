@@ -194,7 +194,7 @@ impl FaultMix {
     }
 
     /// A mix drawn for one seed: each kind is on with probability 1/2, at its own rate. Client
-    /// crashes are drawn apart, last of a seed's parameters ([`Crashes::draw`]), so adding them
+    /// crashes are drawn apart, last of a seed's parameters (with [`Crashes`]), so adding them
     /// left every other draw of every seed as it was.
     pub fn draw(rng: &mut ChaCha8Rng, duration: Duration) -> FaultMix {
         let mut kind = |per_minute: f64| -> u32 {
