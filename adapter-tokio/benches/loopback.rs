@@ -1,0 +1,1341 @@
+//! The loopback harness of issue 7: steadfast beside what users would otherwise use, in one process.
+//!
+//! ```sh
+//! cargo bench -p steadfast-tokio --bench loopback
+//! ```
+//!
+//! Sections, each printed as a table (about two and a half minutes in all on a 2-core machine):
+//!
+//! - **throughput**: one direction, client to server, for 64 B and 64 KiB messages: steadfast-tokio
+//!   (ordered, acks on), raw tokio `TcpStream` + `BufWriter` (one `write_all` of a pre-framed
+//!   message: a 4-byte length and the payload),
+//!   `FramedWrite<LengthDelimitedCodec>` with feed-then-flush, and rumqttc publishing QoS 1 through
+//!   an in-process rumqttd broker to a QoS 1 subscriber. The sender sends for a fixed time, then a
+//!   marked last message; the receiver counts every arrival, and the rate is all of them over the
+//!   time from the first send to the last arrival. Each run is repeated; medians are printed with
+//!   the range. Syscalls are counted for each run by `perf stat` attached to this process
+//!   (in-kernel tracepoint counters, no ptrace slowdown), both ends together: I/O syscalls (read,
+//!   write, readv, writev, recvfrom, sendto, recvmsg, sendmsg) and all syscalls. For steadfast the
+//!   channel statistics give the share of frames that are standalone acks.
+//! - **wire**: the same runs, shorter, through the chaos proxy, whose byte counters give the bytes
+//!   on the wire (both directions, handshakes and acks included) per payload byte. For MQTT the
+//!   proxy sits between the publisher and the broker, so it counts PUBLISH and PUBACK on that leg.
+//! - **latency**: round trips at fixed open-loop rates: a pacing thread sends each 64 B message at
+//!   its scheduled time and stamps it with that time (not the time it actually went out), so a
+//!   stall shows in the latency instead of silently delaying later sends (no coordinated
+//!   omission). steadfast: the server `reply`s to each message; raw TCP: the server echoes the
+//!   bytes. HdrHistogram, p50/p99/p99.9/max; the first 10% of each run is warm-up, not recorded.
+//!   Tail latencies on a shared 2-core machine swing from run to run (the pacing thread competes
+//!   with the runtime's two workers), so each figure is the median of several runs.
+//! - **runtimes**: steadfast-smol and steadfast-async-std against raw TCP on their own runtime
+//!   (`BufWriter`, the same framing), 64 B, one direction.
+//! - **recovery**: client to server through the chaos proxy with the default configuration, a
+//!   message every 2 ms. (a) A blackhole on the connection: time to the client's `Disconnected`,
+//!   then to the first message delivered after it (new connections work all along, so the path is
+//!   "restored" at detection). (b) A partition (new connections blackholed too) kept for
+//!   `LOOPBACK_PARTITION_SECS`, then healed: time from the heal to the first resumed delivery.
+//!
+//! Environment: `LOOPBACK_ONLY=throughput,wire,latency,runtimes,recovery` (a subset),
+//! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
+//! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (3), `LOOPBACK_RATES`
+//! (10000,100000),
+//! `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
+//! counts; they need `perf` and permission to attach to this process).
+
+use std::future::Future;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use futures_util::{SinkExt, StreamExt as _};
+use hdrhistogram::Histogram;
+use steadfast_core::Stats;
+use steadfast_core::driver::{ClientHandle, ClientOptions, ServerHandle, ServerOptions};
+use steadfast_tokio::chaos::{ChaosProxy, Fault, Target};
+use steadfast_tokio::{Mode, SendError, ServerEvent, SessionEvent};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// The two message sizes of the throughput section.
+const SMALL: usize = 64;
+const LARGE: usize = 64 << 10;
+/// The first payload byte of the last message of a run.
+const END: u8 = 0xff;
+/// How often a sender looks at the clock.
+const CHECK_EVERY: u64 = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Settings and results
+
+struct Settings {
+    sections: Vec<String>,
+    secs: Duration,
+    reps: usize,
+    wire_secs: Duration,
+    latency_secs: Duration,
+    latency_reps: usize,
+    rates: Vec<u64>,
+    recovery_reps: usize,
+    partition: Duration,
+    perf: bool,
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let list = |name: &str, default: &str| -> Vec<String> {
+            std::env::var(name)
+                .unwrap_or_else(|_| default.to_string())
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        Settings {
+            sections: list("LOOPBACK_ONLY", "throughput,wire,latency,runtimes,recovery"),
+            secs: Duration::from_secs_f64(env_f64("LOOPBACK_SECS", 1.5)),
+            reps: env_f64("LOOPBACK_REPS", 3.0).max(1.0) as usize,
+            wire_secs: Duration::from_secs_f64(env_f64("LOOPBACK_WIRE_SECS", 0.5)),
+            latency_secs: Duration::from_secs_f64(env_f64("LOOPBACK_LATENCY_SECS", 1.5)),
+            latency_reps: env_f64("LOOPBACK_LATENCY_REPS", 3.0).max(1.0) as usize,
+            rates: list("LOOPBACK_RATES", "10000,100000")
+                .iter()
+                .filter_map(|r| r.parse().ok())
+                .collect(),
+            recovery_reps: env_f64("LOOPBACK_RECOVERY_REPS", 3.0).max(1.0) as usize,
+            partition: Duration::from_secs_f64(env_f64("LOOPBACK_PARTITION_SECS", 5.0)),
+            perf: std::env::var("LOOPBACK_PERF").map_or(true, |v| v != "0"),
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
+}
+
+/// One throughput run.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    msgs: u64,
+    elapsed: Duration,
+    size: usize,
+    syscalls: Option<Syscalls>,
+    /// Bytes the chaos proxy forwarded (up, down), when the run went through it.
+    wire: Option<(u64, u64)>,
+    /// steadfast only: the client's and the server's channel statistics.
+    stats: Option<(Stats, Stats)>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.msgs as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn mb_per_sec(&self) -> f64 {
+        self.rate() * self.size as f64 / 1e6
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Syscalls {
+    io: u64,
+    all: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Compact human figures: 12.3M, 456k, 7.89.
+fn si(x: f64) -> String {
+    if !x.is_finite() {
+        "n/a".into()
+    } else if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syscall counting: `perf stat` attached to this process for the length of one run
+
+const IO_SYSCALLS: [&str; 8] = [
+    "read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
+];
+
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(enabled: bool) -> Perf {
+        if !enabled {
+            return Perf(None);
+        }
+        let mut events = vec!["raw_syscalls:sys_enter".to_string()];
+        events.extend(
+            IO_SYSCALLS
+                .iter()
+                .map(|s| format!("syscalls:sys_enter_{s}")),
+        );
+        let child = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", &events.join(","), "-p"])
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok();
+        // perf prints nothing once attached: give it time to open its counters.
+        std::thread::sleep(Duration::from_millis(300));
+        Perf(child)
+    }
+
+    fn stop(self) -> Option<Syscalls> {
+        let mut child = self.0?;
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let mut err = String::new();
+        child.stderr.take()?.read_to_string(&mut err).ok()?;
+        child.wait().ok()?;
+        let mut out = Syscalls::default();
+        let mut seen = false;
+        for line in err.lines() {
+            let fields: Vec<&str> = line.split(',').collect();
+            let (Some(count), Some(event)) = (fields.first(), fields.get(2)) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            seen = true;
+            if *event == "raw_syscalls:sys_enter" {
+                out.all += count;
+            } else if event.starts_with("syscalls:sys_enter_") {
+                out.io += count;
+            }
+        }
+        seen.then_some(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared pieces
+
+fn payloads(size: usize) -> (Bytes, Bytes) {
+    let body = Bytes::from(vec![0u8; size]);
+    let mut end = vec![0u8; size];
+    end[0] = END;
+    (body, end.into())
+}
+
+/// The raw TCP baseline's messages, framed once up front (a 4-byte big-endian length, then the
+/// payload), so that each message is one `write_all` into the `BufWriter`.
+fn raw_frames(size: usize) -> (Vec<u8>, Vec<u8>) {
+    let (body, end) = payloads(size);
+    let frame = |p: &[u8]| {
+        let mut v = (size as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(p);
+        v
+    };
+    (frame(&body), frame(&end))
+}
+
+async fn maybe_proxy(upstream: SocketAddr, on: bool) -> (SocketAddr, Option<ChaosProxy>) {
+    if on {
+        let proxy = ChaosProxy::start(upstream).await.expect("proxy");
+        (proxy.local_addr(), Some(proxy))
+    } else {
+        (upstream, None)
+    }
+}
+
+fn proxy_bytes(proxy: &Option<ChaosProxy>) -> Option<(u64, u64)> {
+    proxy.as_ref().map(|p| {
+        let s = p.stats();
+        (s.bytes_up, s.bytes_down)
+    })
+}
+
+/// Counts length-prefixed frames (4-byte big-endian length, then the body) in a byte stream cut
+/// anywhere.
+#[derive(Default)]
+struct FrameCounter {
+    header: [u8; 4],
+    header_have: usize,
+    body_left: usize,
+    frames: u64,
+}
+
+impl FrameCounter {
+    fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.body_left > 0 {
+                let take = self.body_left.min(chunk.len());
+                chunk = &chunk[take..];
+                self.body_left -= take;
+                if self.body_left == 0 {
+                    self.frames += 1;
+                }
+            } else {
+                self.header[self.header_have] = chunk[0];
+                self.header_have += 1;
+                chunk = &chunk[1..];
+                if self.header_have == 4 {
+                    self.header_have = 0;
+                    self.body_left = u32::from_be_bytes(self.header) as usize;
+                    if self.body_left == 0 {
+                        self.frames += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Counts the server's arrivals until the marked last one: (arrivals, when the last arrived, the
+/// server handle back).
+async fn count_server(server: ServerHandle) -> (u64, Instant, ServerHandle) {
+    let mut n = 0;
+    loop {
+        match server.next_event().await {
+            Some(ServerEvent::Session {
+                event: SessionEvent::Received(m),
+                ..
+            }) => {
+                n += 1;
+                if m.payload[0] == END {
+                    return (n, Instant::now(), server);
+                }
+            }
+            Some(_) => {}
+            None => panic!("the server stopped"),
+        }
+    }
+}
+
+/// One steadfast run on any runtime: `spawn` runs the receiving side on the runtime's executor.
+async fn steadfast_pump<J>(
+    client: ClientHandle,
+    server: ServerHandle,
+    size: usize,
+    secs: Duration,
+    spawn: impl FnOnce(BoxFut<(u64, Instant, ServerHandle)>) -> J,
+) -> Run
+where
+    J: Future<Output = (u64, Instant, ServerHandle)>,
+{
+    assert!(client.connected().await, "the client connected");
+    let receiver = spawn(Box::pin(count_server(server)));
+    let (body, end) = payloads(size);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < secs {
+        for _ in 0..CHECK_EVERY {
+            client
+                .send(0, Mode::Ordered, body.clone())
+                .await
+                .expect("send");
+        }
+        sent += CHECK_EVERY;
+    }
+    client.send(0, Mode::Ordered, end).await.expect("send");
+    sent += 1;
+    let (n, last, server) = receiver.await;
+    assert_eq!(n, sent, "every message arrived once");
+    let session = client.session().expect("a session");
+    let client_stats = ClientHandle::inspect(&client, |c| *c.channel().stats());
+    let server_stats = ServerHandle::inspect(&server, |s| s.channel(session).map(|c| *c.stats()))
+        .expect("the session's channel");
+    server.shutdown();
+    Run {
+        msgs: n,
+        elapsed: last - start,
+        size,
+        stats: Some((client_stats, server_stats)),
+        ..Run::default()
+    }
+}
+
+/// Writes length-prefixed messages through a `BufWriter` for `secs`, then a marked last one, and
+/// closes: the raw TCP baseline's sender on a futures-io runtime (smol, async-std).
+async fn raw_send_futures_io<S: AsyncWrite + Unpin>(stream: S, size: usize, secs: Duration) -> u64 {
+    let (body, end) = raw_frames(size);
+    let mut w = futures_lite::io::BufWriter::new(stream);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < secs {
+        for _ in 0..CHECK_EVERY {
+            w.write_all(&body).await.expect("write");
+        }
+        sent += CHECK_EVERY;
+    }
+    w.write_all(&end).await.expect("write");
+    w.close().await.expect("close");
+    sent + 1
+}
+
+async fn raw_count_futures_io<S: AsyncRead + Unpin>(mut stream: S) -> (u64, Instant) {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut counter = FrameCounter::default();
+    loop {
+        let n = stream.read(&mut buf).await.expect("read");
+        if n == 0 {
+            return (counter.frames, Instant::now());
+        }
+        counter.feed(&buf[..n]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput on tokio
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Steadfast,
+    Raw,
+    Framed,
+    Mqtt,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Steadfast, Kind::Raw, Kind::Framed, Kind::Mqtt];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Steadfast => "steadfast-tokio (acks on)",
+            Kind::Raw => "raw TcpStream + BufWriter",
+            Kind::Framed => "Framed<LengthDelimited> feed+flush",
+            Kind::Mqtt => "rumqttc QoS 1 via rumqttd",
+        }
+    }
+}
+
+async fn tokio_steadfast(size: usize, secs: Duration, proxy: bool) -> Run {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .expect("listen");
+    let (addr, proxy) = maybe_proxy(server.local_addr(), proxy).await;
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![addr])).expect("connect");
+    let mut run = steadfast_pump(client, server, size, secs, |f| async move {
+        tokio::spawn(f).await.expect("receiver")
+    })
+    .await;
+    run.wire = proxy_bytes(&proxy);
+    run
+}
+
+async fn tokio_raw(size: usize, secs: Duration, proxy: bool) -> Run {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, proxy) = maybe_proxy(listener.local_addr().unwrap(), proxy).await;
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 256 << 10];
+        let mut counter = FrameCounter::default();
+        loop {
+            let n = s.read(&mut buf).await.expect("read");
+            if n == 0 {
+                return (counter.frames, Instant::now());
+            }
+            counter.feed(&buf[..n]);
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let (body, end) = raw_frames(size);
+    let mut w = tokio::io::BufWriter::new(stream);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < secs {
+        for _ in 0..CHECK_EVERY {
+            w.write_all(&body).await.expect("write");
+        }
+        sent += CHECK_EVERY;
+    }
+    w.write_all(&end).await.expect("write");
+    w.shutdown().await.expect("shutdown");
+    sent += 1;
+    let (n, last) = receiver.await.expect("receiver");
+    assert_eq!(n, sent, "every frame arrived");
+    Run {
+        msgs: n,
+        elapsed: last - start,
+        size,
+        wire: proxy_bytes(&proxy),
+        ..Run::default()
+    }
+}
+
+async fn tokio_framed(size: usize, secs: Duration, proxy: bool) -> Run {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, proxy) = maybe_proxy(listener.local_addr().unwrap(), proxy).await;
+    let receiver = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept");
+        let mut frames = FramedRead::new(s, LengthDelimitedCodec::new());
+        let mut n = 0u64;
+        while let Some(frame) = frames.next().await {
+            frame.expect("frame");
+            n += 1;
+        }
+        (n, Instant::now())
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let (body, end) = payloads(size);
+    let mut sink = FramedWrite::new(stream, LengthDelimitedCodec::new());
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < secs {
+        for _ in 0..CHECK_EVERY {
+            sink.feed(body.clone()).await.expect("feed");
+        }
+        sent += CHECK_EVERY;
+    }
+    sink.feed(end).await.expect("feed");
+    SinkExt::<Bytes>::flush(&mut sink).await.expect("flush");
+    SinkExt::<Bytes>::close(&mut sink).await.expect("close");
+    sent += 1;
+    let (n, last) = receiver.await.expect("receiver");
+    assert_eq!(n, sent, "every frame arrived");
+    Run {
+        msgs: n,
+        elapsed: last - start,
+        size,
+        wire: proxy_bytes(&proxy),
+        ..Run::default()
+    }
+}
+
+/// Starts an in-process rumqttd broker (its own threads) on a free loopback port.
+fn start_broker() -> SocketAddr {
+    use std::collections::HashMap;
+    let port = StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: 1 << 20,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "v4-bench".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 1000,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 << 20,
+            max_segment_count: 8,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::spawn(move || {
+        let _ = broker.start();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "rumqttd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    addr
+}
+
+fn mqtt_options(id: String, addr: SocketAddr) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+async fn tokio_mqtt(
+    broker: SocketAddr,
+    run_id: u64,
+    size: usize,
+    secs: Duration,
+    proxy: bool,
+) -> Run {
+    use rumqttc::{AsyncClient, Event, Packet, QoS};
+    let topic = format!("bench/{run_id}");
+    let (sub, mut sub_loop) = AsyncClient::new(mqtt_options(format!("sub-{run_id}"), broker), 1024);
+    sub.subscribe(&topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.expect("subscriber") {
+            break;
+        }
+    }
+    let receiver = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = sub_loop.poll().await.expect("subscriber")
+            {
+                n += 1;
+                if p.payload[0] == END {
+                    return (n, Instant::now());
+                }
+            }
+        }
+    });
+    let (addr, proxy) = maybe_proxy(broker, proxy).await;
+    let (publisher, mut pub_loop) =
+        AsyncClient::new(mqtt_options(format!("pub-{run_id}"), addr), 1024);
+    let pump = tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
+    let (body, end) = payloads(size);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < secs {
+        for _ in 0..CHECK_EVERY {
+            publisher
+                .publish_bytes(topic.as_str(), QoS::AtLeastOnce, false, body.clone())
+                .await
+                .expect("publish");
+        }
+        sent += CHECK_EVERY;
+    }
+    publisher
+        .publish_bytes(topic.as_str(), QoS::AtLeastOnce, false, end)
+        .await
+        .expect("publish");
+    sent += 1;
+    let (n, last) = receiver.await.expect("receiver");
+    assert_eq!(n, sent, "every publish arrived once");
+    // Let the last PUBACKs cross the proxy before its counters are read.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let wire = proxy_bytes(&proxy);
+    let _ = publisher.disconnect().await;
+    let _ = sub.disconnect().await;
+    pump.abort();
+    Run {
+        msgs: n,
+        elapsed: last - start,
+        size,
+        wire,
+        ..Run::default()
+    }
+}
+
+fn tokio_run(
+    rt: &tokio::runtime::Runtime,
+    broker: SocketAddr,
+    run_id: u64,
+    kind: Kind,
+    size: usize,
+    secs: Duration,
+    proxy: bool,
+) -> Run {
+    rt.block_on(async {
+        match kind {
+            Kind::Steadfast => tokio_steadfast(size, secs, proxy).await,
+            Kind::Raw => tokio_raw(size, secs, proxy).await,
+            Kind::Framed => tokio_framed(size, secs, proxy).await,
+            Kind::Mqtt => tokio_mqtt(broker, run_id, size, secs, proxy).await,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// smol and async-std
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OtherRt {
+    Smol,
+    AsyncStd,
+}
+
+fn other_steadfast(which: OtherRt, size: usize, secs: Duration) -> Run {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    match which {
+        OtherRt::Smol => smol::block_on(async {
+            let server = steadfast_smol::listen(any, ServerOptions::new())
+                .await
+                .expect("listen");
+            let client = steadfast_smol::connect(ClientOptions::new(vec![server.local_addr()]))
+                .expect("connect");
+            steadfast_pump(client, server, size, secs, smol::spawn).await
+        }),
+        OtherRt::AsyncStd => async_std::task::block_on(async {
+            let server = steadfast_async_std::listen(any, ServerOptions::new())
+                .await
+                .expect("listen");
+            let client =
+                steadfast_async_std::connect(ClientOptions::new(vec![server.local_addr()]))
+                    .expect("connect");
+            steadfast_pump(client, server, size, secs, async_std::task::spawn).await
+        }),
+    }
+}
+
+fn other_raw(which: OtherRt, size: usize, secs: Duration) -> Run {
+    let (sent, n, elapsed) = match which {
+        OtherRt::Smol => smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let receiver = smol::spawn(async move {
+                let (s, _) = listener.accept().await.expect("accept");
+                raw_count_futures_io(s).await
+            });
+            let stream = smol::net::TcpStream::connect(addr).await.expect("connect");
+            stream.set_nodelay(true).unwrap();
+            let start = Instant::now();
+            let sent = raw_send_futures_io(stream, size, secs).await;
+            let (n, last) = receiver.await;
+            (sent, n, last - start)
+        }),
+        OtherRt::AsyncStd => async_std::task::block_on(async {
+            let listener = async_std::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            let receiver = async_std::task::spawn(async move {
+                let (s, _) = listener.accept().await.expect("accept");
+                raw_count_futures_io(s).await
+            });
+            let stream = async_std::net::TcpStream::connect(addr)
+                .await
+                .expect("connect");
+            stream.set_nodelay(true).unwrap();
+            let start = Instant::now();
+            let sent = raw_send_futures_io(stream, size, secs).await;
+            let (n, last) = receiver.await;
+            (sent, n, last - start)
+        }),
+    };
+    assert_eq!(n, sent, "every frame arrived");
+    Run {
+        msgs: n,
+        elapsed,
+        size,
+        ..Run::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency at fixed open-loop rates
+
+/// The pacing thread: message `i` is due at `epoch + i / rate`; it carries that due time (nanos
+/// since `epoch`) and its index, whatever the moment it actually goes out.
+fn pace(rate: u64, total: u64, epoch: Instant, mut send: impl FnMut([u8; SMALL])) {
+    let period = 1e9 / rate as f64;
+    for i in 0..total {
+        let due = (i as f64 * period) as u64;
+        loop {
+            let now = epoch.elapsed().as_nanos() as u64;
+            if now >= due {
+                break;
+            }
+            if due - now > 200_000 {
+                std::thread::sleep(Duration::from_nanos(due - now - 100_000));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let mut m = [0u8; SMALL];
+        m[..8].copy_from_slice(&due.to_le_bytes());
+        m[8..16].copy_from_slice(&i.to_le_bytes());
+        send(m);
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+/// Records one round trip of a message stamped by [`pace`], unless it is warm-up.
+fn record(h: &mut Histogram<u64>, m: &[u8], epoch: Instant, warmup: u64) {
+    let due = u64::from_le_bytes(m[..8].try_into().unwrap());
+    let index = u64::from_le_bytes(m[8..16].try_into().unwrap());
+    if index >= warmup {
+        let now = epoch.elapsed().as_nanos() as u64;
+        h.saturating_record(now.saturating_sub(due).max(1_000));
+    }
+}
+
+async fn latency_steadfast(rate: u64, secs: Duration) -> Histogram<u64> {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .expect("listen");
+    let client =
+        steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).expect("connect");
+    assert!(client.connected().await);
+    let echo = server.clone();
+    let echo = tokio::spawn(async move {
+        while let Some(event) = echo.next_event().await {
+            if let ServerEvent::Session {
+                session,
+                event: SessionEvent::Received(m),
+            } = event
+            {
+                let mut payload = m.payload;
+                loop {
+                    match echo.reply(session, m.seq, payload) {
+                        Ok(_) => break,
+                        Err(SendError::QueueFull(back)) => {
+                            payload = back;
+                            tokio::task::yield_now().await;
+                        }
+                        Err(e) => panic!("reply: {e}"),
+                    }
+                }
+            }
+        }
+    });
+    let total = (rate as f64 * secs.as_secs_f64()) as u64;
+    let warmup = total / 10;
+    let epoch = Instant::now();
+    let sender = client.clone();
+    let pacer = std::thread::spawn(move || {
+        pace(rate, total, epoch, |m| {
+            let mut p = Bytes::copy_from_slice(&m);
+            loop {
+                match sender.try_send(0, Mode::Ordered, p) {
+                    Ok(_) => break,
+                    Err(SendError::QueueFull(back)) => {
+                        p = back;
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+        })
+    });
+    let mut h = histogram();
+    let mut got = 0;
+    while got < total {
+        match client.next_event().await {
+            Some(SessionEvent::Reply { payload, .. }) => {
+                record(&mut h, &payload, epoch, warmup);
+                got += 1;
+            }
+            Some(_) => {}
+            None => panic!("the session ended"),
+        }
+    }
+    pacer.join().expect("pacer");
+    server.shutdown();
+    echo.abort();
+    h
+}
+
+async fn latency_raw(rate: u64, secs: Duration) -> Histogram<u64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept");
+        s.set_nodelay(true).unwrap();
+        let (mut r, mut w) = s.into_split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let (r, mut w) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<[u8; SMALL]>();
+    // The writer gathers whatever the pacer queued into one write, as steadfast's driver does.
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 << 10);
+        while let Some(m) = rx.recv().await {
+            buf.extend_from_slice(&m);
+            while let Ok(m) = rx.try_recv() {
+                buf.extend_from_slice(&m);
+            }
+            w.write_all(&buf).await.expect("write");
+            buf.clear();
+        }
+    });
+    let total = (rate as f64 * secs.as_secs_f64()) as u64;
+    let warmup = total / 10;
+    let epoch = Instant::now();
+    let pacer = std::thread::spawn(move || {
+        pace(rate, total, epoch, |m| tx.send(m).expect("writer"));
+    });
+    let mut h = histogram();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut m = [0u8; SMALL];
+    for _ in 0..total {
+        r.read_exact(&mut m).await.expect("read");
+        record(&mut h, &m, epoch, warmup);
+    }
+    pacer.join().expect("pacer");
+    writer.await.expect("writer");
+    echo.abort();
+    h
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery through the chaos proxy
+
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    /// From the fault to the client's `Disconnected`.
+    detect: Duration,
+    /// From the path's restoration to the client's resumed `Connected`.
+    reconnect: Duration,
+    /// From the path's restoration to the first message the server received after it.
+    first_delivery: Duration,
+}
+
+/// The first arrival later than `t`.
+async fn arrival_after(
+    arrived: &mut tokio::sync::mpsc::UnboundedReceiver<Instant>,
+    t: Instant,
+    limit: Duration,
+) -> Instant {
+    loop {
+        let at = tokio::time::timeout(limit, arrived.recv())
+            .await
+            .expect("a delivery in time")
+            .expect("the server runs");
+        if at > t {
+            return at;
+        }
+    }
+}
+
+async fn recovery(partition: Option<Duration>) -> Recovery {
+    use tokio::sync::mpsc::unbounded_channel;
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .expect("listen");
+    let proxy = ChaosProxy::start(server.local_addr()).await.expect("proxy");
+    let client =
+        steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).expect("connect");
+    assert!(client.connected().await);
+    let (arrived_tx, mut arrived) = unbounded_channel::<Instant>();
+    let receiver = server.clone();
+    let arrivals = tokio::spawn(async move {
+        while let Some(event) = receiver.next_event().await {
+            if let ServerEvent::Session {
+                event: SessionEvent::Received(_),
+                ..
+            } = event
+                && arrived_tx.send(Instant::now()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let (events_tx, mut events) = unbounded_channel::<(bool, Instant)>();
+    let watcher = client.clone();
+    let watch = tokio::spawn(async move {
+        while let Some(event) = watcher.next_event().await {
+            let up = match event {
+                SessionEvent::Disconnected { .. } => false,
+                SessionEvent::Connected { .. } => true,
+                _ => continue,
+            };
+            if events_tx.send((up, Instant::now())).is_err() {
+                return;
+            }
+        }
+    });
+    let sender = client.clone();
+    let traffic = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        loop {
+            tick.tick().await;
+            let _ = sender.try_send(0, Mode::Ordered, Bytes::from_static(&[0u8; SMALL]));
+        }
+    });
+    let limit = Duration::from_secs(30);
+    // Traffic flows before the fault.
+    let now = Instant::now();
+    arrival_after(&mut arrived, now, limit).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let fault_at = Instant::now();
+    let target = if partition.is_some() {
+        Target::AllAndNew
+    } else {
+        Target::All
+    };
+    assert_eq!(
+        proxy.apply(target, Fault::Blackhole),
+        1,
+        "the fault hit the session"
+    );
+    let detected = loop {
+        let (up, at) = tokio::time::timeout(limit, events.recv())
+            .await
+            .expect("a disconnect in time")
+            .expect("events");
+        if !up {
+            break at;
+        }
+    };
+    let restored = match partition {
+        Some(p) => {
+            tokio::time::sleep_until((fault_at + p).into()).await;
+            proxy.heal(Target::AllAndNew);
+            Instant::now()
+        }
+        // New connections were never blocked: the path is back as soon as the client looks.
+        None => detected,
+    };
+    let first = arrival_after(&mut arrived, restored, limit).await;
+    let reconnected = loop {
+        let (up, at) = tokio::time::timeout(limit, events.recv())
+            .await
+            .expect("a resume in time")
+            .expect("events");
+        if up && at > restored {
+            break at;
+        }
+    };
+    traffic.abort();
+    watch.abort();
+    arrivals.abort();
+    server.shutdown();
+    Recovery {
+        detect: detected - fault_at,
+        reconnect: reconnected - restored,
+        first_delivery: first - restored,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+fn throughput_row(label: &str, runs: &[Run]) -> String {
+    let rates: Vec<f64> = runs.iter().map(Run::rate).collect();
+    let mbs: Vec<f64> = runs.iter().map(Run::mb_per_sec).collect();
+    let (lo, hi) = min_max(&rates);
+    let per_msg = |f: fn(&Syscalls) -> u64| {
+        median(
+            runs.iter()
+                .filter_map(|r| r.syscalls.map(|s| f(&s) as f64 / r.msgs as f64))
+                .collect(),
+        )
+    };
+    let io = per_msg(|s| s.io);
+    let all = per_msg(|s| s.all);
+    let acks = median(
+        runs.iter()
+            .filter_map(|r| r.stats)
+            .map(|(c, s)| {
+                (c.acks_sent + s.acks_sent) as f64 / (c.frames_sent + s.frames_sent) as f64
+            })
+            .collect(),
+    );
+    let share = if acks.is_finite() {
+        format!("{:.2}%", acks * 100.0)
+    } else {
+        "-".into()
+    };
+    let sys = |x: f64| {
+        if x.is_finite() {
+            format!("{x:.4}")
+        } else {
+            "n/a".into()
+        }
+    };
+    format!(
+        "  {label:<36} {:>9} {:>19} {:>10.1} {:>9} {:>9} {:>8}",
+        si(median(rates)),
+        format!("({}–{})", si(lo), si(hi)),
+        median(mbs),
+        sys(io),
+        sys(all),
+        share
+    )
+}
+
+const THROUGHPUT_HEADER: &str = "  implementation                        msgs/s   (min–max of runs)       MB/s  io sc/msg  all sc/msg  acks/frames";
+
+fn main() {
+    let settings = Settings::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let broker = start_broker();
+    // Start the other runtimes' executor threads now, so perf attaches to them too.
+    smol::block_on(smol::spawn(async {}));
+    async_std::task::block_on(async_std::task::spawn(async {}));
+    let perf = settings.perf && Perf::start(true).stop().is_some();
+    println!(
+        "loopback harness: {} cpus, throughput runs of {:?} x {}, syscall counts {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings.secs,
+        settings.reps,
+        if perf {
+            "by perf stat"
+        } else {
+            "off (perf unavailable or LOOPBACK_PERF=0)"
+        }
+    );
+    let mut run_id = 0u64;
+    let mut medians: Vec<((Kind, usize), f64)> = Vec::new();
+
+    if settings.wants("throughput") {
+        println!(
+            "\n== throughput, one direction, client -> server ({} runs each; median)",
+            settings.reps
+        );
+        println!("{THROUGHPUT_HEADER}");
+        for size in [SMALL, LARGE] {
+            println!("  -- {size} B messages");
+            for kind in Kind::ALL {
+                // A short warm-up run first (connections, allocator, broker segments).
+                run_id += 1;
+                tokio_run(
+                    &rt,
+                    broker,
+                    run_id,
+                    kind,
+                    size,
+                    Duration::from_millis(200),
+                    false,
+                );
+                let mut runs = Vec::new();
+                for _ in 0..settings.reps {
+                    run_id += 1;
+                    let counter = Perf::start(perf);
+                    let mut run = tokio_run(&rt, broker, run_id, kind, size, settings.secs, false);
+                    run.syscalls = counter.stop();
+                    runs.push(run);
+                }
+                medians.push(((kind, size), median(runs.iter().map(Run::rate).collect())));
+                println!("{}", throughput_row(kind.name(), &runs));
+            }
+        }
+        let get = |k, s| {
+            medians
+                .iter()
+                .find(|(key, _)| *key == (k, s))
+                .map_or(f64::NAN, |(_, v)| *v)
+        };
+        println!("\n  ratios of medians (goal):");
+        println!(
+            "    64 B   steadfast / Framed<LengthDelimited>  {:.2}  (>= 1.0)",
+            get(Kind::Steadfast, SMALL) / get(Kind::Framed, SMALL)
+        );
+        println!(
+            "    64 B   steadfast / rumqttc QoS 1            {:.1}  (>= 10)",
+            get(Kind::Steadfast, SMALL) / get(Kind::Mqtt, SMALL)
+        );
+        println!(
+            "    64 B   steadfast / raw TCP + BufWriter      {:.3}",
+            get(Kind::Steadfast, SMALL) / get(Kind::Raw, SMALL)
+        );
+        println!(
+            "    64 KiB steadfast / raw TCP + BufWriter      {:.2}  (>= 0.9)",
+            get(Kind::Steadfast, LARGE) / get(Kind::Raw, LARGE)
+        );
+        println!(
+            "    64 KiB steadfast / Framed<LengthDelimited>  {:.2}",
+            get(Kind::Steadfast, LARGE) / get(Kind::Framed, LARGE)
+        );
+    }
+
+    if settings.wants("wire") {
+        println!(
+            "\n== bytes on the wire per payload byte, through the chaos proxy ({:?} runs; both directions)",
+            settings.wire_secs
+        );
+        println!(
+            "  implementation                       64 B msgs   64 KiB msgs   (up / down bytes at 64 B)"
+        );
+        for kind in Kind::ALL {
+            let mut cells = Vec::new();
+            let mut detail = String::new();
+            for size in [SMALL, LARGE] {
+                run_id += 1;
+                let run = tokio_run(&rt, broker, run_id, kind, size, settings.wire_secs, true);
+                let (up, down) = run.wire.unwrap_or_default();
+                let payload = run.msgs as f64 * size as f64;
+                cells.push(format!("{:.4}", (up + down) as f64 / payload));
+                if size == SMALL {
+                    detail = format!("{} / {}", si(up as f64), si(down as f64));
+                }
+            }
+            println!(
+                "  {:<36} {:>9} {:>13}   ({detail})",
+                kind.name(),
+                cells[0],
+                cells[1]
+            );
+        }
+    }
+
+    if settings.wants("latency") {
+        println!(
+            "\n== round-trip latency, 64 B, fixed open-loop rate ({:?} per run, first 10% warm-up; \
+             median of {} runs, p99 range in brackets)",
+            settings.latency_secs, settings.latency_reps
+        );
+        println!(
+            "  implementation            rate/s      p50        p99      p99.9        max   samples/run  p99 of each run"
+        );
+        for &rate in &settings.rates {
+            let mut p99s = Vec::new();
+            for (name, steadfast) in [("steadfast-tokio", true), ("raw TCP ping-pong", false)] {
+                // Per run: p50, p99, p99.9, max (µs), samples.
+                let mut runs: Vec<[f64; 5]> = Vec::new();
+                for _ in 0..settings.latency_reps {
+                    let h = rt.block_on(async {
+                        if steadfast {
+                            latency_steadfast(rate, settings.latency_secs).await
+                        } else {
+                            latency_raw(rate, settings.latency_secs).await
+                        }
+                    });
+                    let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+                    runs.push([
+                        us(0.5),
+                        us(0.99),
+                        us(0.999),
+                        h.max() as f64 / 1e3,
+                        h.len() as f64,
+                    ]);
+                }
+                let col = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+                p99s.push(col(1));
+                println!(
+                    "  {name:<24} {:>7} {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>12}  [{}]",
+                    si(rate as f64),
+                    col(0),
+                    col(1),
+                    col(2),
+                    col(3),
+                    col(4),
+                    runs.iter()
+                        .map(|r| format!("{:.0}", r[1]))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            println!(
+                "    p99 steadfast / raw TCP at {}/s: {:.2} (goal <= 1.2)",
+                si(rate as f64),
+                p99s[0] / p99s[1]
+            );
+        }
+    }
+
+    if settings.wants("runtimes") {
+        println!(
+            "\n== other runtimes, 64 B, one direction ({} runs each; median)",
+            settings.reps
+        );
+        println!("{THROUGHPUT_HEADER}");
+        for (which, name) in [(OtherRt::Smol, "smol"), (OtherRt::AsyncStd, "async-std")] {
+            let mut rates = Vec::new();
+            for steadfast in [true, false] {
+                let go = |secs| {
+                    if steadfast {
+                        other_steadfast(which, SMALL, secs)
+                    } else {
+                        other_raw(which, SMALL, secs)
+                    }
+                };
+                go(Duration::from_millis(200));
+                let mut runs = Vec::new();
+                for _ in 0..settings.reps {
+                    let counter = Perf::start(perf);
+                    let mut run = go(settings.secs);
+                    run.syscalls = counter.stop();
+                    runs.push(run);
+                }
+                rates.push(median(runs.iter().map(Run::rate).collect()));
+                let label = if steadfast {
+                    format!("steadfast-{name}")
+                } else {
+                    format!("raw {name} TcpStream + BufWriter")
+                };
+                println!("{}", throughput_row(&label, &runs));
+            }
+            println!(
+                "    steadfast-{name} / raw {name}: {:.3} (goal >= 0.85)",
+                rates[0] / rates[1]
+            );
+        }
+    }
+
+    if settings.wants("recovery") {
+        println!("\n== recovery through the chaos proxy, default configuration");
+        let mut blackholes = Vec::new();
+        for _ in 0..settings.recovery_reps {
+            blackholes.push(rt.block_on(recovery(None)));
+        }
+        let med = |f: fn(&Recovery) -> Duration, v: &[Recovery]| {
+            let m = median(v.iter().map(|r| f(r).as_secs_f64()).collect());
+            Duration::from_secs_f64(m)
+        };
+        println!(
+            "  (a) blackhole on the connection, {} runs: detection (fault -> Disconnected) median {} [{}]; \
+             detection -> resumed Connected median {}; detection -> first delivery median {} [{}]",
+            blackholes.len(),
+            ms(med(|r| r.detect, &blackholes)),
+            blackholes
+                .iter()
+                .map(|r| ms(r.detect))
+                .collect::<Vec<_>>()
+                .join(", "),
+            ms(med(|r| r.reconnect, &blackholes)),
+            ms(med(|r| r.first_delivery, &blackholes)),
+            blackholes
+                .iter()
+                .map(|r| ms(r.first_delivery))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let p = rt.block_on(recovery(Some(settings.partition)));
+        println!(
+            "  (b) partition of {:?} (new connections blackholed too), then healed: detection {}; \
+             heal -> resumed Connected {}; heal -> first delivery {}",
+            settings.partition,
+            ms(p.detect),
+            ms(p.reconnect),
+            ms(p.first_delivery)
+        );
+    }
+}
