@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! hub server --listen ADDR [--seconds S]
-//! hub client --connect ADDR[,ADDR...] --id NAME [--burn-cpu] [--seconds S]
+//! hub client --connect ADDR[,ADDR...] --id NAME [--store DIR] [--burn-cpu] [--seconds S]
 //! hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu] [--call-ms MS] [--payload BYTES]
 //! ```
 //!
@@ -36,7 +36,7 @@ hub: the field report's workload over steadfast
 
 USAGE:
     hub server --listen ADDR [--seconds S]
-    hub client --connect ADDR[,ADDR...] --id NAME [--burn-cpu] [--seconds S]
+    hub client --connect ADDR[,ADDR...] --id NAME [--store DIR] [--burn-cpu] [--seconds S]
     hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu]
 
 OPTIONS:
@@ -45,6 +45,9 @@ OPTIONS:
     --chaos           (demo) route clients through a chaos proxy breaking connections on a seeded schedule
     --seed S          (demo) the chaos schedule's seed (default 1)
     --burn-cpu        keep every core busy with application work while the clients run
+    --store DIR       (client) make the session durable in DIR, with the application's ledger of
+                      delivered events beside it: a client killed and restarted on the same DIR
+                      resumes its session, and lost/duplicates count across its restarts
 ";
 
 /// The streams of the hub's protocol.
@@ -64,6 +67,7 @@ struct Args {
     burn_cpu: bool,
     call_ms: u64,
     payload: usize,
+    store: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -81,6 +85,7 @@ fn parse() -> Result<Args, String> {
         burn_cpu: false,
         call_ms: 100,
         payload: 64,
+        store: None,
     };
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -97,6 +102,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--id" => a.id = value("--id")?,
+            "--store" => a.store = Some(value("--store")?.into()),
             "--clients" => a.clients = num("--clients", value("--clients")?)? as usize,
             "--seconds" => a.seconds = Some(num("--seconds", value("--seconds")?)?),
             "--seed" => a.seed = num("--seed", value("--seed")?)?,
@@ -253,6 +259,8 @@ struct ClientStats {
     sessions_lost: u64,
     handed_back: u64,
     max_resume_ms: u64,
+    /// Redelivered after a restart and recognised from the ledger: already handled, not duplicates.
+    recognised: u64,
     /// Event numbers delivered, per session.
     seen: BTreeMap<SessionId, BTreeSet<u64>>,
 }
@@ -307,15 +315,74 @@ struct ClientRun {
     stats: Arc<Mutex<ClientStats>>,
     stop: Arc<AtomicBool>,
     workers: mpsc::Sender<Job>,
+    filler: usize,
     /// The current session's handle, for closing it at the end.
     current: Arc<Mutex<Option<ClientHandle>>>,
+    durable: Option<Durable>,
+}
+
+/// A client whose session and ledger live in a directory and survive its process.
+#[derive(Clone)]
+struct Durable {
+    dir: std::path::PathBuf,
+    /// The application's ledger: one line per event handled, `session number`.
+    ledger: Arc<Mutex<std::fs::File>>,
+}
+
+impl Durable {
+    fn open(dir: &std::path::Path, stats: &mut ClientStats) -> std::io::Result<Durable> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("ledger");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // A line cut short by a kill has no newline: it was never counted as handled.
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            let mut parts = line.split_whitespace();
+            if let (Some(id), Some(n)) = (parts.next(), parts.next())
+                && let (Ok(id), Ok(n)) = (u64::from_str_radix(id, 16), n.parse::<u64>())
+            {
+                stats.seen.entry(SessionId(id)).or_default().insert(n);
+            }
+        }
+        let ledger = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        Ok(Durable {
+            dir: dir.to_path_buf(),
+            ledger: Arc::new(Mutex::new(ledger)),
+        })
+    }
+
+    fn record(&self, session: SessionId, n: u64) {
+        use std::io::Write;
+        // One write per line, straight to the OS: a killed process loses nothing written.
+        let _ = self
+            .ledger
+            .lock()
+            .unwrap()
+            .write_all(format!("{session} {n}\n").as_bytes());
+    }
+
+    fn session(&self, options: &ClientOptions) -> std::io::Result<ClientHandle> {
+        use steadfast_tokio::core::store::file::{FileStore, SyncPolicy};
+        let store = FileStore::open(self.dir.join("session"), SyncPolicy::None)?;
+        let mut options = options.clone();
+        options.manual_consume = true;
+        steadfast_tokio::connect_with_store(options, Box::new(store))
+    }
 }
 
 /// Runs one client until `stop`: a session, and a fresh one whenever a session is lost.
 async fn run_client(run: ClientRun) {
     let mut call = 0u64;
+    // Calls are numbered per process: a restarted one starts a new sequence under a new name.
+    let caller = format!("{}/{}", run.name, std::process::id());
     while !run.stop.load(Ordering::Relaxed) {
-        let handle = match steadfast_tokio::connect(run.options.clone()) {
+        let started = match &run.durable {
+            Some(d) => d.session(&run.options),
+            None => steadfast_tokio::connect(run.options.clone()),
+        };
+        let handle = match started {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a session");
@@ -335,7 +402,7 @@ async fn run_client(run: ClientRun) {
                     run.stats.lock().unwrap().calls_sent += 1;
                     let h = handle.clone();
                     let stats = run.stats.clone();
-                    let msg = call_msg(&run.name, call);
+                    let msg = call_msg(&caller, call);
                     call += 1;
                     tokio::spawn(async move {
                         let r = h.request(CALLS, msg, Duration::from_secs(30)).await;
@@ -349,18 +416,38 @@ async fn run_client(run: ClientRun) {
                 }
                 event = handle.next_event() => {
                     let Some(event) = event else { break };
+                    let redelivered = matches!(event, SessionEvent::Redelivered(_));
                     let mut st = run.stats.lock().unwrap();
                     match event {
-                        SessionEvent::Received(m) if m.stream == EVENTS => {
+                        SessionEvent::Received(m) | SessionEvent::Redelivered(m) if m.stream == EVENTS => {
                             let Some((b'E', n, _)) = parse_msg(&m.payload) else { continue };
                             let session = handle.session().unwrap_or(SessionId(0));
-                            if st.seen.entry(session).or_default().insert(n) {
+                            let fresh = st.seen.entry(session).or_default().insert(n);
+                            if fresh {
                                 st.delivered += 1;
+                            } else if redelivered {
+                                st.recognised += 1;
                             } else {
                                 st.duplicates += 1;
                             }
-                            let job = Job { handle: handle.clone(), to: m.seq, n, stats: run.stats.clone() };
-                            let _ = run.workers.send(job);
+                            match &run.durable {
+                                // Reply, record, then say done: a kill between any two of them
+                                // brings the event back flagged, and the ledger tells.
+                                Some(d) => {
+                                    if fresh {
+                                        if handle.reply(m.seq, numbered(b'R', n, run.filler)).is_ok() {
+                                            st.replies_sent += 1;
+                                        }
+                                        d.record(session, n);
+                                    }
+                                    handle.consumed(m.seq);
+                                }
+                                None if fresh => {
+                                    let job = Job { handle: handle.clone(), to: m.seq, n, stats: run.stats.clone() };
+                                    let _ = run.workers.send(job);
+                                }
+                                None => {}
+                            }
                         }
                         SessionEvent::Disconnected { .. } => down_since = Some(Instant::now()),
                         SessionEvent::Connected { resumed, .. } => {
@@ -520,7 +607,12 @@ async fn client_cmd(a: Args) -> std::io::Result<Summary> {
     if a.burn_cpu {
         burn_cpu(stop.clone());
     }
-    let stats = Arc::new(Mutex::new(ClientStats::default()));
+    let mut initial = ClientStats::default();
+    let durable = match &a.store {
+        Some(dir) => Some(Durable::open(dir, &mut initial)?),
+        None => None,
+    };
+    let stats = Arc::new(Mutex::new(initial));
     let current = Arc::new(Mutex::new(None));
     let run = ClientRun {
         name: a.id.clone(),
@@ -529,7 +621,9 @@ async fn client_cmd(a: Args) -> std::io::Result<Summary> {
         stats: stats.clone(),
         stop: stop.clone(),
         workers: reply_workers(2, a.payload),
+        filler: a.payload,
         current: current.clone(),
+        durable,
     };
     let task = tokio::spawn(run_client(run));
     until_stopped(a.seconds).await;
@@ -537,16 +631,19 @@ async fn client_cmd(a: Args) -> std::io::Result<Summary> {
     close_current(&current).await;
     let _ = task.await;
     let st = stats.lock().unwrap().clone();
+    // With a store the ledger spans every run on it, so delivered and lost do too.
     let mut sum = Summary {
         sent: st.calls_sent,
-        delivered: st.delivered,
+        delivered: st.seen.values().map(|s| s.len() as u64).sum(),
         replies: st.call_replies,
         lost: st.gaps(),
         ..Summary::default()
     };
     add_client(&mut sum, &st);
     sum.extra = vec![
+        ("delivered_this_run", st.delivered),
         ("replies_sent", st.replies_sent),
+        ("recognised_redeliveries", st.recognised),
         ("handed_back", st.handed_back),
     ];
     Ok(sum)
@@ -593,7 +690,9 @@ async fn demo_cmd(a: Args) -> std::io::Result<Summary> {
             stats: stats.clone(),
             stop: stop.clone(),
             workers: workers.clone(),
+            filler: a.payload,
             current: current.clone(),
+            durable: None,
         };
         clients.push((tokio::spawn(run_client(run)), stats, current));
     }
