@@ -719,8 +719,9 @@ impl Client {
     fn drain_channel(&mut self) {
         while let Some(e) = self.channel.poll_event() {
             if let Event::Acknowledged { below } = e {
-                // Forgetting is not a durability point: no flush.
-                self.record(false, |s| s.acknowledged(below));
+                // Durable before the application hears of it: a store that forgot the ack in a
+                // power loss would hand these back in a later SessionLost as if never delivered.
+                self.durable(|s| s.acknowledged(below));
             }
             if !matches!(e, Event::Closed { .. }) {
                 let ev = session_event(e, &mut self.requests);
