@@ -20,7 +20,7 @@
 //!
 //! The trait is `no_std`; [`MemoryStore`] keeps everything in memory (what a client without a store
 //! has anyway, but recoverable within one process, which the tests use to model a crash), and with
-//! the `file-store` feature [`file::FileStore`] keeps it in an append-only log on disk.
+//! the `file-store` feature `file::FileStore` keeps it in an append-only log on disk.
 
 use alloc::vec::Vec;
 use core::fmt;
