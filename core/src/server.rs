@@ -125,6 +125,10 @@ pub struct Transmit {
 struct Session {
     token: Token,
     epoch: u64,
+    /// The client's nonce in the hello that claimed `epoch`: the same hello arriving again on a
+    /// new binding (its welcome was lost and the server dropped the old one) is that attach, not a
+    /// stale one.
+    attach_nonce: u64,
     channel: Channel,
     conn: Option<ConnId>,
     disconnected_at: Option<Instant>,
@@ -391,13 +395,15 @@ impl Server {
             self.refused_tokens += 1;
             return self.refuse(conn, RefuseCode::BadToken, 0);
         }
-        if resume.epoch <= s.epoch {
+        let same_attach = resume.epoch == s.epoch && hello.nonce == s.attach_nonce;
+        if resume.epoch <= s.epoch && !same_attach {
             let current = s.epoch;
             return self.refuse(conn, RefuseCode::StaleEpoch, current);
         }
         // The newest attach wins: a half-open older connection is superseded.
         let id = resume.session;
         s.epoch = resume.epoch;
+        s.attach_nonce = hello.nonce;
         let old = s.conn.replace(conn);
         s.disconnected_at = None;
         s.channel.reset_connection();
@@ -486,6 +492,7 @@ impl Server {
                 token: Token::from_bytes(token),
                 // The client's first hello claimed epoch 1.
                 epoch: 1,
+                attach_nonce: hello.nonce,
                 channel,
                 conn: Some(conn),
                 disconnected_at: None,

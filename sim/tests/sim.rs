@@ -262,16 +262,13 @@ fn a_crashing_seed_gives_the_same_trace_hash_twice() {
     }
 }
 
-/// A core bug this simulator found (not caused by crashes; seed 584 draws none): over datagrams,
-/// a client whose resume hello the server attached (claiming epoch N) but whose welcome was lost
-/// keeps repeating that hello unchanged. If the server meanwhile drops the connection (its idle
-/// timeout), the repeated hello arrives as a new attach claiming an epoch the session already has,
-/// is refused as `StaleEpoch`, and the client loses a session nobody else holds. It is loud
-/// (`SessionLost` hands everything back) so the ledger allows it, but the session should have
-/// survived. Replay: `cargo run --release -p steadfast-sim -- --seed 584 --transport datagram`
-/// (the `lost_stale_epoch` mark; `STEADFAST_SIM_LOG=1` shows client 2 losing it at t=9.19 s).
+/// A core bug this simulator found, now fixed: over datagrams, a client whose resume hello the
+/// server attached (claiming epoch N) but whose welcome was lost keeps repeating that hello
+/// unchanged. If the server meanwhile dropped the connection (its idle timeout), the repeated hello
+/// arrived as a new attach claiming the epoch the session already had, was refused as `StaleEpoch`,
+/// and the client lost a session nobody else held. The server now recognises the same attach by its
+/// nonce. Replay: `cargo run --release -p steadfast-sim -- --seed 584 --transport datagram`.
 #[test]
-#[ignore = "core bug: a repeated datagram hello after the server dropped the connection is refused as a stale epoch"]
 fn a_datagram_client_whose_welcome_was_lost_keeps_its_session() {
     let out = dgram(584);
     assert_eq!(out.marks.get("lost_stale_epoch"), 0, "{}", out.marks);

@@ -162,6 +162,10 @@ impl State {
 /// Every method locks the session for one core call and returns; none waits for the network except
 /// the `async` ones, which wait only for what they name (room in the queue, a reply, an event).
 /// Dropping the last handle closes the session.
+///
+/// Events wait for the application in a queue the driver never blocks on, so acks and heartbeats
+/// keep flowing however slowly the application takes them; that queue is not bounded, and an
+/// application that stops taking events grows it by one entry per message received.
 pub struct ClientHandle {
     shared: Arc<Shared<State>>,
 }
