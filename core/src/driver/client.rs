@@ -1,7 +1,7 @@
 //! A client session on a real runtime: a [`ClientHandle`] for the application, and the
 //! [`ClientDriver`] future that owns the connection.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::future::Future;
 use core::net::SocketAddr;
@@ -11,6 +11,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
+use super::requests::{self, Awaited};
 use super::shared::{Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{Alarm, BoxFuture, Clock, Io, RequestError, Runtime, poll_read_chunk, poll_write_all};
@@ -54,14 +55,6 @@ impl ClientOptions {
     }
 }
 
-/// Where an awaited request stands.
-enum Pending {
-    Waiting(Option<Waker>),
-    Done(Result<Bytes, RequestError>),
-    /// Its future was dropped: the reply, if it comes, is discarded.
-    Abandoned,
-}
-
 pub(crate) struct State {
     client: Client,
     clock: Clock,
@@ -69,7 +62,7 @@ pub(crate) struct State {
     event_waiter: Option<Waker>,
     /// Senders waiting for room in the send queue.
     capacity: Vec<Waker>,
-    requests: BTreeMap<Seq, Pending>,
+    requests: Awaited<Seq>,
     driver: Option<Waker>,
     /// The session is over: no more events will come.
     over: bool,
@@ -99,17 +92,14 @@ impl State {
                 }
                 SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
                 SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
-                    if self.requests.contains_key(to) =>
+                    if self.requests.awaits(to) =>
                 {
                     let to = *to;
                     let result = match event {
                         SessionEvent::Reply { payload, .. } => Ok(payload),
                         _ => Err(RequestError::TimedOut),
                     };
-                    if let Some(Pending::Waiting(mut w)) = self.requests.remove(&to) {
-                        self.requests.insert(to, Pending::Done(result));
-                        wakes.wake(&mut w);
-                    }
+                    self.requests.answer(to, result, wakes);
                     continue;
                 }
                 SessionEvent::SessionLost {
@@ -143,13 +133,7 @@ impl State {
 
     fn end(&mut self, wakes: &mut Wakes) {
         self.over = true;
-        for p in self.requests.values_mut() {
-            if let Pending::Waiting(w) = p {
-                let mut w = w.take();
-                *p = Pending::Done(Err(RequestError::SessionEnded));
-                wakes.wake(&mut w);
-            }
-        }
+        self.requests.end(.., wakes);
         wakes.wake_all(&mut self.capacity);
         wakes.wake_all(&mut self.closed_waiters);
         wakes.wake_all(&mut self.connected_waiters);
@@ -268,17 +252,12 @@ impl ClientHandle {
                 let deadline = s.clock.now() + timeout;
                 let r = s.client.request(stream, payload, deadline);
                 if let Ok(seq) = r {
-                    s.requests.insert(seq, Pending::Waiting(None));
+                    s.requests.expect(seq);
                 }
                 r
             })
             .map_err(RequestError::Send)?;
-        let mut guard = RequestGuard {
-            shared: &self.shared,
-            seq,
-            done: false,
-        };
-        core::future::poll_fn(|cx| guard.poll(cx)).await
+        requests::answer(&self.shared, seq, |s| (&mut s.requests, s.over)).await
     }
 
     /// The next event: messages, replies nobody awaits, connects, disconnects, and finally the
@@ -378,43 +357,6 @@ impl futures_core::Stream for ClientHandle {
     }
 }
 
-/// Forgets an awaited request whose future is dropped.
-struct RequestGuard<'a> {
-    shared: &'a Shared<State>,
-    seq: Seq,
-    done: bool,
-}
-
-impl RequestGuard<'_> {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
-        let seq = self.seq;
-        let r = self.shared.with(|s, _| match s.requests.remove(&seq) {
-            Some(Pending::Done(r)) => Poll::Ready(r),
-            Some(Pending::Waiting(mut w)) if !s.over => {
-                register(&mut w, cx.waker());
-                s.requests.insert(seq, Pending::Waiting(w));
-                Poll::Pending
-            }
-            _ => Poll::Ready(Err(RequestError::SessionEnded)),
-        });
-        self.done = r.is_ready();
-        r
-    }
-}
-
-impl Drop for RequestGuard<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let seq = self.seq;
-            self.shared.with(|s, _| {
-                if let Some(p) = s.requests.get_mut(&seq) {
-                    *p = Pending::Abandoned;
-                }
-            });
-        }
-    }
-}
-
 /// Output bytes gathered before writing: one write per batch of frames, not one per frame.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Reads handled per poll before yielding, so one busy session cannot starve its runtime.
@@ -494,7 +436,7 @@ fn start<R: Runtime>(
         events: VecDeque::new(),
         event_waiter: None,
         capacity: Vec::new(),
-        requests: BTreeMap::new(),
+        requests: Awaited::new(),
         driver: None,
         over: false,
         handles: 1,

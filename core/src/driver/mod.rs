@@ -28,6 +28,7 @@ use core::task::{Context, Poll};
 use std::io;
 
 pub mod client;
+mod requests;
 pub mod server;
 mod shared;
 mod sync;

@@ -11,6 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
+use super::requests::{self, Awaited};
 use super::shared::{Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{Alarm, Clock, Listen, RequestError, Runtime, poll_read_chunk, poll_write_all};
@@ -81,12 +82,6 @@ struct Slot {
     waker: Option<Waker>,
 }
 
-enum Pending {
-    Waiting(Option<Waker>),
-    Done(Result<Bytes, RequestError>),
-    Abandoned,
-}
-
 pub(crate) struct State {
     server: Server,
     clock: Clock,
@@ -96,7 +91,7 @@ pub(crate) struct State {
     events: VecDeque<ServerEvent>,
     event_waiter: Option<Waker>,
     capacity: Vec<Waker>,
-    requests: BTreeMap<(SessionId, Seq), Pending>,
+    requests: Awaited<(SessionId, Seq)>,
     /// The accept-and-timer task, and the deadline its timer is set for.
     driver: Option<Waker>,
     armed: Option<crate::time::Instant>,
@@ -175,17 +170,14 @@ impl State {
             }
             SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
             SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
-                if self.requests.contains_key(&(session, *to)) =>
+                if self.requests.awaits(&(session, *to)) =>
             {
                 let key = (session, *to);
                 let result = match event {
                     SessionEvent::Reply { payload, .. } => Ok(payload),
                     _ => Err(RequestError::TimedOut),
                 };
-                if let Some(Pending::Waiting(mut w)) = self.requests.remove(&key) {
-                    self.requests.insert(key, Pending::Done(result));
-                    wakes.wake(&mut w);
-                }
+                self.requests.answer(key, result, wakes);
                 return false;
             }
             SessionEvent::SessionLost {
@@ -211,15 +203,7 @@ impl State {
     }
 
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
-        let lo = (session, 0);
-        let hi = (session, Seq::MAX);
-        for (_, p) in self.requests.range_mut(lo..=hi) {
-            if let Pending::Waiting(w) = p {
-                let mut w = w.take();
-                *p = Pending::Done(Err(RequestError::SessionEnded));
-                wakes.wake(&mut w);
-            }
-        }
+        self.requests.end((session, 0)..=(session, Seq::MAX), wakes);
         wakes.wake_all(&mut self.capacity);
     }
 
@@ -232,13 +216,7 @@ impl State {
         wakes.wake(&mut self.driver);
         wakes.wake(&mut self.event_waiter);
         wakes.wake_all(&mut self.capacity);
-        for p in self.requests.values_mut() {
-            if let Pending::Waiting(w) = p {
-                let mut w = w.take();
-                *p = Pending::Done(Err(RequestError::SessionEnded));
-                wakes.wake(&mut w);
-            }
-        }
+        self.requests.end(.., wakes);
     }
 }
 
@@ -374,18 +352,16 @@ impl ServerHandle {
                 let deadline = s.clock.now() + timeout;
                 let r = s.server.request(session, stream, payload, deadline);
                 if let Ok(seq) = r {
-                    s.requests.insert((session, seq), Pending::Waiting(None));
+                    s.requests.expect((session, seq));
                 }
                 s.flush(wakes);
                 r
             })
             .map_err(RequestError::Send)?;
-        let mut guard = RequestGuard {
-            shared: &self.shared,
-            key: (session, seq),
-            done: false,
-        };
-        core::future::poll_fn(|cx| guard.poll(cx)).await
+        requests::answer(&self.shared, (session, seq), |s| {
+            (&mut s.requests, s.shutdown)
+        })
+        .await
     }
 
     /// Answers a [`ServerEvent::Authenticate`].
@@ -445,42 +421,6 @@ impl futures_core::Stream for ServerHandle {
     }
 }
 
-struct RequestGuard<'a> {
-    shared: &'a Shared<State>,
-    key: (SessionId, Seq),
-    done: bool,
-}
-
-impl RequestGuard<'_> {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
-        let key = self.key;
-        let r = self.shared.with(|s, _| match s.requests.remove(&key) {
-            Some(Pending::Done(r)) => Poll::Ready(r),
-            Some(Pending::Waiting(mut w)) if !s.shutdown => {
-                register(&mut w, cx.waker());
-                s.requests.insert(key, Pending::Waiting(w));
-                Poll::Pending
-            }
-            _ => Poll::Ready(Err(RequestError::SessionEnded)),
-        });
-        self.done = r.is_ready();
-        r
-    }
-}
-
-impl Drop for RequestGuard<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let key = self.key;
-            self.shared.with(|s, _| {
-                if let Some(p) = s.requests.get_mut(&key) {
-                    *p = Pending::Abandoned;
-                }
-            });
-        }
-    }
-}
-
 /// How long to wait after a failed accept before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
@@ -528,7 +468,7 @@ pub fn server<R: Runtime>(
         events: VecDeque::new(),
         event_waiter: None,
         capacity: Vec::new(),
-        requests: BTreeMap::new(),
+        requests: Awaited::new(),
         driver: None,
         armed: None,
         authenticator: options.authenticator,
