@@ -145,7 +145,7 @@ impl Clock {
 /// Bytes read per call: large enough that a saturated link costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Reads once from `io` into `buf` (kept zero-filled past its length so no unsafe is needed), returning
+/// Reads once from `io` into `buf` (kept zero-filled past its length so the read stays safe code), returning
 /// the bytes read as a frozen, zero-copy chunk; `Ready(None)` is the end of the stream.
 pub(crate) fn poll_read_chunk<S: Io>(
     io: &mut S,

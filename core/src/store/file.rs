@@ -64,7 +64,7 @@
 //! # Clocks
 //!
 //! The core reads no clock. [`SyncPolicy::Batched`] counts records, and bounds time only if the
-//! caller injects a clock (`std::time::Instant::now`, typically).
+//! caller injects a clock (the runtime's monotonic one, typically).
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -106,7 +106,7 @@ const CONSUMED: u8 = 5;
 const BASE: u8 = 6;
 const HELD: u8 = 7;
 
-/// The clock a [`SyncPolicy::Batched`] reads: `std::time::Instant::now`, or a test's own.
+/// The clock a [`SyncPolicy::Batched`] reads: the application's monotonic clock, or a test's own.
 pub type Clock = fn() -> Instant;
 
 /// When [`Store::flush`] also syncs the log to the disk (`fdatasync`), and so what survives what.
