@@ -1,6 +1,5 @@
 //! async-std's sockets and spawner, and async-io's timer, as the driver's [`Runtime`].
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -56,28 +55,6 @@ impl Listener {
     }
 }
 
-/// async-io's timer, made to stay ready once its deadline has passed (as the driver's [`Timer`]
-/// promises): a fired async-io timer is otherwise pending forever until it is set again.
-#[derive(Debug)]
-struct Sleep {
-    timer: async_io::Timer,
-    deadline: Instant,
-}
-
-impl Timer for Sleep {
-    fn reset(mut self: Pin<&mut Self>, deadline: Instant) {
-        self.deadline = deadline;
-        self.timer.set_at(deadline);
-    }
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if Instant::now() >= self.deadline {
-            return Poll::Ready(());
-        }
-        Pin::new(&mut self.timer).poll(cx).map(|_| ())
-    }
-}
-
 impl Runtime for AsyncStd {
     type Stream = Stream;
     type Listener = Listener;
@@ -87,10 +64,8 @@ impl Runtime for AsyncStd {
     }
 
     fn timer(&self, deadline: Instant) -> Pin<Box<dyn Timer>> {
-        Box::pin(Sleep {
-            timer: async_io::Timer::at(deadline),
-            deadline,
-        })
+        // The same reactor as smol's: its adapter's timer serves as is.
+        Box::pin(steadfast_smol::AsyncIoTimer::at(deadline))
     }
 
     fn spawn(&self, future: BoxFuture<()>) {
@@ -136,28 +111,5 @@ impl Listen for Listener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn a_timer_past_its_deadline_stays_ready_until_moved() {
-        let mut timer = AsyncStd.timer(Instant::now() + Duration::from_millis(10));
-        async_std::task::block_on(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // The driver may poll its alarm again at an unchanged deadline; it must not sleep forever.
-        assert!(timer.as_mut().poll(&mut cx).is_ready());
-        timer
-            .as_mut()
-            .reset(Instant::now() + Duration::from_secs(60));
-        assert!(timer.as_mut().poll(&mut cx).is_pending());
-        timer
-            .as_mut()
-            .reset(Instant::now() + Duration::from_millis(10));
-        async_std::task::block_on(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
     }
 }

@@ -41,7 +41,7 @@ mod runtime;
 use std::io;
 use std::net::SocketAddr;
 
-pub use runtime::{Listener, Smol, Stream};
+pub use runtime::{AsyncIoTimer, Listener, Smol, Stream};
 pub use steadfast_core as core;
 pub use steadfast_core::client::ClientConfig;
 pub use steadfast_core::driver::{

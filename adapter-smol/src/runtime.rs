@@ -42,14 +42,25 @@ impl Listener {
 }
 
 /// async-io's timer, made to stay ready once its deadline has passed (as the driver's [`Timer`]
-/// promises): a fired async-io timer is otherwise pending forever until it is set again.
+/// promises): a fired async-io timer is otherwise pending forever until it is set again. Every
+/// runtime on async-io's reactor can use it (the async-std adapter does).
 #[derive(Debug)]
-struct Sleep {
+pub struct AsyncIoTimer {
     timer: smol::Timer,
     deadline: Instant,
 }
 
-impl Timer for Sleep {
+impl AsyncIoTimer {
+    /// A timer that fires at `deadline`.
+    pub fn at(deadline: Instant) -> Self {
+        AsyncIoTimer {
+            timer: smol::Timer::at(deadline),
+            deadline,
+        }
+    }
+}
+
+impl Timer for AsyncIoTimer {
     fn reset(mut self: Pin<&mut Self>, deadline: Instant) {
         self.deadline = deadline;
         self.timer.set_at(deadline);
@@ -72,10 +83,7 @@ impl Runtime for Smol {
     }
 
     fn timer(&self, deadline: Instant) -> Pin<Box<dyn Timer>> {
-        Box::pin(Sleep {
-            timer: smol::Timer::at(deadline),
-            deadline,
-        })
+        Box::pin(AsyncIoTimer::at(deadline))
     }
 
     fn spawn(&self, future: BoxFuture<()>) {
