@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crate::Seq;
 use crate::channel::Channel;
 use crate::config::{Config, ConfigError};
-use crate::event::Event;
+use crate::event::{Event, Message};
 use crate::frame::{DecodeLimits, Frame, HelloFrame, RefuseFrame, WelcomeFrame};
 use crate::identity::{SessionId, Token};
 use crate::liveness::{LivenessConfig, Verdict};
@@ -25,6 +25,7 @@ use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
     Requests, SessionCounters, SessionEvent, session_event,
 };
+use crate::store::{Identity, SessionStore, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
 
@@ -140,6 +141,8 @@ struct Session {
     armed: Option<Instant>,
     /// Its slot in the timer set.
     timer: TimerSlot,
+    /// Where it is kept for other servers, with a [`SessionStore`].
+    store: Option<Box<dyn Store>>,
 }
 
 struct Conn {
@@ -191,6 +194,8 @@ pub struct Server {
     limits: DecodeLimits,
     refused_tokens: u64,
     now: Instant,
+    /// Where sessions are kept beyond this server, if anywhere.
+    stores: Option<Box<dyn SessionStore>>,
 }
 
 impl core::fmt::Debug for Server {
@@ -233,7 +238,28 @@ impl Server {
             limits,
             refused_tokens: 0,
             now,
+            stores: None,
         })
+    }
+
+    /// A server whose sessions outlive it in `stores`, shared with the other servers of a cluster:
+    /// each session records there what a durable client records (its identity and attach epoch,
+    /// messages sent until acknowledged, arrivals until consumed), and a resume for a session this
+    /// server does not hold is served from there. Ownership follows the attach epoch: a server
+    /// whose session another server claimed stops serving it at its next write and says so with
+    /// [`SessionEvent::Fenced`].
+    ///
+    /// A store that fails otherwise is dropped for that session, which carries on in memory with
+    /// [`SessionEvent::DurabilityLost`].
+    pub fn with_sessions(
+        config: ServerConfig,
+        now: Instant,
+        entropy: Box<dyn Entropy>,
+        stores: Box<dyn SessionStore>,
+    ) -> Result<Self, ConfigError> {
+        let mut server = Server::new(config, now, entropy)?;
+        server.stores = Some(stores);
+        Ok(server)
     }
 
     /// A transport connection was accepted.
@@ -285,6 +311,7 @@ impl Server {
         // Decoded frames wait here while the link is borrowed; the buffer is kept between calls so
         // the input path does not allocate.
         let mut incoming = core::mem::take(&mut self.scratch);
+        let events_before = self.events.len();
         let malformed = c.link.malformed;
         c.link.input(now, data, |_, i| incoming.push(i));
         let malformed = c.link.malformed - malformed;
@@ -303,7 +330,94 @@ impl Server {
             }
         }
         self.scratch = incoming;
+        if let Some(id) = self.conns.get(&conn).and_then(|c| c.session) {
+            self.record_arrivals(id, events_before);
+        }
         self.touch_conn(conn);
+    }
+
+    /// Makes what arrived for `id` durable before any ack of it can leave (acks are written by
+    /// `poll_transmit`); if another server owns the session, what arrived here is not delivered:
+    /// the events queued since `events_before` are withdrawn and the client resends to the owner.
+    fn record_arrivals(&mut self, id: SessionId, events_before: usize) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.store.is_none() {
+            return;
+        }
+        let arrivals = s.channel.take_arrivals();
+        if arrivals.is_empty() {
+            return;
+        }
+        let fenced = self.record(id, true, |s| {
+            for m in &arrivals {
+                s.arrived(m)?;
+                // A reply goes to its request, which does not outlive this server.
+                if m.stream >= REPLY_STREAM {
+                    s.consumed(m.seq)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(epoch) = fenced {
+            let mut i = 0;
+            self.events.retain(|e| {
+                i += 1;
+                i <= events_before
+                    || !matches!(e, ServerEvent::Session { session, .. } if *session == id)
+            });
+            self.evict(id, epoch);
+        }
+    }
+
+    /// Records through a session's store (and flushes it if `flush`). A store failure drops the
+    /// store, loudly; `Err(epoch)` means another server claimed the session at `epoch`.
+    fn record(
+        &mut self,
+        id: SessionId,
+        flush: bool,
+        f: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
+    ) -> Result<(), u64> {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(store) = s.store.as_mut() else {
+            return Ok(());
+        };
+        match f(store.as_mut()).and_then(|()| if flush { store.flush() } else { Ok(()) }) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Fenced { epoch }) => Err(epoch),
+            Err(error) => {
+                s.store = None;
+                self.events.push_back(ServerEvent::Session {
+                    session: id,
+                    event: SessionEvent::DurabilityLost { error },
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Another server owns the session now: let go of it without ending it, and close its
+    /// connection so the client, if still here, attaches where it is served.
+    fn evict(&mut self, id: SessionId, epoch: u64) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.timers.free_slot(s.timer);
+        if let Some(conn) = s.conn
+            && let Some(c) = self.conns.get_mut(&conn)
+        {
+            c.session = None;
+            c.closing = true;
+            c.link.outbox.clear();
+            self.mark_ready(conn);
+        }
+        self.events.push_back(ServerEvent::Session {
+            session: id,
+            event: SessionEvent::Fenced { epoch },
+        });
     }
 
     /// The transport connection closed or reset.
@@ -383,6 +497,17 @@ impl Server {
             }
             return self.create(now, conn, &hello);
         };
+        // Messages the previous owner delivered but its application had not consumed, for a
+        // session loaded from the shared store: handed out once this server owns it.
+        let mut loaded = None;
+        if !self.sessions.contains_key(&resume.session) && self.stores.is_some() {
+            match self.load(now, resume.session) {
+                Ok(Some(redelivered)) => loaded = Some(redelivered),
+                Ok(None) => return self.refuse(conn, RefuseCode::UnknownSession, 0),
+                // Not the session's end: the client says hello again after its backoff.
+                Err(_) => return self.refuse(conn, RefuseCode::NotAttached, 0),
+            }
+        }
         // A session already ended (its close frame may still be on its way out) cannot be resumed.
         let Some(s) = self
             .sessions
@@ -391,17 +516,40 @@ impl Server {
         else {
             return self.refuse(conn, RefuseCode::UnknownSession, 0);
         };
+        let id = resume.session;
         if !s.token.matches(&resume.token) {
             self.refused_tokens += 1;
+            self.unload(id, loaded.is_some());
             return self.refuse(conn, RefuseCode::BadToken, 0);
         }
         let same_attach = resume.epoch == s.epoch && hello.nonce == s.attach_nonce;
         if resume.epoch <= s.epoch && !same_attach {
             let current = s.epoch;
+            self.unload(id, loaded.is_some());
             return self.refuse(conn, RefuseCode::StaleEpoch, current);
         }
+        let claim = Identity {
+            session: id,
+            token: s.token,
+            epoch: resume.epoch,
+        };
+        // Claimed in the shared store before the welcome: a newer claim elsewhere wins.
+        if let Err(current) = self.record(id, true, |s| s.identity(claim)) {
+            self.refuse(conn, RefuseCode::StaleEpoch, current);
+            if loaded.is_some() {
+                return self.unload(id, true);
+            }
+            return self.evict(id, current);
+        }
+        self.events
+            .extend(loaded.into_iter().flatten().map(|m| ServerEvent::Session {
+                session: id,
+                event: SessionEvent::Redelivered(m),
+            }));
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return self.refuse(conn, RefuseCode::UnknownSession, 0);
+        };
         // The newest attach wins: a half-open older connection is superseded.
-        let id = resume.session;
         s.epoch = resume.epoch;
         s.attach_nonce = hello.nonce;
         let old = s.conn.replace(conn);
@@ -470,6 +618,56 @@ impl Server {
         self.touch_conn(conn);
     }
 
+    /// Takes a session this server does not hold from the shared store, with the messages to hand
+    /// out again: `Ok(None)` if no server kept it. It starts detached and unclaimed; the resume that
+    /// asked for it claims and attaches it.
+    fn load(&mut self, now: Instant, id: SessionId) -> Result<Option<Vec<Message>>, StoreError> {
+        let Some(stores) = self.stores.as_mut() else {
+            return Ok(None);
+        };
+        let Some((store, recovered)) = stores.load(id)? else {
+            return Ok(None);
+        };
+        let Some(identity) = recovered.identity.filter(|i| i.session == id) else {
+            return Err(StoreError::Corrupt(
+                "a stored session without its identity".into(),
+            ));
+        };
+        let mut channel = Channel::new(self.config.channel.clone(), now)
+            .map_err(|_| StoreError::Corrupt("channel configuration".into()))?;
+        let redelivered = channel.restore(&recovered)?;
+        channel.record_arrivals();
+        channel.sender_mut().set_limits(
+            self.config.disconnected_max_queued_messages,
+            self.config.disconnected_max_queued_bytes,
+        );
+        self.sessions.insert(
+            id,
+            Session {
+                token: identity.token,
+                epoch: identity.epoch,
+                attach_nonce: 0,
+                channel,
+                conn: None,
+                disconnected_at: Some(now),
+                requests: Requests::default(),
+                counters: SessionCounters::default(),
+                held: None,
+                armed: None,
+                timer: self.timers.new_slot(),
+                store: Some(store),
+            },
+        );
+        Ok(Some(redelivered))
+    }
+
+    /// Forgets a session loaded for a resume that was refused: it is still whoever owns it's.
+    fn unload(&mut self, id: SessionId, loaded: bool) {
+        if loaded && let Some(s) = self.sessions.remove(&id) {
+            self.timers.free_slot(s.timer);
+        }
+    }
+
     fn create(&mut self, now: Instant, conn: ConnId, hello: &HelloFrame) {
         let mut id = SessionId(self.entropy.next_u64());
         while self.sessions.contains_key(&id) {
@@ -480,6 +678,24 @@ impl Server {
         let Ok(mut channel) = Channel::new(self.config.channel.clone(), now) else {
             return;
         };
+        let token = Token::from_bytes(token);
+        let mut store = None;
+        if let Some(stores) = self.stores.as_mut() {
+            let identity = Identity {
+                session: id,
+                token,
+                epoch: 1,
+            };
+            match stores
+                .create(identity)
+                .and_then(|mut s| s.flush().map(|()| s))
+            {
+                Ok(s) => store = Some(s),
+                // The client retries; a session nobody else could resume is not offered.
+                Err(_) => return self.refuse(conn, RefuseCode::NotAttached, 0),
+            }
+            channel.record_arrivals();
+        }
         channel.sender_mut().set_in_flight_limit(
             self.config
                 .channel
@@ -489,7 +705,7 @@ impl Server {
         self.sessions.insert(
             id,
             Session {
-                token: Token::from_bytes(token),
+                token,
                 // The client's first hello claimed epoch 1.
                 epoch: 1,
                 attach_nonce: hello.nonce,
@@ -501,6 +717,7 @@ impl Server {
                 held: None,
                 armed: None,
                 timer: self.timers.new_slot(),
+                store,
             },
         );
         self.bind(conn, id, hello.nonce, false, 0);
@@ -693,6 +910,13 @@ impl Server {
         if s.disconnected_at
             .is_some_and(|t| now - t >= self.config.retention)
         {
+            // With a shared store the session may live on elsewhere: only its owner ends it.
+            if let Err(epoch) = self.record(id, true, |s| s.clear()) {
+                return self.evict(id, epoch);
+            }
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.store = None;
+            }
             return self.lose(id, LostReason::RetentionExpired);
         }
         for seq in s.requests.expire(now) {
@@ -769,7 +993,20 @@ impl Server {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        if let ServerEvent::Session {
+            session,
+            event: SessionEvent::Received(m) | SessionEvent::Redelivered(m),
+        } = &event
+        {
+            // Handed to the application: with a shared store, another server taking the session
+            // over does not hand it out again. Not flushed on its own: losing it in a crash costs
+            // one flagged redelivery, and the next durability point flushes it anyway. A fenced
+            // store says so at that next point.
+            let (id, seq) = (*session, m.seq);
+            let _ = self.record(id, false, |s| s.consumed(seq));
+        }
+        Some(event)
     }
 
     /// When [`Server::handle_timeout`] next has work to do.
@@ -805,7 +1042,23 @@ impl Server {
         if mode == Mode::Unreliable && s.conn.is_none() {
             return Ok(Sent::Unreliable);
         }
+        let kept = (s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
         let result = s.channel.send_on(stream, mode, payload);
+        if let (Ok(sent), Some(payload)) = (&result, kept)
+            && let Some(seq) = sent.seq()
+        {
+            let m = Stored {
+                seq,
+                stream,
+                unordered: mode == Mode::Unordered,
+                payload,
+            };
+            // Kept for the other servers before the application hears it was accepted.
+            if let Err(epoch) = self.record(id, true, |s| s.sent(&m)) {
+                self.evict(id, epoch);
+                return Err(SendError::Closed(m.payload));
+            }
+        }
         let policy = self
             .config
             .stream_overflow
@@ -999,7 +1252,11 @@ impl Server {
             return;
         };
         let mut ended = false;
+        let mut acknowledged = None;
         while let Some(e) = s.channel.poll_event() {
+            if let Event::Acknowledged { below } = e {
+                acknowledged = Some(below);
+            }
             let e = match (s.conn, matches!(e, Event::Closed { .. })) {
                 // A local close on a live connection waits to see whether the client closed too.
                 (Some(_), true) => match HeldClose::hold(e, self.now) {
@@ -1016,6 +1273,14 @@ impl Server {
             self.events
                 .push_back(ServerEvent::Session { session: id, event });
         }
+        if let Some(below) = acknowledged {
+            // Not flushed: a server that takes the session over after a crash that lost this
+            // learns the same from the client's hello.
+            let _ = self.record(id, false, |s| s.acknowledged(below));
+        }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
         if ended {
             match s.conn.and_then(|c| self.conns.get_mut(&c)) {
                 // Let the close frame go out; the session goes with its connection.
@@ -1124,9 +1389,14 @@ impl Server {
     }
 
     /// Removes a session and its timer.
+    /// Removes a session that has ended, and what its store kept: nothing will resume it.
     fn remove_session(&mut self, id: SessionId) -> Option<Session> {
-        let s = self.sessions.remove(&id)?;
+        let mut s = self.sessions.remove(&id)?;
         self.timers.free_slot(s.timer);
+        if let Some(mut store) = s.store.take() {
+            // A failure leaves the record to the store's own expiry; the session is over anyway.
+            let _ = store.clear().and_then(|()| store.flush());
+        }
         Some(s)
     }
 

@@ -98,6 +98,14 @@ pub enum SessionEvent {
         /// What failed.
         error: crate::store::StoreError,
     },
+    /// Another server of the cluster took the session over with a newer attach epoch (its client
+    /// resumed there): this server no longer serves it. Not the session's end, which is the new
+    /// owner's to report. The last event on this server. Server side, with a shared
+    /// [`crate::store::SessionStore`] only.
+    Fenced {
+        /// The attach epoch that won.
+        epoch: u64,
+    },
     /// The session was closed by an application (this side's or the peer's). The last event.
     Closed {
         /// Who closed, with the code.

@@ -85,6 +85,12 @@ pub enum StoreError {
     Io(alloc::string::String),
     /// What was read back is not a valid record past the point a torn write explains.
     Corrupt(alloc::string::String),
+    /// Another server claimed the session with a newer attach epoch: this one must stop serving it
+    /// (a shared [`SessionStore`] refuses the older owner's writes).
+    Fenced {
+        /// The epoch that won.
+        epoch: u64,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -92,6 +98,9 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::Io(e) => write!(f, "store I/O failed: {e}"),
             StoreError::Corrupt(e) => write!(f, "store is corrupt: {e}"),
+            StoreError::Fenced { epoch } => {
+                write!(f, "another server owns the session (attach epoch {epoch})")
+            }
         }
     }
 }
@@ -121,6 +130,26 @@ pub trait Store: Send {
     fn flush(&mut self) -> Result<(), StoreError>;
     /// The session is over (closed or lost): nothing in the store will be needed again.
     fn clear(&mut self) -> Result<(), StoreError>;
+}
+
+/// Where a server keeps its sessions so that they outlive it: each session it creates or resumes
+/// records through a [`Store`] of its own, as a durable client does, and a session it does not hold
+/// can be loaded, so a client whose server died resumes on another. The servers of a cluster share
+/// one.
+///
+/// Ownership follows the attach epoch: [`Store::identity`] claims the session for this server at
+/// a new epoch and fails with [`StoreError::Fenced`] if another server holds a newer one, and once
+/// another server has claimed it every write through the older server's store fails the same way.
+/// So two servers never both serve one session: the older stops at its next write.
+pub trait SessionStore: Send {
+    /// Records a session this server just created, under `identity`.
+    fn create(&mut self, identity: Identity) -> Result<alloc::boxed::Box<dyn Store>, StoreError>;
+    /// A session this server does not hold, with what was recorded of it, if any server kept it.
+    #[allow(clippy::type_complexity)]
+    fn load(
+        &mut self,
+        session: SessionId,
+    ) -> Result<Option<(alloc::boxed::Box<dyn Store>, Recovered)>, StoreError>;
 }
 
 /// A store in memory: survives the session object, not the process.

@@ -303,4 +303,6 @@ pub fn payloads(n: usize, size: usize) -> Vec<Bytes> {
         })
         .collect()
 }
+#[allow(dead_code)]
+pub mod cluster;
 pub mod net;

@@ -381,6 +381,17 @@ impl Net {
 
     /// The server process restarts with nothing remembered: every connection resets.
     pub fn restart_server(&mut self) {
+        self.drop_server_conns();
+        self.server = Server::new(
+            self.server_config.clone(),
+            self.now,
+            entropy(self.seed.wrapping_add(self.restarts)),
+        )
+        .expect("server config");
+    }
+
+    /// Every connection resets under the server.
+    fn drop_server_conns(&mut self) {
         self.restarts += 1;
         let conns: Vec<ConnId> = self.wires.keys().copied().collect();
         for conn in conns {
@@ -395,12 +406,35 @@ impl Net {
                 }
             }
         }
-        self.server = Server::new(
+    }
+
+    /// The server uses `sessions` as its shared session store from now on (a new process).
+    #[allow(dead_code)]
+    pub fn with_sessions(mut self, sessions: Box<dyn steadfast_core::store::SessionStore>) -> Self {
+        self.server = Server::with_sessions(
             self.server_config.clone(),
             self.now,
-            entropy(self.seed.wrapping_add(self.restarts)),
+            entropy(self.seed),
+            sessions,
         )
         .expect("server config");
+        self
+    }
+
+    /// The server dies and another takes its place on the same shared session store (failover):
+    /// every connection resets. The old server is returned, as it was at that moment (a process
+    /// frozen rather than killed, to show it is fenced).
+    #[allow(dead_code)]
+    pub fn fail_over(&mut self, sessions: Box<dyn steadfast_core::store::SessionStore>) -> Server {
+        self.drop_server_conns();
+        let next = Server::with_sessions(
+            self.server_config.clone(),
+            self.now,
+            entropy(self.seed.wrapping_add(self.restarts) ^ 0xfa11),
+            sessions,
+        )
+        .expect("server config");
+        std::mem::replace(&mut self.server, next)
     }
 
     /// Client `i`'s process dies and starts again on `store`: its connection closes under the
