@@ -34,6 +34,8 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+#[cfg(feature = "redis")]
+pub mod cluster;
 mod runtime;
 
 use std::io;

@@ -112,6 +112,21 @@ pub enum ServerEvent {
     },
 }
 
+/// What [`Server::send_sequenced`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Sequenced {
+    /// Queued under its sequence number.
+    Queued,
+    /// The session already holds it (or held it, and it was acknowledged).
+    AlreadyHeld,
+    /// It is not the session's next message: the ones from `next` must come first.
+    Gap {
+        /// The sequence number the session expects.
+        next: Seq,
+    },
+}
+
 /// Bytes for one connection, from [`Server::poll_transmit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
@@ -1026,7 +1041,40 @@ impl Server {
         if stream >= REPLY_STREAM {
             return Err(SendError::InvalidStream(payload));
         }
-        self.send_raw(session, stream, mode, payload)
+        self.send_raw(session, stream, mode, payload, true)
+    }
+
+    /// Queues a message that the shared session store sequenced and holds already (the servers of
+    /// a cluster publish through the store, so that any of them can send to any session): it goes
+    /// to the client under `message.seq`, which must be the session's next sequence number, and is
+    /// not recorded again.
+    pub fn send_sequenced(
+        &mut self,
+        session: SessionId,
+        message: Stored,
+    ) -> Result<Sequenced, SendError> {
+        let Some(s) = self.sessions.get(&session) else {
+            return Err(SendError::Closed(message.payload));
+        };
+        let next = s.channel.sender().end();
+        if message.seq < next {
+            return Ok(Sequenced::AlreadyHeld);
+        }
+        if message.seq > next {
+            return Ok(Sequenced::Gap { next });
+        }
+        let mode = if message.unordered {
+            Mode::Unordered
+        } else {
+            Mode::Ordered
+        };
+        self.send_raw(session, message.stream, mode, message.payload, false)
+            .map(|_| Sequenced::Queued)
+    }
+
+    /// The sessions held, attached or not.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.keys().copied()
     }
 
     fn send_raw(
@@ -1035,6 +1083,7 @@ impl Server {
         stream: u64,
         mode: Mode,
         payload: Bytes,
+        journal: bool,
     ) -> Result<Sent, SendError> {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(SendError::Closed(payload));
@@ -1042,7 +1091,7 @@ impl Server {
         if mode == Mode::Unreliable && s.conn.is_none() {
             return Ok(Sent::Unreliable);
         }
-        let kept = (s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
+        let kept = (journal && s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
         let result = s.channel.send_on(stream, mode, payload);
         if let (Ok(sent), Some(payload)) = (&result, kept)
             && let Some(seq) = sent.seq()
@@ -1125,6 +1174,7 @@ impl Server {
             REPLY_STREAM.saturating_add(to),
             Mode::Ordered,
             payload,
+            true,
         )
         .map(|s| s.seq().unwrap_or_default())
     }

@@ -20,8 +20,9 @@ use crate::config::ConfigError;
 use crate::identity::SessionId;
 use crate::mode::{Mode, Sent};
 use crate::send::SendError;
-use crate::server::{ConnId, Server, ServerConfig, ServerEvent};
+use crate::server::{ConnId, Sequenced, Server, ServerConfig, ServerEvent};
 use crate::session::{Entropy, SessionEvent};
+use crate::store::{SessionStore, Stored};
 use crate::time::Duration;
 
 /// Decides whether a new session's credentials are accepted; runs on the driver, so keep it quick.
@@ -406,6 +407,21 @@ impl ServerHandle {
         self.shared.with(|s, wakes| s.stop(wakes));
     }
 
+    /// Queues a message the shared session store already sequenced and holds (see
+    /// [`Server::send_sequenced`]). Callable from any thread.
+    pub fn send_sequenced(
+        &self,
+        session: SessionId,
+        message: Stored,
+    ) -> Result<Sequenced, SendError> {
+        self.command(|s| s.send_sequenced(session, message))
+    }
+
+    /// Whether the server has shut down ([`ServerHandle::shutdown`], or its last handle dropped).
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.with(|s, _| s.shutdown)
+    }
+
     /// Reads the core server (sessions, counters), under the lock.
     pub fn inspect<T>(&self, f: impl FnOnce(&Server) -> T) -> T {
         self.shared.with(|s, _| f(&s.server))
@@ -454,11 +470,36 @@ pub fn server<R: Runtime>(
     options: ServerOptions,
     entropy: alloc::boxed::Box<dyn Entropy>,
 ) -> Result<(ServerHandle, ServerDriver<R>), ConfigError> {
+    serve(rt, listener, options, entropy, None)
+}
+
+/// As [`server`], with the sessions kept in `sessions`, shared with the other servers of a
+/// cluster (see [`Server::with_sessions`]).
+pub fn server_with_sessions<R: Runtime>(
+    rt: R,
+    listener: R::Listener,
+    options: ServerOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+    sessions: alloc::boxed::Box<dyn SessionStore>,
+) -> Result<(ServerHandle, ServerDriver<R>), ConfigError> {
+    serve(rt, listener, options, entropy, Some(sessions))
+}
+
+fn serve<R: Runtime>(
+    rt: R,
+    listener: R::Listener,
+    options: ServerOptions,
+    entropy: alloc::boxed::Box<dyn Entropy>,
+    sessions: Option<alloc::boxed::Box<dyn SessionStore>>,
+) -> Result<(ServerHandle, ServerDriver<R>), ConfigError> {
     let local_addr = listener
         .local_addr()
         .map_err(|_| ConfigError::Zero("listener address"))?;
     let clock = Clock::new(R::now);
-    let server = Server::new(options.config, clock.now(), entropy)?;
+    let server = match sessions {
+        Some(sessions) => Server::with_sessions(options.config, clock.now(), entropy, sessions)?,
+        None => Server::new(options.config, clock.now(), entropy)?,
+    };
     let shared = Shared::new(State {
         server,
         clock,
