@@ -31,6 +31,10 @@
 //! Handles are `Send + Sync` and cheap to clone: replies and sends work from plain worker threads too
 //! (`try_send`, `reply`), while the driver task keeps acknowledging and heartbeating however busy they
 //! are.
+//!
+//! With the `tls` feature, `connect_tls` and `listen_tls` run the same sessions over TLS (rustls);
+//! see the `tls` module. Without TLS, anyone on the path can read, inject and take over a session:
+//! SECURITY.md at the repository's top level says what each transport protects.
 #![forbid(unsafe_code)]
 
 pub mod chaos;
