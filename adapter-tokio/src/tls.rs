@@ -52,7 +52,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use steadfast_core::driver::{BoxFuture, Io, Listen, Runtime, Timer};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 pub use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -297,15 +297,15 @@ impl Runtime for TlsTokio {
 /// the driver, having nothing more to write, would not write again to push them out; so every
 /// read first flushes what rustls holds. The driver reads on every wake-up, and rustls's flush
 /// registers for the socket becoming writable, so held bytes leave as soon as the socket allows.
-pub struct TlsStream(tokio_rustls::TlsStream<Stream>);
+pub struct TlsStream<S = Stream>(tokio_rustls::TlsStream<S>);
 
-impl std::fmt::Debug for TlsStream {
+impl<S> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream").finish_non_exhaustive()
     }
 }
 
-impl Io for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for TlsStream<S> {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Err(e)) = Pin::new(&mut self.0).poll_flush(cx) {
             return Poll::Ready(Err(e));
@@ -408,5 +408,79 @@ impl Listen for TlsListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = key.cert.der().clone();
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.signing_key.serialize_der());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], der.into())
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// The driver's pattern: write until every byte is taken, then only read. Bytes rustls held
+    /// back when the pipe was full must still reach the peer.
+    #[tokio::test]
+    async fn bytes_rustls_held_back_leave_while_the_driver_only_reads() {
+        const LEN: usize = 256 * 1024;
+        let (server_config, client_config) = configs();
+        // A pipe far smaller than the write, so rustls must hold most of it.
+        let (near, far) = tokio::io::duplex(1024);
+        let name = ServerName::try_from("localhost").unwrap();
+        let (server, client) = tokio::join!(
+            TlsAcceptor::from(server_config).accept(near),
+            TlsConnector::from(client_config).connect(name, far),
+        );
+        let mut server = TlsStream(server.unwrap().into());
+        let mut client = client.unwrap();
+
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; LEN];
+            // The stream comes back too: dropped here, its end would reach the driver's read.
+            client.read_exact(&mut got).await.map(|_| (got, client))
+        });
+        let data = vec![0x5a; LEN];
+        let mut written = 0;
+        let mut scratch = [0u8; 64];
+        let drive = std::future::poll_fn(|cx| {
+            while written < LEN {
+                match server.poll_write(cx, &data[written..]) {
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // Everything is "written"; the peer sends nothing, so this read only ever pends.
+            match server.poll_read(cx, &mut scratch) {
+                Poll::Ready(r) => Poll::Ready(r.map(|_| ())),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        tokio::select! {
+            got = reader => assert!(got.unwrap().unwrap().0 == data, "the bytes, in order"),
+            ended = drive => panic!("the peer sent nothing, yet the read ended: {ended:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                panic!("the peer got only part of the bytes: rustls still holds the rest")
+            }
+        }
     }
 }
