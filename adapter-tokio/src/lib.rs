@@ -31,12 +31,18 @@
 //! Handles are `Send + Sync` and cheap to clone: replies and sends work from plain worker threads too
 //! (`try_send`, `reply`), while the driver task keeps acknowledging and heartbeating however busy they
 //! are.
+//!
+//! With the `tls` feature, `connect_tls` and `listen_tls` run the same sessions over TLS (rustls);
+//! see the `tls` module. Without TLS, anyone on the path can read, inject and take over a session:
+//! SECURITY.md at the repository's top level says what each transport protects.
 #![forbid(unsafe_code)]
 
 pub mod chaos;
 #[cfg(feature = "redis")]
 pub mod cluster;
 mod runtime;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,6 +56,8 @@ pub use steadfast_core::driver::{
 pub use steadfast_core::server::{ServerConfig, ServerEvent};
 pub use steadfast_core::session::{LostReason, SessionEvent};
 pub use steadfast_core::{Message, Mode, SendError, Sent};
+#[cfg(feature = "tls")]
+pub use tls::{connect_tls, connect_tls_with_store, listen_tls, serve_tls};
 
 /// The operating system's generator: tokens, session ids and nonces must not be guessable.
 fn os_entropy() -> Box<dyn steadfast_core::session::Entropy> {
@@ -66,12 +74,7 @@ fn invalid(e: steadfast_core::ConfigError) -> io::Error {
 /// # Panics
 /// Outside a tokio runtime.
 pub fn connect(options: ClientOptions) -> io::Result<ClientHandle> {
-    let rt = Tokio::current();
-    let (handle, driver) =
-        steadfast_core::driver::client::client(rt.clone(), options, os_entropy())
-            .map_err(invalid)?;
-    tokio::spawn(driver);
-    Ok(handle)
+    start_client(Tokio::current(), options, None)
 }
 
 /// Starts a client session made durable by `store`: given the store a previous process of this
@@ -82,12 +85,7 @@ pub fn connect_with_store(
     options: ClientOptions,
     store: Box<dyn steadfast_core::store::Store>,
 ) -> io::Result<ClientHandle> {
-    let rt = Tokio::current();
-    let (handle, driver) =
-        steadfast_core::driver::client::client_with_store(rt, options, os_entropy(), store)
-            .map_err(invalid)?;
-    tokio::spawn(driver);
-    Ok(handle)
+    start_client(Tokio::current(), options, Some(store))
 }
 
 /// Binds `addr` and serves sessions on the current tokio runtime.
@@ -98,7 +96,32 @@ pub async fn listen(addr: SocketAddr, options: ServerOptions) -> io::Result<Serv
 
 /// Serves sessions on an already bound listener, on the current tokio runtime.
 pub fn serve(listener: Listener, options: ServerOptions) -> io::Result<ServerHandle> {
-    let rt = Tokio::current();
+    start_server(Tokio::current(), listener, options)
+}
+
+/// Spawns a client's driver on `rt` (plain TCP or, with `tls`, TLS over it).
+fn start_client<R: steadfast_core::driver::Runtime>(
+    rt: R,
+    options: ClientOptions,
+    store: Option<Box<dyn steadfast_core::store::Store>>,
+) -> io::Result<ClientHandle> {
+    let (handle, driver) = match store {
+        Some(store) => {
+            steadfast_core::driver::client::client_with_store(rt, options, os_entropy(), store)
+        }
+        None => steadfast_core::driver::client::client(rt, options, os_entropy()),
+    }
+    .map_err(invalid)?;
+    tokio::spawn(driver);
+    Ok(handle)
+}
+
+/// Spawns a server's driver on `rt`, accepting from `listener`.
+fn start_server<R: steadfast_core::driver::Runtime>(
+    rt: R,
+    listener: R::Listener,
+    options: ServerOptions,
+) -> io::Result<ServerHandle> {
     let (handle, driver) =
         steadfast_core::driver::server::server(rt, listener, options, os_entropy())
             .map_err(invalid)?;
