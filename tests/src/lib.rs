@@ -905,3 +905,56 @@ mod tests {
         assert_exactly_once_in_order("ledger", &[0, 1, 2, 3, 4], 4);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A real Redis for the cluster tests and bench.
+
+/// A throwaway `redis-server` on a free loopback port.
+pub mod redis {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// A child process, killed if the test ends before it is done with it.
+    pub struct Kid(pub Child);
+
+    impl Drop for Kid {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A Redis on a free loopback port, with no persistence: what it holds is the cluster's state.
+    pub fn redis() -> Option<(Kid, String)> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var_os("STEADFAST_REQUIRE_REDIS").is_none(),
+                "redis-server is not installed and STEADFAST_REQUIRE_REDIS is set"
+            );
+            eprintln!("skipped: redis-server is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let kid = Kid(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some((kid, format!("redis://127.0.0.1:{port}/")))
+    }
+}

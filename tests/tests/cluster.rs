@@ -15,12 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use steadfast_core::identity::SessionId;
+use steadfast_tests::redis::{Kid, redis};
 use steadfast_tests::{assert_exactly_once_in_order, client_options, number, numbered};
 use steadfast_tokio::cluster::{Cluster, ClusterOptions};
 use steadfast_tokio::{ClientHandle, Mode, ServerEvent, SessionEvent};
@@ -30,50 +31,6 @@ const CHILD_NAME: &str = "STEADFAST_CLUSTER_NAME";
 const CLIENTS: usize = 6;
 /// The stream clients send their own numbered messages on.
 const UP: u64 = 1;
-
-/// A child process, killed if the test ends before it is done with it.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A Redis on a free loopback port, with no persistence: what it holds is the cluster's state.
-fn redis() -> Option<(Kid, String)> {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("STEADFAST_REQUIRE_REDIS").is_none(),
-            "redis-server is not installed and STEADFAST_REQUIRE_REDIS is set"
-        );
-        eprintln!("skipped: redis-server is not installed");
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    let kid = Kid(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some((kid, format!("redis://127.0.0.1:{port}/")))
-}
 
 /// The child: one server of the cluster, printing its application's ledger.
 #[test]

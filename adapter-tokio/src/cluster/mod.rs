@@ -127,7 +127,8 @@ pub struct Broadcast {
 }
 
 /// Sends to sessions wherever they are attached. Cheap to clone; concurrent calls share one
-/// pipelined connection.
+/// pipelined connection. Calls awaited one after another keep their order; calls in flight together
+/// are ordered as Redis receives them, and each session gets them in that one order.
 #[derive(Clone)]
 pub struct Cluster {
     conn: MultiplexedConnection,
@@ -156,12 +157,19 @@ impl Cluster {
         client: &redis::Client,
         options: &ClusterOptions,
     ) -> Result<Cluster, ClusterError> {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let publish = Script::new(&scripts::publish());
+        let broadcast = Script::new(&scripts::broadcast());
+        // Loaded before the first call: a call that found its script missing would be retried
+        // after later ones, out of the order the publisher made them in.
+        publish.load_async(&mut conn).await?;
+        broadcast.load_async(&mut conn).await?;
         Ok(Cluster {
-            conn: client.get_multiplexed_async_connection().await?,
+            conn,
             prefix: options.prefix.clone(),
             max_queued: options.max_queued,
-            publish: Script::new(&scripts::publish()),
-            broadcast: Script::new(&scripts::broadcast()),
+            publish,
+            broadcast,
         })
     }
 
