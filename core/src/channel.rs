@@ -109,6 +109,9 @@ pub struct Channel {
     decoder: StreamDecoder,
     limits: DecodeLimits,
     preface_sent: bool,
+    /// The sequence number of the last data frame written on this connection (stream transports):
+    /// the next one after it goes out without its sequence number.
+    last_data_sent: Option<Seq>,
     events: VecDeque<Event>,
     pongs: PongBacklog,
     state: State,
@@ -145,6 +148,7 @@ impl Channel {
             decoder: StreamDecoder::new(limits),
             limits,
             preface_sent: false,
+            last_data_sent: None,
             events: VecDeque::new(),
             pongs: PongBacklog::default(),
             state: State::Open,
@@ -247,7 +251,7 @@ impl Channel {
         self.stats.bytes_received += data.len() as u64;
         match self.config.transport {
             Transport::Stream => {
-                self.decoder.feed(&data);
+                self.decoder.feed_bytes(data);
                 loop {
                     match self.decoder.next_frame() {
                         Ok(Some(frame)) => self.handle_frame(now, frame),
@@ -355,12 +359,20 @@ impl Channel {
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
             let Some(out) = self.send.peek() else { break };
             if stream {
-                let len =
-                    framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
+                let previous = self.last_data_sent;
+                let len = framing::stream_data_frame_len_after(
+                    previous,
+                    out.stream,
+                    out.seq,
+                    ack,
+                    out.payload.len(),
+                );
                 if written > 0 && written + len > budget {
                     break;
                 }
-                framing::encode_stream_data_frame(
+                self.last_data_sent = Some(out.seq);
+                framing::encode_stream_data_frame_after(
+                    previous,
                     out.stream,
                     out.seq,
                     ack,
@@ -452,6 +464,7 @@ impl Channel {
     pub fn reset_connection(&mut self) {
         self.decoder = StreamDecoder::new(self.limits);
         self.preface_sent = false;
+        self.last_data_sent = None;
         self.pongs.clear();
     }
 

@@ -26,6 +26,15 @@
 //! default stream 0), `A = 0x02` means a piggy-backed cumulative `ack` follows, `U = 0x04` means
 //! the message may be delivered before earlier ones (reliable unordered).
 //!
+//! On stream transports only, a data frame may leave its `seq` out: the first byte is then
+//! `0000_1UAS` (`0x08`–`0x0F`, flag `N = 0x08`) and the frame's sequence number is one more than
+//! that of the previous data frame on the same connection. A stream delivers its frames in order
+//! and a connection starts with no previous data frame, so the value is unambiguous; it saves the
+//! 1–8 bytes of `seq` on every frame of a busy connection. Only the
+//! [`StreamDecoder`](crate::framing::StreamDecoder) knows the previous frame, so [`Frame::decode`],
+//! which sees one frame alone (and datagrams, which may be reordered or lost), rejects the flag as
+//! an unknown frame type.
+//!
 //! Ack ranges are sent relative to the previous point, starting from `cumulative`, so that they
 //! stay small: each range `[start, end)` goes out as `gap = start − prev − 1` and `len − 1` where
 //! `len = end − start`, then `prev = end`. Since a range always starts above the previous point and is never empty,
@@ -93,6 +102,8 @@ const DATA_HAS_STREAM: u8 = 0x01;
 const DATA_HAS_ACK: u8 = 0x02;
 const DATA_UNORDERED: u8 = 0x04;
 const DATA_ALL_FLAGS: u8 = TYPE_DATA | DATA_HAS_STREAM | DATA_HAS_ACK | DATA_UNORDERED;
+/// On a stream: `seq` left out, one more than the previous data frame's.
+pub(crate) const DATA_NEXT_SEQ: u8 = 0x08;
 const TYPE_ACK: u8 = 0x10;
 const TYPE_PING: u8 = 0x20;
 const TYPE_PONG: u8 = 0x30;
@@ -480,24 +491,7 @@ impl Frame {
         };
         match first {
             TYPE_DATA..=DATA_ALL_FLAGS => {
-                let stream = if first & DATA_HAS_STREAM != 0 {
-                    varint::decode(&mut frame)?
-                } else {
-                    0
-                };
-                let seq = varint::decode(&mut frame)?;
-                let ack = if first & DATA_HAS_ACK != 0 {
-                    Some(varint::decode(&mut frame)?)
-                } else {
-                    None
-                };
-                Ok(Frame::Data(DataFrame {
-                    stream,
-                    seq,
-                    ack,
-                    unordered: first & DATA_UNORDERED != 0,
-                    payload: frame,
-                }))
+                DataFrame::decode_body(first, None, frame).map(Frame::Data)
             }
             TYPE_ACK => AckFrame::decode_body(&mut frame).map(Frame::Ack),
             TYPE_PING => Ok(Frame::Ping {
@@ -649,6 +643,76 @@ fn decode_last_varint(frame: &mut Bytes) -> Result<u64, DecodeError> {
 }
 
 impl DataFrame {
+    /// The longest header: the first byte and three 8-byte varints.
+    pub(crate) const MAX_HEADER_LEN: usize = 1 + 3 * 8;
+
+    /// Decodes what follows a data frame's first byte; `implied_seq` is the sequence number a
+    /// frame with the `N` flag stands for (on a stream), `None` where the flag is not allowed.
+    pub(crate) fn decode_body(
+        first: u8,
+        implied_seq: Option<Seq>,
+        mut frame: Bytes,
+    ) -> Result<DataFrame, DecodeError> {
+        let stream = if first & DATA_HAS_STREAM != 0 {
+            varint::decode(&mut frame)?
+        } else {
+            0
+        };
+        let seq = if first & DATA_NEXT_SEQ == 0 {
+            varint::decode(&mut frame)?
+        } else {
+            implied_seq.ok_or(DecodeError::UnknownFrameType(first))?
+        };
+        let ack = if first & DATA_HAS_ACK != 0 {
+            Some(varint::decode(&mut frame)?)
+        } else {
+            None
+        };
+        Ok(DataFrame {
+            stream,
+            seq,
+            ack,
+            unordered: first & DATA_UNORDERED != 0,
+            payload: frame,
+        })
+    }
+
+    /// Writes a data frame's header into `out` and returns its length; a `seq` of `None` leaves the
+    /// sequence number out (the `N` flag: streams only, the previous data frame's plus one).
+    pub(crate) fn write_header(
+        stream: u64,
+        seq: Option<Seq>,
+        ack: Option<Seq>,
+        unordered: bool,
+        out: &mut [u8],
+    ) -> usize {
+        let mut first = TYPE_DATA;
+        if unordered {
+            first |= DATA_UNORDERED;
+        }
+        if stream != 0 {
+            first |= DATA_HAS_STREAM;
+        }
+        if ack.is_some() {
+            first |= DATA_HAS_ACK;
+        }
+        if seq.is_none() {
+            first |= DATA_NEXT_SEQ;
+        }
+        out[0] = first;
+        let mut n = 1;
+        if stream != 0 {
+            n += varint::write(stream, &mut out[n..]);
+        }
+        if let Some(seq) = seq {
+            n += varint::write(seq, &mut out[n..]);
+        }
+        if let Some(ack) = ack {
+            n += varint::write(ack, &mut out[n..]);
+        }
+        n
+    }
+
     /// The length of a data frame's header (everything but the payload), so a sender can size its
     /// buffer without building a [`Frame`].
     ///
@@ -677,24 +741,10 @@ impl DataFrame {
         unordered: bool,
         buf: &mut B,
     ) {
-        let mut first = TYPE_DATA;
-        if unordered {
-            first |= DATA_UNORDERED;
-        }
-        if stream != 0 {
-            first |= DATA_HAS_STREAM;
-        }
-        if ack.is_some() {
-            first |= DATA_HAS_ACK;
-        }
-        buf.put_u8(first);
-        if stream != 0 {
-            varint::encode(stream, buf);
-        }
-        varint::encode(seq, buf);
-        if let Some(ack) = ack {
-            varint::encode(ack, buf);
-        }
+        // One copy out of a header built on the stack, not one small write per field.
+        let mut header = [0; Self::MAX_HEADER_LEN];
+        let n = Self::write_header(stream, Some(seq), ack, unordered, &mut header);
+        buf.put_slice(&header[..n]);
     }
 }
 

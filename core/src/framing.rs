@@ -100,18 +100,80 @@ pub fn encode_stream_data_frame<B: BufMut>(
     payload: &[u8],
     buf: &mut B,
 ) {
-    let frame_len = DataFrame::header_len(stream, seq, ack) + payload.len();
-    varint::encode(len_u64(frame_len), buf);
-    DataFrame::encode_header(stream, seq, ack, unordered, buf);
+    encode_stream_data_frame_after(None, stream, seq, ack, unordered, payload, buf);
+}
+
+/// Writes a data frame for a stream transport that follows the data frame with sequence number
+/// `previous` on the same connection (`None`: the first on it): when `seq` is the next one, the frame
+/// leaves it out (see [`crate::frame`]). Returns the bytes written.
+///
+/// ```
+/// use steadfast_core::frame::{DecodeLimits, Frame};
+/// use steadfast_core::framing::{self, StreamDecoder};
+///
+/// let mut wire = Vec::new();
+/// framing::encode_preface(&mut wire);
+/// framing::encode_stream_data_frame_after(None, 0, 70_000, None, false, b"a", &mut wire);
+/// let n = framing::encode_stream_data_frame_after(Some(70_000), 0, 70_001, None, false, b"b", &mut wire);
+/// assert_eq!(n, 1 + 1 + 1); // length, first byte, payload: no sequence number
+///
+/// let mut decoder = StreamDecoder::new(DecodeLimits::default());
+/// decoder.feed(&wire);
+/// let seqs: Vec<u64> = core::iter::from_fn(|| match decoder.next_frame() {
+///     Ok(Some(Frame::Data(d))) => Some(d.seq),
+///     _ => None,
+/// })
+/// .collect();
+/// assert_eq!(seqs, [70_000, 70_001]);
+/// ```
+pub fn encode_stream_data_frame_after<B: BufMut>(
+    previous: Option<Seq>,
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    unordered: bool,
+    payload: &[u8],
+    buf: &mut B,
+) -> usize {
+    const PREFIX: usize = 8;
+    let mut head = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
+    let implicit = previous.is_some_and(|p| p.checked_add(1) == Some(seq));
+    let seq = (!implicit).then_some(seq);
+    let header_len = DataFrame::write_header(stream, seq, ack, unordered, &mut head[PREFIX..]);
+    let frame_len = len_u64(header_len + payload.len());
+    let prefix = varint::encoded_len(frame_len);
+    // Length and header assembled on the stack and copied out once, then the payload.
+    varint::write(frame_len, &mut head[PREFIX - prefix..]);
+    buf.put_slice(&head[PREFIX - prefix..PREFIX + header_len]);
     buf.put_slice(payload);
+    prefix + header_len + payload.len()
+}
+
+/// The total bytes [`encode_stream_data_frame_after`] writes, length prefix included.
+#[must_use]
+pub fn stream_data_frame_len_after(
+    previous: Option<Seq>,
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    payload_len: usize,
+) -> usize {
+    let seq_len = if previous.is_some_and(|p| p.checked_add(1) == Some(seq)) {
+        varint::encoded_len(seq)
+    } else {
+        0
+    };
+    let frame_len = DataFrame::header_len(stream, seq, ack) - seq_len + payload_len;
+    varint::encoded_len(len_u64(frame_len)) + frame_len
 }
 
 /// Cuts a byte stream from a stream transport into frames.
 ///
 /// Feed it whatever the socket returned, then call [`StreamDecoder::next_frame`] until it returns
-/// `Ok(None)`. Decoded frames are zero-copy: their payloads share the decoder's buffer, so a payload
-/// the application holds keeps its part of that buffer alive (the session's receive window bounds
-/// how many it may hold).
+/// `Ok(None)`. Decoded frames are zero-copy: a chunk given to [`StreamDecoder::feed_bytes`] is cut
+/// into frames in place, and their payloads share its memory, so a payload the application holds
+/// keeps its chunk alive (the session's receive window bounds how many it may hold). Only a frame
+/// cut across two chunks is copied, once, to make it whole.
 ///
 /// Memory is bounded: a length prefix above [`DecodeLimits::max_frame_size`] is rejected before any
 /// of the body is buffered, so once `next_frame` has returned `Ok(None)` the decoder holds less than
@@ -131,8 +193,14 @@ pub fn encode_stream_data_frame<B: BufMut>(
 /// ```
 #[derive(Debug)]
 pub struct StreamDecoder {
-    /// Bytes received and not yet returned as frames.
-    buf: BytesMut,
+    /// The rest of a frame (or preface) begun in an earlier chunk, gathered here until whole; bytes
+    /// given to [`StreamDecoder::feed`] also wait here. Always before `chunk` in stream order.
+    partial: BytesMut,
+    /// The unread rest of the last chunk fed: whole frames are cut from it without copying.
+    chunk: Bytes,
+    /// The sequence number of the last data frame decoded on this connection, which a frame with
+    /// the next one leaves out (see [`crate::frame`]).
+    last_seq: Option<Seq>,
     /// Whether the preface has been received and checked.
     preface_done: bool,
     limits: DecodeLimits,
@@ -140,22 +208,58 @@ pub struct StreamDecoder {
     poisoned: Option<DecodeError>,
 }
 
+/// Where the bytes at the front of a buffer stand.
+enum Front {
+    /// A whole frame: its length prefix, then `len` bytes.
+    Whole { prefix: usize, len: usize },
+    /// Not yet: at least this many bytes in all are needed before looking again.
+    Need(usize),
+}
+
+/// What a frame cut across chunks may reserve ahead of the bytes that arrived: twice those, or the
+/// whole frame, whichever is less, so a peer's length prefix alone cannot make the decoder reserve a
+/// frame's worth of memory.
+fn carry_reserve(have: usize, total: usize) -> usize {
+    total.min(2 * have.max(1024))
+}
+
 impl StreamDecoder {
     /// A decoder at the start of a connection, expecting the [`PREFACE`] first.
     #[must_use]
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
-            buf: BytesMut::new(),
+            partial: BytesMut::new(),
+            chunk: Bytes::new(),
+            last_seq: None,
             preface_done: false,
             limits,
             poisoned: None,
         }
     }
 
-    /// Appends bytes received from the transport. Ignored once the decoder is poisoned.
+    /// Appends bytes received from the transport, copying them. Ignored once the decoder is
+    /// poisoned. [`StreamDecoder::feed_bytes`] takes an owned chunk without copying.
     pub fn feed(&mut self, data: &[u8]) {
         if self.poisoned.is_none() {
-            self.buf.extend_from_slice(data);
+            self.carry_chunk();
+            self.partial.extend_from_slice(data);
+        }
+    }
+
+    /// Appends a chunk received from the transport; whole frames in it are cut from it in place.
+    /// Ignored once the decoder is poisoned.
+    pub fn feed_bytes(&mut self, data: Bytes) {
+        if self.poisoned.is_none() && !data.is_empty() {
+            self.carry_chunk();
+            self.chunk = data;
+        }
+    }
+
+    /// Moves what is left of the current chunk behind `partial`, so a new chunk can follow it.
+    fn carry_chunk(&mut self) {
+        if !self.chunk.is_empty() {
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
         }
     }
 
@@ -165,47 +269,33 @@ impl StreamDecoder {
         if let Some(e) = self.poisoned {
             return Err(e);
         }
-        let result = self.decode_next();
-        if let Err(e) = result {
-            self.poisoned = Some(e);
-            self.buf = BytesMut::new();
+        match self.decode_next() {
+            Err(e) => {
+                self.poisoned = Some(e);
+                self.partial = BytesMut::new();
+                self.chunk = Bytes::new();
+                Err(e)
+            }
+            ok => ok,
         }
-        result
     }
 
     /// How many received bytes are held, waiting to complete a frame.
     #[must_use]
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.partial.len() + self.chunk.len()
     }
 
-    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
-        if !self.preface_done {
-            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
-            for (i, (&got, &want)) in self.buf.iter().zip(PREFACE.iter()).enumerate() {
-                if got != want {
-                    return Err(if i + 1 == PREFACE.len() {
-                        DecodeError::UnsupportedVersion(got)
-                    } else {
-                        DecodeError::BadPreface
-                    });
-                }
-            }
-            if self.buf.len() < PREFACE.len() {
-                return Ok(None);
-            }
-            self.buf.advance(PREFACE.len());
-            self.preface_done = true;
-        }
-
-        // Peek at the length without consuming it: it may be incomplete.
-        let mut rest: &[u8] = &self.buf;
-        let len = match varint::decode(&mut rest) {
-            Ok(len) => len,
-            Err(DecodeError::Truncated) => return Ok(None),
-            Err(e) => return Err(e),
+    /// The length prefix at the front of `buf`, checked against the limits.
+    fn front(&self, buf: &[u8]) -> Result<Front, DecodeError> {
+        let Some(&first) = buf.first() else {
+            return Ok(Front::Need(1));
         };
-        let prefix_len = self.buf.len() - rest.len();
+        let prefix = 1usize << (first >> 6);
+        if buf.len() < prefix {
+            return Ok(Front::Need(prefix));
+        }
+        let len = varint::decode(&mut &buf[..prefix])?;
         if len == 0 {
             return Err(DecodeError::Empty);
         }
@@ -214,12 +304,99 @@ impl StreamDecoder {
             return Err(DecodeError::FrameTooLarge { len, max });
         }
         let len = usize::try_from(len).map_err(|_| DecodeError::ValueTooLarge)?;
-        if rest.len() < len {
-            return Ok(None);
+        Ok(if buf.len() - prefix < len {
+            Front::Need(prefix + len)
+        } else {
+            Front::Whole { prefix, len }
+        })
+    }
+
+    /// Moves up to `want` bytes in all into `partial`, from the front of `chunk`.
+    fn top_up(&mut self, want: usize) {
+        let take = want
+            .saturating_sub(self.partial.len())
+            .min(self.chunk.len());
+        self.partial.extend_from_slice(&self.chunk[..take]);
+        if take == self.chunk.len() {
+            self.chunk = Bytes::new();
+        } else {
+            self.chunk.advance(take);
         }
-        self.buf.advance(prefix_len);
-        let frame = self.buf.split_to(len).freeze();
-        Frame::decode(frame, &self.limits).map(Some)
+    }
+
+    #[inline]
+    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if !self.preface_done {
+            self.top_up(PREFACE.len());
+            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
+            for (i, (&got, &want)) in self.partial.iter().zip(PREFACE.iter()).enumerate() {
+                if got != want {
+                    return Err(if i + 1 == PREFACE.len() {
+                        DecodeError::UnsupportedVersion(got)
+                    } else {
+                        DecodeError::BadPreface
+                    });
+                }
+            }
+            if self.partial.len() < PREFACE.len() {
+                return Ok(None);
+            }
+            self.partial.advance(PREFACE.len());
+            self.preface_done = true;
+        }
+
+        if self.partial.is_empty() {
+            // The hot path: a whole frame inside the chunk, cut from it without a copy.
+            match self.front(&self.chunk)? {
+                Front::Whole { prefix, len } => {
+                    self.chunk.advance(prefix);
+                    let frame = if self.chunk.len() == len {
+                        // The chunk's last frame: let go of the chunk, so its owner can reuse the
+                        // memory once the payloads are dropped.
+                        core::mem::take(&mut self.chunk)
+                    } else {
+                        self.chunk.split_to(len)
+                    };
+                    return self.decode_frame(frame).map(Some);
+                }
+                Front::Need(total) => {
+                    if !self.chunk.is_empty() {
+                        self.partial.reserve(carry_reserve(self.chunk.len(), total));
+                        self.top_up(total);
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        // A frame begun in an earlier chunk: complete it from this one.
+        loop {
+            match self.front(&self.partial)? {
+                Front::Whole { prefix, len } => {
+                    self.partial.advance(prefix);
+                    let frame = self.partial.split_to(len).freeze();
+                    return self.decode_frame(frame).map(Some);
+                }
+                Front::Need(_) if self.chunk.is_empty() => return Ok(None),
+                Front::Need(total) => self.top_up(total),
+            }
+        }
+    }
+
+    /// Decodes one delimited frame, filling in a sequence number left implicit.
+    #[inline]
+    fn decode_frame(&mut self, frame: Bytes) -> Result<Frame, DecodeError> {
+        let first = frame.first().copied().unwrap_or_default();
+        if first & !0x0f == 0 {
+            // A data frame, the common case: decoded here, knowing the previous sequence number.
+            let implied = match self.last_seq {
+                Some(s) if s < varint::MAX => Some(s + 1),
+                _ => None,
+            };
+            let data = DataFrame::decode_body(first, implied, frame.slice(1..))?;
+            self.last_seq = Some(data.seq);
+            return Ok(Frame::Data(data));
+        }
+        Frame::decode(frame, &self.limits)
     }
 }
 
@@ -422,6 +599,104 @@ mod tests {
         let mut hot = Vec::new();
         encode_datagram_data_frame(3, 1 << 20, Some(1 << 19), false, b"same bytes", &mut hot);
         assert_eq!(hot, generic);
+    }
+
+    /// Data frames 1000, 1001, 1002 with the later two leaving their sequence number out.
+    fn consecutive_data_frames() -> Vec<u8> {
+        let mut wire = Vec::new();
+        encode_preface(&mut wire);
+        let mut previous = None;
+        for (seq, payload) in [(1000, &b"one"[..]), (1001, b"two"), (1002, b"three")] {
+            let n =
+                encode_stream_data_frame_after(previous, 0, seq, None, false, payload, &mut wire);
+            assert_eq!(
+                n,
+                stream_data_frame_len_after(previous, 0, seq, None, payload.len())
+            );
+            previous = Some(seq);
+        }
+        wire
+    }
+
+    fn data_seqs(decoder: &mut StreamDecoder) -> Vec<(Seq, Bytes)> {
+        let mut out = Vec::new();
+        while let Some(frame) = decoder.next_frame().expect("valid stream") {
+            let Frame::Data(d) = frame else {
+                panic!("expected data, got {frame:?}")
+            };
+            out.push((d.seq, d.payload));
+        }
+        out
+    }
+
+    #[test]
+    fn a_data_frame_that_follows_its_predecessor_leaves_its_sequence_number_out() {
+        let wire = consecutive_data_frames();
+        // Preface, then 1 + 3 + 3, 1 + 1 + 3, 1 + 1 + 5 (length, header, payload).
+        assert_eq!(wire.len(), 4 + 7 + 5 + 7);
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed_bytes(Bytes::from(wire));
+        let got = data_seqs(&mut decoder);
+        let seqs: Vec<Seq> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [1000, 1001, 1002]);
+        assert_eq!(&got[2].1[..], b"three");
+    }
+
+    #[test]
+    fn implied_sequence_numbers_survive_any_chunking() {
+        let wire = consecutive_data_frames();
+        for cut in 1..wire.len() {
+            let mut decoder = StreamDecoder::new(DecodeLimits::default());
+            decoder.feed_bytes(Bytes::copy_from_slice(&wire[..cut]));
+            let mut got = data_seqs(&mut decoder);
+            decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
+            got.extend(data_seqs(&mut decoder));
+            let seqs: Vec<Seq> = got.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [1000, 1001, 1002], "cut at {cut}");
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn an_implied_sequence_number_with_no_data_frame_before_it_is_refused() {
+        let mut wire = Vec::from(PREFACE);
+        // Length 2: the first byte with the N flag, one payload byte.
+        wire.extend_from_slice(&[2, 0x08, 0xAA]);
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&wire);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::UnknownFrameType(0x08))
+        );
+        // Alone, outside a stream, the flag is never valid.
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[0x08, 0xAA]), &DecodeLimits::default()),
+            Err(DecodeError::UnknownFrameType(0x08))
+        );
+    }
+
+    #[test]
+    fn frames_whole_inside_a_chunk_share_its_memory_and_a_split_one_is_copied_once() {
+        let mut wire = Vec::from(PREFACE);
+        encode_stream_data_frame(0, 1, None, false, &[1; 100], &mut wire);
+        encode_stream_data_frame(0, 2, None, false, &[2; 100], &mut wire);
+        let cut = wire.len() - 50;
+        let chunk = Bytes::copy_from_slice(&wire[..cut]);
+        let range = chunk.as_ptr_range();
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed_bytes(chunk);
+        let first = data_seqs(&mut decoder);
+        assert_eq!(first.len(), 1);
+        assert!(
+            range.contains(&first[0].1.as_ptr()),
+            "zero-copy from the chunk"
+        );
+        assert_eq!(decoder.buffered(), stream_data_frame_len(0, 2, None, 100) - 50);
+        decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
+        let second = data_seqs(&mut decoder);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].0, 2);
+        assert_eq!(&second[0].1[..], &[2; 100][..]);
     }
 
     #[test]
