@@ -1,5 +1,6 @@
 //! The reliable-delivery engine: one [`Channel`] carries messages both ways between two endpoints.
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
@@ -106,7 +107,9 @@ pub struct Channel {
     recv: Receiver,
     unreliable_out: UnreliableSender,
     unreliable_in: UnreliableReceiver,
-    decoder: StreamDecoder,
+    /// Made at the first stream input: a channel inside a session never uses its own (the link
+    /// decodes), and an idle session should not carry one.
+    decoder: Option<Box<StreamDecoder>>,
     limits: DecodeLimits,
     preface_sent: bool,
     /// The sequence number of the last data frame written on this connection (stream transports):
@@ -145,7 +148,7 @@ impl Channel {
                 config.max_unreliable_bytes,
             ),
             unreliable_in: UnreliableReceiver::new(),
-            decoder: StreamDecoder::new(limits),
+            decoder: None,
             limits,
             preface_sent: false,
             last_data_sent: None,
@@ -251,9 +254,12 @@ impl Channel {
         self.stats.bytes_received += data.len() as u64;
         match self.config.transport {
             Transport::Stream => {
-                self.decoder.feed_bytes(data);
-                loop {
-                    match self.decoder.next_frame() {
+                let limits = self.limits;
+                self.decoder
+                    .get_or_insert_with(|| Box::new(StreamDecoder::new(limits)))
+                    .feed_bytes(data);
+                while let Some(decoder) = self.decoder.as_mut() {
+                    match decoder.next_frame() {
                         Ok(Some(frame)) => self.handle_frame(now, frame),
                         Ok(None) => break,
                         Err(e) => {
@@ -462,7 +468,7 @@ impl Channel {
     /// Starts over on a new connection: a fresh decoder and preface, and no pongs owed on the old
     /// connection. Sequencing and queues carry on: they belong to the session, not the connection.
     pub fn reset_connection(&mut self) {
-        self.decoder = StreamDecoder::new(self.limits);
+        self.decoder = None;
         self.preface_sent = false;
         self.last_data_sent = None;
         self.pongs.clear();

@@ -196,6 +196,10 @@ pub struct StreamDecoder {
     /// The rest of a frame (or preface) begun in an earlier chunk, gathered here until whole; bytes
     /// given to [`StreamDecoder::feed`] also wait here. Always before `chunk` in stream order.
     partial: BytesMut,
+    /// The buffer `partial` used before, kept to be taken back once the frame cut from it is
+    /// dropped: large frames that straddle reads then cost no fresh memory each (fresh pages are
+    /// zeroed by the kernel, a fault per page).
+    spare: BytesMut,
     /// The unread rest of the last chunk fed: whole frames are cut from it without copying.
     chunk: Bytes,
     /// The sequence number of the last data frame decoded on this connection, which a frame with
@@ -229,6 +233,7 @@ impl StreamDecoder {
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
             partial: BytesMut::new(),
+            spare: BytesMut::new(),
             chunk: Bytes::new(),
             last_seq: None,
             preface_done: false,
@@ -265,6 +270,7 @@ impl StreamDecoder {
 
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the error that poisoned
     /// the decoder.
+    #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
         if let Some(e) = self.poisoned {
             return Err(e);
@@ -273,6 +279,7 @@ impl StreamDecoder {
             Err(e) => {
                 self.poisoned = Some(e);
                 self.partial = BytesMut::new();
+                self.spare = BytesMut::new();
                 self.chunk = Bytes::new();
                 Err(e)
             }
@@ -309,6 +316,18 @@ impl StreamDecoder {
         } else {
             Front::Whole { prefix, len }
         })
+    }
+
+    /// Gives the empty `partial` room for `additional` bytes, reusing an earlier buffer whose
+    /// frames are all dropped before asking for a new one.
+    fn make_room(&mut self, additional: usize) {
+        if self.partial.try_reclaim(additional) {
+            return;
+        }
+        core::mem::swap(&mut self.partial, &mut self.spare);
+        if !self.partial.try_reclaim(additional) {
+            self.partial = BytesMut::with_capacity(additional);
+        }
     }
 
     /// Moves up to `want` bytes in all into `partial`, from the front of `chunk`.
@@ -361,7 +380,7 @@ impl StreamDecoder {
                 }
                 Front::Need(total) => {
                     if !self.chunk.is_empty() {
-                        self.partial.reserve(carry_reserve(self.chunk.len(), total));
+                        self.make_room(carry_reserve(self.chunk.len(), total));
                         self.top_up(total);
                     }
                     return Ok(None);
@@ -384,15 +403,17 @@ impl StreamDecoder {
 
     /// Decodes one delimited frame, filling in a sequence number left implicit.
     #[inline]
-    fn decode_frame(&mut self, frame: Bytes) -> Result<Frame, DecodeError> {
+    fn decode_frame(&mut self, mut frame: Bytes) -> Result<Frame, DecodeError> {
         let first = frame.first().copied().unwrap_or_default();
-        if first & !0x0f == 0 {
+        if first & !0x0f == 0 && !frame.is_empty() {
+            // Advanced in place: a `slice` would cost a reference count up and down.
+            frame.advance(1);
             // A data frame, the common case: decoded here, knowing the previous sequence number.
             let implied = match self.last_seq {
                 Some(s) if s < varint::MAX => Some(s + 1),
                 _ => None,
             };
-            let data = DataFrame::decode_body(first, implied, frame.slice(1..))?;
+            let data = DataFrame::decode_body(first, implied, frame)?;
             self.last_seq = Some(data.seq);
             return Ok(Frame::Data(data));
         }
@@ -691,7 +712,10 @@ mod tests {
             range.contains(&first[0].1.as_ptr()),
             "zero-copy from the chunk"
         );
-        assert_eq!(decoder.buffered(), stream_data_frame_len(0, 2, None, 100) - 50);
+        assert_eq!(
+            decoder.buffered(),
+            stream_data_frame_len(0, 2, None, 100) - 50
+        );
         decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
         let second = data_seqs(&mut decoder);
         assert_eq!(second.len(), 1);
