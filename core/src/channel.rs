@@ -334,8 +334,10 @@ impl Channel {
             if !stream && written > 0 {
                 break;
             }
-            let data_ready = self.send.peek().is_some();
-            if self.recv.wants_ack(now) && !(data_ready && self.recv.ranges().is_empty()) {
+            // A data frame about to go can carry a plain ack; only then is the send queue asked.
+            if self.recv.wants_ack(now)
+                && !(self.recv.ranges().is_empty() && self.send.has_sendable())
+            {
                 let ack = self.recv.take_ack(now);
                 self.write_frame(&Frame::Ack(ack), buf);
                 self.stats.acks_sent += 1;
