@@ -105,8 +105,8 @@ pub struct Channel {
     config: Config,
     send: Sender,
     recv: Receiver,
-    unreliable_out: UnreliableSender,
-    unreliable_in: UnreliableReceiver,
+    /// At-most-once traffic, made at its first message: most channels never carry any.
+    unreliable: Option<Box<Unreliable>>,
     /// Made at the first stream input: a channel inside a session never uses its own (the link
     /// decodes), and an idle session should not carry one.
     decoder: Option<Box<StreamDecoder>>,
@@ -122,6 +122,13 @@ pub struct Channel {
     stats: Stats,
     /// With a durable store, the messages that arrived since the owner last took them.
     arrivals: Option<Vec<crate::store::Stored>>,
+}
+
+/// Both directions of at-most-once traffic.
+#[derive(Debug)]
+struct Unreliable {
+    out: UnreliableSender,
+    inbound: UnreliableReceiver,
 }
 
 #[derive(Debug)]
@@ -143,11 +150,7 @@ impl Channel {
         Ok(Channel {
             send: Sender::new(&config),
             recv: Receiver::new(&config),
-            unreliable_out: UnreliableSender::new(
-                config.max_unreliable_queued,
-                config.max_unreliable_bytes,
-            ),
-            unreliable_in: UnreliableReceiver::new(),
+            unreliable: None,
             decoder: None,
             limits,
             preface_sent: false,
@@ -228,7 +231,8 @@ impl Channel {
                 if payload.len() > self.config.max_payload() {
                     return Err(SendError::TooLarge(payload));
                 }
-                self.unreliable_out
+                self.unreliable_mut()
+                    .out
                     .push(stream, mode == Mode::Sequenced, payload);
                 return Ok(Sent::Unreliable);
             }
@@ -347,12 +351,14 @@ impl Channel {
                 self.write_frame(&Frame::Pong { id }, buf);
                 continue;
             }
-            if let Some(q) = self.unreliable_out.peek() {
+            if let Some(u) = self.unreliable.as_deref_mut()
+                && let Some(q) = u.out.peek()
+            {
                 let header = UnreliableFrame::header_len(q.stream, u64::MAX >> 2);
                 if stream && written > 0 && written + header + q.payload.len() + 8 > budget {
                     break;
                 }
-                if let Some((seq, q)) = self.unreliable_out.pop() {
+                if let Some((seq, q)) = u.out.pop() {
                     let frame = Frame::Unreliable(UnreliableFrame {
                         stream: q.stream,
                         seq,
@@ -461,7 +467,7 @@ impl Channel {
             State::Open => {
                 self.recv.wants_ack(now)
                     || !self.pongs.is_empty()
-                    || !self.unreliable_out.is_empty()
+                    || self.unreliable.as_ref().is_some_and(|u| !u.out.is_empty())
                     || self.send.has_sendable()
             }
         }
@@ -519,7 +525,7 @@ impl Channel {
 
     /// At-most-once messages dropped before sending (queue bound, or replaced by a newer sequenced one).
     pub fn unreliable_dropped(&self) -> u64 {
-        self.unreliable_out.dropped()
+        self.unreliable.as_ref().map_or(0, |u| u.out.dropped())
     }
 
     /// Takes one decoded frame from the peer. Handshake frames are the session's business and are
@@ -584,7 +590,11 @@ impl Channel {
                 );
             }
             Frame::Unreliable(u) => {
-                if self.unreliable_in.accept(u.stream, u.seq, u.sequenced) {
+                if self
+                    .unreliable_mut()
+                    .inbound
+                    .accept(u.stream, u.seq, u.sequenced)
+                {
                     self.events.push_back(Event::ReceivedUnreliable {
                         stream: u.stream,
                         payload: u.payload,
@@ -655,6 +665,19 @@ impl Channel {
             Transport::Datagram => framing::encode_datagram(frame, buf),
         }
         self.stats.frames_sent += 1;
+    }
+
+    fn unreliable_mut(&mut self) -> &mut Unreliable {
+        let config = &self.config;
+        self.unreliable.get_or_insert_with(|| {
+            Box::new(Unreliable {
+                out: UnreliableSender::new(
+                    config.max_unreliable_queued,
+                    config.max_unreliable_bytes,
+                ),
+                inbound: UnreliableReceiver::new(),
+            })
+        })
     }
 
     fn observe(&mut self, now: Instant) -> Instant {
