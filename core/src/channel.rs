@@ -112,9 +112,6 @@ pub struct Channel {
     decoder: Option<Box<StreamDecoder>>,
     limits: DecodeLimits,
     preface_sent: bool,
-    /// The sequence number of the last data frame written on this connection (stream transports):
-    /// the next one after it goes out without its sequence number.
-    last_data_sent: Option<Seq>,
     events: VecDeque<Event>,
     pongs: PongBacklog,
     state: State,
@@ -154,7 +151,6 @@ impl Channel {
             decoder: None,
             limits,
             preface_sent: false,
-            last_data_sent: None,
             events: VecDeque::new(),
             pongs: PongBacklog::default(),
             state: State::Open,
@@ -373,20 +369,14 @@ impl Channel {
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
             let Some(out) = self.send.peek() else { break };
             if stream {
-                let previous = self.last_data_sent;
-                let len = framing::stream_data_frame_len_after(
-                    previous,
-                    out.stream,
-                    out.seq,
-                    ack,
-                    out.payload.len(),
-                );
+                // Every data frame carries its sequence number: see `framing` on why a stream does
+                // not yet leave it implicit.
+                let len =
+                    framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
                 if written > 0 && written + len > budget {
                     break;
                 }
-                self.last_data_sent = Some(out.seq);
-                framing::encode_stream_data_frame_after(
-                    previous,
+                framing::encode_stream_data_frame(
                     out.stream,
                     out.seq,
                     ack,
@@ -478,7 +468,6 @@ impl Channel {
     pub fn reset_connection(&mut self) {
         self.decoder = None;
         self.preface_sent = false;
-        self.last_data_sent = None;
         self.pongs.clear();
     }
 

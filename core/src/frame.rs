@@ -33,7 +33,8 @@
 //! 1–8 bytes of `seq` on every frame of a busy connection. Only the
 //! [`StreamDecoder`](crate::framing::StreamDecoder) knows the previous frame, so [`Frame::decode`],
 //! which sees one frame alone (and datagrams, which may be reordered or lost), rejects the flag as
-//! an unknown frame type.
+//! an unknown frame type. Decoders accept the flag; the channel does not send it yet (see
+//! [`encode_stream_data_frame_after`](crate::framing::encode_stream_data_frame_after)).
 //!
 //! Ack ranges are sent relative to the previous point, starting from `cumulative`, so that they
 //! stay small: each range `[start, end)` goes out as `gap = start − prev − 1` and `len − 1` where

@@ -107,6 +107,11 @@ pub fn encode_stream_data_frame<B: BufMut>(
 /// `previous` on the same connection (`None`: the first on it): when `seq` is the next one, the frame
 /// leaves it out (see [`crate::frame`]). Returns the bytes written.
 ///
+/// [`Channel`](crate::Channel) does not write this form yet: the simulator's half-open fault drops
+/// bytes from the middle of a connection that later bytes still arrive on, and an implied number
+/// after such a hole names the wrong message (found by `sim/tests/sim.rs`'s fault-mix property),
+/// where an explicit one is caught by de-duplication. Decoders accept it.
+///
 /// ```
 /// use steadfast_core::frame::{DecodeLimits, Frame};
 /// use steadfast_core::framing::{self, StreamDecoder};
@@ -721,6 +726,64 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].0, 2);
         assert_eq!(&second[0].1[..], &[2; 100][..]);
+    }
+
+    proptest::proptest! {
+        /// Whatever the frames (data with consecutive or jumping sequence numbers, acks, pings)
+        /// and however the stream is cut into chunks, zero-copy decoding yields the frames that
+        /// were written, with every left-out sequence number filled in.
+        #[test]
+        fn any_chunking_of_any_frame_mix_decodes_to_the_frames_written(
+            kinds in proptest::collection::vec((0u8..4, 0usize..2000), 1..60),
+            cuts in proptest::collection::vec(1usize..4000, 0..20),
+        ) {
+            let mut wire = Vec::new();
+            encode_preface(&mut wire);
+            let mut expected = Vec::new();
+            let (mut seq, mut previous) = (100_000u64, None);
+            for (kind, size) in kinds {
+                match kind {
+                    0 | 1 => {
+                        // Kind 1 jumps, as a retransmission or a resume would.
+                        seq += if kind == 0 { 1 } else { 7 };
+                        let payload = alloc::vec![kind; size];
+                        encode_stream_data_frame_after(previous, 0, seq, None, false, &payload, &mut wire);
+                        previous = Some(seq);
+                        expected.push(Frame::Data(DataFrame {
+                            stream: 0,
+                            seq,
+                            ack: None,
+                            unordered: false,
+                            payload: Bytes::from(payload),
+                        }));
+                    }
+                    2 => {
+                        let ack = Frame::Ack(AckFrame {
+                            cumulative: size as u64,
+                            delay_micros: 3,
+                            ranges: Default::default(),
+                        });
+                        encode_stream_frame(&ack, &mut wire);
+                        expected.push(ack);
+                    }
+                    _ => {
+                        encode_stream_frame(&Frame::Ping { id: size as u64 }, &mut wire);
+                        expected.push(Frame::Ping { id: size as u64 });
+                    }
+                }
+            }
+            let mut decoder = StreamDecoder::new(DecodeLimits::default());
+            let mut got = Vec::new();
+            let mut rest = &wire[..];
+            for cut in cuts.into_iter().chain(core::iter::once(usize::MAX)) {
+                let (chunk, tail) = rest.split_at(cut.min(rest.len()));
+                decoder.feed_bytes(Bytes::copy_from_slice(chunk));
+                drain(&mut decoder, &mut got);
+                rest = tail;
+            }
+            proptest::prop_assert_eq!(got, expected);
+            proptest::prop_assert_eq!(decoder.buffered(), 0);
+        }
     }
 
     #[test]
