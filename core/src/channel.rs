@@ -10,7 +10,7 @@ use crate::Seq;
 use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
 use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame, UnreliableFrame};
-use crate::framing::{self, StreamDecoder};
+use crate::framing::{self, StreamDecoder, WrittenSeqs};
 use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
@@ -112,6 +112,9 @@ pub struct Channel {
     decoder: Option<Box<StreamDecoder>>,
     limits: DecodeLimits,
     preface_sent: bool,
+    /// The data frames written on this connection (stream transports): which may go out with a
+    /// short sequence number.
+    written: WrittenSeqs,
     events: VecDeque<Event>,
     pongs: PongBacklog,
     state: State,
@@ -151,6 +154,7 @@ impl Channel {
             decoder: None,
             limits,
             preface_sent: false,
+            written: WrittenSeqs::default(),
             events: VecDeque::new(),
             pongs: PongBacklog::default(),
             state: State::Open,
@@ -369,14 +373,20 @@ impl Channel {
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
             let Some(out) = self.send.peek() else { break };
             if stream {
-                // Every data frame carries its sequence number: see `framing` on why a stream does
-                // not yet leave it implicit.
-                let len =
-                    framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
+                let short = self.written.may_shorten(out.seq);
+                let len = framing::stream_data_frame_len_short(
+                    short,
+                    out.stream,
+                    out.seq,
+                    ack,
+                    out.payload.len(),
+                );
                 if written > 0 && written + len > budget {
                     break;
                 }
-                framing::encode_stream_data_frame(
+                self.written.record(out.seq);
+                framing::encode_stream_data_frame_short(
+                    short,
                     out.stream,
                     out.seq,
                     ack,
@@ -468,6 +478,7 @@ impl Channel {
     pub fn reset_connection(&mut self) {
         self.decoder = None;
         self.preface_sent = false;
+        self.written = WrittenSeqs::default();
         self.pongs.clear();
     }
 

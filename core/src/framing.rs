@@ -100,27 +100,36 @@ pub fn encode_stream_data_frame<B: BufMut>(
     payload: &[u8],
     buf: &mut B,
 ) {
-    encode_stream_data_frame_after(None, stream, seq, ack, unordered, payload, buf);
+    encode_stream_data_frame_short(false, stream, seq, ack, unordered, payload, buf);
 }
 
-/// Writes a data frame for a stream transport that follows the data frame with sequence number
-/// `previous` on the same connection (`None`: the first on it): when `seq` is the next one, the frame
-/// leaves it out (see [`crate::frame`]). Returns the bytes written.
+/// How far apart the sequence numbers written on one connection may lie for a data frame to carry
+/// its number short (its low 16 bits): well inside half the 16-bit window, so the receiver's
+/// expansion around any number it decoded on that connection is exact.
+pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
+
+/// The sequence numbers of the data frames written on one stream connection: which frames may
+/// carry a short number (see [`crate::frame`]). Start a new one for each connection.
 ///
-/// [`Channel`](crate::Channel) does not write this form yet: the simulator's half-open fault drops
-/// bytes from the middle of a connection that later bytes still arrive on, and an implied number
-/// after such a hole names the wrong message (found by `sim/tests/sim.rs`'s fault-mix property),
-/// where an explicit one is caught by de-duplication. Decoders accept it.
+/// The receiver expands a short number around the largest it decoded on the connection, which is
+/// one the sender wrote there; a number is shortened only when it and every number written so far
+/// span less than [`SHORT_SEQ_SPAN`], so that largest is always near enough, whichever frames in
+/// between were lost. The first data frame on a connection carries its full number.
 ///
 /// ```
 /// use steadfast_core::frame::{DecodeLimits, Frame};
-/// use steadfast_core::framing::{self, StreamDecoder};
+/// use steadfast_core::framing::{self, StreamDecoder, WrittenSeqs};
 ///
 /// let mut wire = Vec::new();
 /// framing::encode_preface(&mut wire);
-/// framing::encode_stream_data_frame_after(None, 0, 70_000, None, false, b"a", &mut wire);
-/// let n = framing::encode_stream_data_frame_after(Some(70_000), 0, 70_001, None, false, b"b", &mut wire);
-/// assert_eq!(n, 1 + 1 + 1); // length, first byte, payload: no sequence number
+/// let mut written = WrittenSeqs::default();
+/// for seq in [70_000, 70_001] {
+///     let short = written.may_shorten(seq);
+///     framing::encode_stream_data_frame_short(short, 0, seq, None, false, b"m", &mut wire);
+///     written.record(seq);
+/// }
+/// // The second: length, first byte, 2-byte number, payload.
+/// assert_eq!(framing::stream_data_frame_len_short(true, 0, 70_001, None, 1), 1 + 1 + 2 + 1);
 ///
 /// let mut decoder = StreamDecoder::new(DecodeLimits::default());
 /// decoder.feed(&wire);
@@ -131,8 +140,36 @@ pub fn encode_stream_data_frame<B: BufMut>(
 /// .collect();
 /// assert_eq!(seqs, [70_000, 70_001]);
 /// ```
-pub fn encode_stream_data_frame_after<B: BufMut>(
-    previous: Option<Seq>,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenSeqs {
+    /// The lowest and highest number written, once one has been.
+    range: Option<(Seq, Seq)>,
+}
+
+impl WrittenSeqs {
+    /// Whether a data frame numbered `seq` may carry its number short (and gains nothing by not
+    /// doing so: below 64 the full number takes 1 byte).
+    #[must_use]
+    pub fn may_shorten(&self, seq: Seq) -> bool {
+        varint::encoded_len(seq) >= 2
+            && self
+                .range
+                .is_some_and(|(lo, hi)| hi.max(seq) - lo.min(seq) < SHORT_SEQ_SPAN)
+    }
+
+    /// Notes that a data frame numbered `seq` was written on the connection.
+    pub fn record(&mut self, seq: Seq) {
+        self.range = Some(match self.range {
+            None => (seq, seq),
+            Some((lo, hi)) => (lo.min(seq), hi.max(seq)),
+        });
+    }
+}
+
+/// Writes a data frame for a stream transport, its sequence number short (its low 16 bits) if
+/// `short`, which only [`WrittenSeqs::may_shorten`] may decide. Returns the bytes written.
+pub fn encode_stream_data_frame_short<B: BufMut>(
+    short: bool,
     stream: u64,
     seq: Seq,
     ack: Option<Seq>,
@@ -142,9 +179,8 @@ pub fn encode_stream_data_frame_after<B: BufMut>(
 ) -> usize {
     const PREFIX: usize = 8;
     let mut head = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
-    let implicit = previous.is_some_and(|p| p.checked_add(1) == Some(seq));
-    let seq = (!implicit).then_some(seq);
-    let header_len = DataFrame::write_header(stream, seq, ack, unordered, &mut head[PREFIX..]);
+    let header_len =
+        DataFrame::write_header(stream, seq, short, ack, unordered, &mut head[PREFIX..]);
     let frame_len = len_u64(header_len + payload.len());
     let prefix = varint::encoded_len(frame_len);
     // Length and header assembled on the stack and copied out once, then the payload.
@@ -154,21 +190,19 @@ pub fn encode_stream_data_frame_after<B: BufMut>(
     prefix + header_len + payload.len()
 }
 
-/// The total bytes [`encode_stream_data_frame_after`] writes, length prefix included.
+/// The total bytes [`encode_stream_data_frame_short`] writes, length prefix included.
 #[must_use]
-pub fn stream_data_frame_len_after(
-    previous: Option<Seq>,
+pub fn stream_data_frame_len_short(
+    short: bool,
     stream: u64,
     seq: Seq,
     ack: Option<Seq>,
     payload_len: usize,
 ) -> usize {
-    let seq_len = if previous.is_some_and(|p| p.checked_add(1) == Some(seq)) {
-        varint::encoded_len(seq)
-    } else {
-        0
-    };
-    let frame_len = DataFrame::header_len(stream, seq, ack) - seq_len + payload_len;
+    let mut frame_len = DataFrame::header_len(stream, seq, ack) + payload_len;
+    if short {
+        frame_len = frame_len - varint::encoded_len(seq) + 2;
+    }
     varint::encoded_len(len_u64(frame_len)) + frame_len
 }
 
@@ -207,9 +241,9 @@ pub struct StreamDecoder {
     spare: BytesMut,
     /// The unread rest of the last chunk fed: whole frames are cut from it without copying.
     chunk: Bytes,
-    /// The sequence number of the last data frame decoded on this connection, which a frame with
-    /// the next one leaves out (see [`crate::frame`]).
-    last_seq: Option<Seq>,
+    /// The largest sequence number decoded on this connection, around which short ones are
+    /// expanded (see [`crate::frame`]).
+    largest_seq: Option<Seq>,
     /// Whether the preface has been received and checked.
     preface_done: bool,
     limits: DecodeLimits,
@@ -240,7 +274,7 @@ impl StreamDecoder {
             partial: BytesMut::new(),
             spare: BytesMut::new(),
             chunk: Bytes::new(),
-            last_seq: None,
+            largest_seq: None,
             preface_done: false,
             limits,
             poisoned: None,
@@ -413,13 +447,9 @@ impl StreamDecoder {
         if first & !0x0f == 0 && !frame.is_empty() {
             // Advanced in place: a `slice` would cost a reference count up and down.
             frame.advance(1);
-            // A data frame, the common case: decoded here, knowing the previous sequence number.
-            let implied = match self.last_seq {
-                Some(s) if s < varint::MAX => Some(s + 1),
-                _ => None,
-            };
-            let data = DataFrame::decode_body(first, implied, frame)?;
-            self.last_seq = Some(data.seq);
+            // A data frame, the common case: decoded here, knowing the connection's numbers.
+            let data = DataFrame::decode_body(first, self.largest_seq, frame)?;
+            self.largest_seq = Some(self.largest_seq.map_or(data.seq, |l| l.max(data.seq)));
             return Ok(Frame::Data(data));
         }
         Frame::decode(frame, &self.limits)
@@ -627,19 +657,16 @@ mod tests {
         assert_eq!(hot, generic);
     }
 
-    /// Data frames 1000, 1001, 1002 with the later two leaving their sequence number out.
-    fn consecutive_data_frames() -> Vec<u8> {
+    /// Data frames with these numbers, each short when [`WrittenSeqs`] allows.
+    fn data_frames(seqs: &[Seq]) -> Vec<u8> {
         let mut wire = Vec::new();
         encode_preface(&mut wire);
-        let mut previous = None;
-        for (seq, payload) in [(1000, &b"one"[..]), (1001, b"two"), (1002, b"three")] {
-            let n =
-                encode_stream_data_frame_after(previous, 0, seq, None, false, payload, &mut wire);
-            assert_eq!(
-                n,
-                stream_data_frame_len_after(previous, 0, seq, None, payload.len())
-            );
-            previous = Some(seq);
+        let mut written = WrittenSeqs::default();
+        for &seq in seqs {
+            let short = written.may_shorten(seq);
+            let n = encode_stream_data_frame_short(short, 0, seq, None, false, b"abc", &mut wire);
+            assert_eq!(n, stream_data_frame_len_short(short, 0, seq, None, 3));
+            written.record(seq);
         }
         wire
     }
@@ -655,22 +682,45 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_data_frame_that_follows_its_predecessor_leaves_its_sequence_number_out() {
-        let wire = consecutive_data_frames();
-        // Preface, then 1 + 3 + 3, 1 + 1 + 3, 1 + 1 + 5 (length, header, payload).
-        assert_eq!(wire.len(), 4 + 7 + 5 + 7);
+    fn decoded_seqs(wire: &[u8]) -> Vec<Seq> {
         let mut decoder = StreamDecoder::new(DecodeLimits::default());
-        decoder.feed_bytes(Bytes::from(wire));
-        let got = data_seqs(&mut decoder);
-        let seqs: Vec<Seq> = got.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, [1000, 1001, 1002]);
-        assert_eq!(&got[2].1[..], b"three");
+        decoder.feed_bytes(Bytes::copy_from_slice(wire));
+        data_seqs(&mut decoder).iter().map(|(s, _)| *s).collect()
     }
 
     #[test]
-    fn implied_sequence_numbers_survive_any_chunking() {
-        let wire = consecutive_data_frames();
+    fn after_the_first_data_frame_a_connection_carries_two_byte_sequence_numbers() {
+        let wire = data_frames(&[70_000, 70_001, 70_002]);
+        // Preface, then 1 + (1 + 4) + 3, then twice 1 + (1 + 2) + 3.
+        assert_eq!(wire.len(), 4 + 9 + 7 + 7);
+        assert_eq!(decoded_seqs(&wire), [70_000, 70_001, 70_002]);
+    }
+
+    #[test]
+    fn short_numbers_expand_across_the_16_bit_boundary_and_backwards() {
+        let seqs = [
+            65_530, 65_535, 65_536, 65_540, 65_531, 131_071, 131_072, 120_000,
+        ];
+        assert_eq!(decoded_seqs(&data_frames(&seqs)), seqs);
+    }
+
+    #[test]
+    fn numbers_spanning_too_far_go_out_in_full() {
+        let mut written = WrittenSeqs::default();
+        assert!(
+            !written.may_shorten(5),
+            "the first frame carries its number"
+        );
+        written.record(5);
+        assert!(written.may_shorten(5 + SHORT_SEQ_SPAN - 1));
+        assert!(!written.may_shorten(5 + SHORT_SEQ_SPAN));
+        let seqs = [5, 5 + SHORT_SEQ_SPAN, 5 + 3 * SHORT_SEQ_SPAN, 6];
+        assert_eq!(decoded_seqs(&data_frames(&seqs)), seqs);
+    }
+
+    #[test]
+    fn short_numbers_survive_any_chunking() {
+        let wire = data_frames(&[70_000, 70_001, 70_002]);
         for cut in 1..wire.len() {
             let mut decoder = StreamDecoder::new(DecodeLimits::default());
             decoder.feed_bytes(Bytes::copy_from_slice(&wire[..cut]));
@@ -678,16 +728,16 @@ mod tests {
             decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
             got.extend(data_seqs(&mut decoder));
             let seqs: Vec<Seq> = got.iter().map(|(s, _)| *s).collect();
-            assert_eq!(seqs, [1000, 1001, 1002], "cut at {cut}");
+            assert_eq!(seqs, [70_000, 70_001, 70_002], "cut at {cut}");
             assert_eq!(decoder.buffered(), 0);
         }
     }
 
     #[test]
-    fn an_implied_sequence_number_with_no_data_frame_before_it_is_refused() {
+    fn a_short_number_with_no_data_frame_before_it_is_refused() {
         let mut wire = Vec::from(PREFACE);
-        // Length 2: the first byte with the N flag, one payload byte.
-        wire.extend_from_slice(&[2, 0x08, 0xAA]);
+        // Length 4: the first byte with the N flag, two bytes of number, one payload byte.
+        wire.extend_from_slice(&[4, 0x08, 0x00, 0x05, 0xAA]);
         let mut decoder = StreamDecoder::new(DecodeLimits::default());
         decoder.feed(&wire);
         assert_eq!(
@@ -696,7 +746,10 @@ mod tests {
         );
         // Alone, outside a stream, the flag is never valid.
         assert_eq!(
-            Frame::decode(Bytes::from_static(&[0x08, 0xAA]), &DecodeLimits::default()),
+            Frame::decode(
+                Bytes::from_static(&[0x08, 0x00, 0x05, 0xAA]),
+                &DecodeLimits::default()
+            ),
             Err(DecodeError::UnknownFrameType(0x08))
         );
     }
@@ -729,26 +782,42 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever the frames (data with consecutive or jumping sequence numbers, acks, pings)
-        /// and however the stream is cut into chunks, zero-copy decoding yields the frames that
-        /// were written, with every left-out sequence number filled in.
+        /// Whatever the frames (data with consecutive, jumping or earlier sequence numbers, some
+        /// of them lost on the way after the first, acks, pings) and however the stream is cut
+        /// into chunks, zero-copy decoding yields the frames that arrived, every short sequence
+        /// number expanded to the one written.
         #[test]
         fn any_chunking_of_any_frame_mix_decodes_to_the_frames_written(
-            kinds in proptest::collection::vec((0u8..4, 0usize..2000), 1..60),
+            kinds in proptest::collection::vec((0u8..7, 0usize..2000), 1..60),
             cuts in proptest::collection::vec(1usize..4000, 0..20),
         ) {
             let mut wire = Vec::new();
             encode_preface(&mut wire);
             let mut expected = Vec::new();
-            let (mut seq, mut previous) = (100_000u64, None);
+            let mut seq = 100_000u64;
+            let mut written = WrittenSeqs::default();
             for (kind, size) in kinds {
                 match kind {
-                    0 | 1 => {
-                        // Kind 1 jumps, as a retransmission or a resume would.
-                        seq += if kind == 0 { 1 } else { 7 };
+                    0 | 1 | 4 | 5 | 6 => {
+                        // 1 jumps ahead, 5 goes back (a retransmission), 6 jumps past the span.
+                        seq = match kind {
+                            1 => seq + 7,
+                            5 => seq.saturating_sub(size as u64 % 300),
+                            6 => seq + SHORT_SEQ_SPAN + size as u64,
+                            _ => seq + 1,
+                        };
                         let payload = alloc::vec![kind; size];
-                        encode_stream_data_frame_after(previous, 0, seq, None, false, &payload, &mut wire);
-                        previous = Some(seq);
+                        let mut frame = Vec::new();
+                        encode_stream_data_frame_short(
+                            written.may_shorten(seq), 0, seq, None, false, &payload, &mut frame,
+                        );
+                        // Kind 4 is lost on the way (never the first: the decoder needs one).
+                        let lost = kind == 4 && written != WrittenSeqs::default();
+                        written.record(seq);
+                        if lost {
+                            continue;
+                        }
+                        wire.extend_from_slice(&frame);
                         expected.push(Frame::Data(DataFrame {
                             stream: 0,
                             seq,
