@@ -154,7 +154,7 @@ impl Channel {
             decoder: None,
             limits,
             preface_sent: false,
-            written: WrittenSeqs::default(),
+            written: WrittenSeqs::new(0),
             events: VecDeque::new(),
             pongs: PongBacklog::default(),
             state: State::Open,
@@ -371,9 +371,10 @@ impl Channel {
             }
             let ack = self.recv.ack_pending().then(|| self.recv.watermark());
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
+            let acked_below = self.send.base();
             let Some(out) = self.send.peek() else { break };
             if stream {
-                let short = self.written.may_shorten(out.seq);
+                let short = self.written.may_shorten(out.seq, acked_below);
                 let len = framing::stream_data_frame_len_short(
                     short,
                     out.stream,
@@ -478,7 +479,7 @@ impl Channel {
     pub fn reset_connection(&mut self) {
         self.decoder = None;
         self.preface_sent = false;
-        self.written = WrittenSeqs::default();
+        self.written = WrittenSeqs::new(self.send.end());
         self.pongs.clear();
     }
 

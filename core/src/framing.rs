@@ -111,9 +111,12 @@ pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
 /// The sequence numbers of the data frames written on one stream connection: which frames may
 /// carry a short number (see [`crate::frame`]). Start a new one for each connection.
 ///
-/// The receiver expands a short number around the largest it decoded on the connection, which is
-/// one the sender wrote there; a number is shortened only when it and every number written so far
-/// span less than [`SHORT_SEQ_SPAN`], so that largest is always near enough, whichever frames in
+/// The receiver expands a short number around the largest it decoded on the connection. The
+/// sender bounds that number without trusting the stream to have delivered everything written:
+/// it is at most the highest number written on the connection, and at least the lowest, or, once
+/// the peer has acknowledged a number first queued after the connection began (one that can only
+/// have reached it on this connection), at least that. A number is shortened only when it and
+/// those bounds span less than [`SHORT_SEQ_SPAN`], so the expansion is exact whichever frames in
 /// between were lost. The first data frame on a connection carries its full number.
 ///
 /// ```
@@ -122,9 +125,9 @@ pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
 ///
 /// let mut wire = Vec::new();
 /// framing::encode_preface(&mut wire);
-/// let mut written = WrittenSeqs::default();
+/// let mut written = WrittenSeqs::new(0);
 /// for seq in [70_000, 70_001] {
-///     let short = written.may_shorten(seq);
+///     let short = written.may_shorten(seq, 0);
 ///     framing::encode_stream_data_frame_short(short, 0, seq, None, false, b"m", &mut wire);
 ///     written.record(seq);
 /// }
@@ -140,21 +143,38 @@ pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
 /// .collect();
 /// assert_eq!(seqs, [70_000, 70_001]);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WrittenSeqs {
+    /// Numbers from here on were first queued after the connection began.
+    fresh_from: Seq,
     /// The lowest and highest number written, once one has been.
     range: Option<(Seq, Seq)>,
 }
 
 impl WrittenSeqs {
-    /// Whether a data frame numbered `seq` may carry its number short (and gains nothing by not
-    /// doing so: below 64 the full number takes 1 byte).
+    /// For a connection that begins when `fresh_from` is the lowest number not yet queued.
     #[must_use]
-    pub fn may_shorten(&self, seq: Seq) -> bool {
+    pub fn new(fresh_from: Seq) -> Self {
+        WrittenSeqs {
+            fresh_from,
+            range: None,
+        }
+    }
+
+    /// Whether a data frame numbered `seq` may carry its number short, every number below
+    /// `acked_below` having been acknowledged by the peer (and whether that gains anything: below
+    /// 64 the full number takes 1 byte).
+    #[must_use]
+    pub fn may_shorten(&self, seq: Seq, acked_below: Seq) -> bool {
         varint::encoded_len(seq) >= 2
-            && self
-                .range
-                .is_some_and(|(lo, hi)| hi.max(seq) - lo.min(seq) < SHORT_SEQ_SPAN)
+            && self.range.is_some_and(|(lo, hi)| {
+                let lower = if acked_below > self.fresh_from {
+                    lo.max(acked_below - 1)
+                } else {
+                    lo
+                };
+                hi.max(seq) - lower.min(seq) < SHORT_SEQ_SPAN
+            })
     }
 
     /// Notes that a data frame numbered `seq` was written on the connection.
@@ -661,9 +681,9 @@ mod tests {
     fn data_frames(seqs: &[Seq]) -> Vec<u8> {
         let mut wire = Vec::new();
         encode_preface(&mut wire);
-        let mut written = WrittenSeqs::default();
+        let mut written = WrittenSeqs::new(0);
         for &seq in seqs {
-            let short = written.may_shorten(seq);
+            let short = written.may_shorten(seq, 0);
             let n = encode_stream_data_frame_short(short, 0, seq, None, false, b"abc", &mut wire);
             assert_eq!(n, stream_data_frame_len_short(short, 0, seq, None, 3));
             written.record(seq);
@@ -706,16 +726,28 @@ mod tests {
 
     #[test]
     fn numbers_spanning_too_far_go_out_in_full() {
-        let mut written = WrittenSeqs::default();
+        let mut written = WrittenSeqs::new(0);
         assert!(
-            !written.may_shorten(5),
+            !written.may_shorten(5000, 0),
             "the first frame carries its number"
         );
-        written.record(5);
-        assert!(written.may_shorten(5 + SHORT_SEQ_SPAN - 1));
-        assert!(!written.may_shorten(5 + SHORT_SEQ_SPAN));
+        written.record(5000);
+        assert!(written.may_shorten(5000 + SHORT_SEQ_SPAN - 1, 0));
+        assert!(!written.may_shorten(5000 + SHORT_SEQ_SPAN, 0));
         let seqs = [5, 5 + SHORT_SEQ_SPAN, 5 + 3 * SHORT_SEQ_SPAN, 6];
         assert_eq!(decoded_seqs(&data_frames(&seqs)), seqs);
+    }
+
+    #[test]
+    fn a_long_connection_keeps_short_numbers_once_fresh_numbers_are_acknowledged() {
+        // The connection began when 1000 was the next number to queue.
+        let mut written = WrittenSeqs::new(1000);
+        written.record(900); // a resend from before the connection
+        written.record(40_000);
+        // Acks of resent numbers prove nothing about this connection; of fresh ones, they do.
+        assert!(!written.may_shorten(40_001, 1000));
+        assert!(written.may_shorten(40_001, 30_000));
+        assert!(!written.may_shorten(40_001, 20_000));
     }
 
     #[test]
@@ -795,7 +827,7 @@ mod tests {
             encode_preface(&mut wire);
             let mut expected = Vec::new();
             let mut seq = 100_000u64;
-            let mut written = WrittenSeqs::default();
+            let mut written = WrittenSeqs::new(0);
             for (kind, size) in kinds {
                 match kind {
                     0 | 1 | 4 | 5 | 6 => {
@@ -809,10 +841,10 @@ mod tests {
                         let payload = alloc::vec![kind; size];
                         let mut frame = Vec::new();
                         encode_stream_data_frame_short(
-                            written.may_shorten(seq), 0, seq, None, false, &payload, &mut frame,
+                            written.may_shorten(seq, 0), 0, seq, None, false, &payload, &mut frame,
                         );
                         // Kind 4 is lost on the way (never the first: the decoder needs one).
-                        let lost = kind == 4 && written != WrittenSeqs::default();
+                        let lost = kind == 4 && written != WrittenSeqs::new(0);
                         written.record(seq);
                         if lost {
                             continue;
