@@ -11,6 +11,10 @@
 //!   swapped, worst-case (every other one missing, the de-dup set at its capacity) and duplicate
 //!   arrivals, and `RangeSet` lookups in a full set.
 //!
+//! For instruction counts, `CORE_BENCH_BATCHES=<n>` skips criterion and runs `n` full-path batches
+//! of each size (and as many codec batches), so `valgrind --tool=callgrind` sees a fixed amount of
+//! work (`CORE_BENCH_SIZE=64` for one size): `CORE_BENCH_BATCHES=200 valgrind --tool=callgrind target/release/deps/core-<hash> --bench`.
+//!
 //! Run: `cargo bench -p steadfast-core --bench core`. After criterion's own report, the bench prints
 //! the ratio of steadfast's full-path throughput to `LengthDelimitedCodec`'s, from the medians
 //! criterion saved (issue 7's goal: at least 0.8).
@@ -29,6 +33,9 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 /// Messages per iteration.
 const BATCH: u64 = 1024;
+/// Write-buffer room reserved before each `poll_transmit`: the default `max_batch_bytes` and one
+/// frame more.
+const BATCH_ROOM: usize = (64 << 10) + 2048;
 /// Payload sizes of the full-path benches.
 const SIZES: [usize; 2] = [64, 1024];
 
@@ -62,6 +69,9 @@ impl Pair {
         }
         loop {
             let mut moved = false;
+            // Room for a whole batch before writing, as an adapter's write buffer would have: a
+            // batch that outgrows the buffer midway is copied to a new one.
+            self.buf.reserve(BATCH_ROOM);
             while let Some(n) = self.a.poll_transmit(self.now, &mut self.buf) {
                 self.b.handle_input(self.now, self.buf.split_to(n).freeze());
                 moved = true;
@@ -72,6 +82,7 @@ impl Pair {
                     self.delivered += 1;
                 }
             }
+            self.buf.reserve(BATCH_ROOM);
             while let Some(n) = self.b.poll_transmit(self.now, &mut self.buf) {
                 self.a.handle_input(self.now, self.buf.split_to(n).freeze());
                 moved = true;
@@ -229,7 +240,30 @@ fn criterion_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/criterion"))
 }
 
+/// A fixed number of batches and nothing else, for instruction counting.
+/// `CORE_BENCH_SIZE` picks one payload size.
+fn fixed_count(batches: u64) {
+    let only: Option<usize> = std::env::var("CORE_BENCH_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for size in SIZES.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
+        let payload = Bytes::from(vec![0xa5; size]);
+        let mut pair = Pair::new();
+        for _ in 0..batches {
+            pair.batch(&payload);
+        }
+        assert_eq!(pair.delivered, batches * BATCH);
+    }
+}
+
 fn main() {
+    if let Some(n) = std::env::var("CORE_BENCH_BATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        fixed_count(n);
+        return;
+    }
     let root = criterion_root();
     let mut c = Criterion::default()
         .output_directory(&root)

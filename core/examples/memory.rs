@@ -107,13 +107,17 @@ fn main() {
         "steadfast-core memory, {n} sessions on one Server (default ServerConfig, stream transport)"
     );
     println!(
-        "  size_of: Channel {} B, Receiver {} B (de-dup set of {} ranges inline), Frame {} B, \
-         StreamDecoder {} B",
+        "  size_of: Channel {} B (Sender {} B, Receiver {} B, Config {} B, Stats {} B), \
+         Frame {} B, StreamDecoder {} B; the de-dup set of up to {} ranges is on the heap, from \
+         the first gap",
         size_of::<Channel>(),
+        size_of::<steadfast_core::send::Sender>(),
         size_of::<Receiver>(),
-        RECV_RANGES,
+        size_of::<Config>(),
+        size_of::<steadfast_core::Stats>(),
         size_of::<Frame>(),
-        size_of::<framing::StreamDecoder>()
+        size_of::<framing::StreamDecoder>(),
+        RECV_RANGES,
     );
     let start = live();
     for conn in 0..n {

@@ -1,5 +1,6 @@
 //! The reliable-delivery engine: one [`Channel`] carries messages both ways between two endpoints.
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
@@ -9,7 +10,7 @@ use crate::Seq;
 use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
 use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame, UnreliableFrame};
-use crate::framing::{self, StreamDecoder};
+use crate::framing::{self, StreamDecoder, WrittenSeqs};
 use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
@@ -104,11 +105,16 @@ pub struct Channel {
     config: Config,
     send: Sender,
     recv: Receiver,
-    unreliable_out: UnreliableSender,
-    unreliable_in: UnreliableReceiver,
-    decoder: StreamDecoder,
+    /// At-most-once traffic, made at its first message: most channels never carry any.
+    unreliable: Option<Box<Unreliable>>,
+    /// Made at the first stream input: a channel inside a session never uses its own (the link
+    /// decodes), and an idle session should not carry one.
+    decoder: Option<Box<StreamDecoder>>,
     limits: DecodeLimits,
     preface_sent: bool,
+    /// The data frames written on this connection (stream transports): which may go out with a
+    /// short sequence number.
+    written: WrittenSeqs,
     events: VecDeque<Event>,
     pongs: PongBacklog,
     state: State,
@@ -116,6 +122,13 @@ pub struct Channel {
     stats: Stats,
     /// With a durable store, the messages that arrived since the owner last took them.
     arrivals: Option<Vec<crate::store::Stored>>,
+}
+
+/// Both directions of at-most-once traffic.
+#[derive(Debug)]
+struct Unreliable {
+    out: UnreliableSender,
+    inbound: UnreliableReceiver,
 }
 
 #[derive(Debug)]
@@ -137,14 +150,11 @@ impl Channel {
         Ok(Channel {
             send: Sender::new(&config),
             recv: Receiver::new(&config),
-            unreliable_out: UnreliableSender::new(
-                config.max_unreliable_queued,
-                config.max_unreliable_bytes,
-            ),
-            unreliable_in: UnreliableReceiver::new(),
-            decoder: StreamDecoder::new(limits),
+            unreliable: None,
+            decoder: None,
             limits,
             preface_sent: false,
+            written: WrittenSeqs::new(0),
             events: VecDeque::new(),
             pongs: PongBacklog::default(),
             state: State::Open,
@@ -221,7 +231,8 @@ impl Channel {
                 if payload.len() > self.config.max_payload() {
                     return Err(SendError::TooLarge(payload));
                 }
-                self.unreliable_out
+                self.unreliable_mut()
+                    .out
                     .push(stream, mode == Mode::Sequenced, payload);
                 return Ok(Sent::Unreliable);
             }
@@ -247,9 +258,12 @@ impl Channel {
         self.stats.bytes_received += data.len() as u64;
         match self.config.transport {
             Transport::Stream => {
-                self.decoder.feed(&data);
-                loop {
-                    match self.decoder.next_frame() {
+                let limits = self.limits;
+                self.decoder
+                    .get_or_insert_with(|| Box::new(StreamDecoder::new(limits)))
+                    .feed_bytes(data);
+                while let Some(decoder) = self.decoder.as_mut() {
+                    match decoder.next_frame() {
                         Ok(Some(frame)) => self.handle_frame(now, frame),
                         Ok(None) => break,
                         Err(e) => {
@@ -324,8 +338,10 @@ impl Channel {
             if !stream && written > 0 {
                 break;
             }
-            let data_ready = self.send.peek().is_some();
-            if self.recv.wants_ack(now) && !(data_ready && self.recv.ranges().is_empty()) {
+            // A data frame about to go can carry a plain ack; only then is the send queue asked.
+            if self.recv.wants_ack(now)
+                && !(self.recv.ranges().is_empty() && self.send.has_sendable())
+            {
                 let ack = self.recv.take_ack(now);
                 self.write_frame(&Frame::Ack(ack), buf);
                 self.stats.acks_sent += 1;
@@ -335,12 +351,14 @@ impl Channel {
                 self.write_frame(&Frame::Pong { id }, buf);
                 continue;
             }
-            if let Some(q) = self.unreliable_out.peek() {
+            if let Some(u) = self.unreliable.as_deref_mut()
+                && let Some(q) = u.out.peek()
+            {
                 let header = UnreliableFrame::header_len(q.stream, u64::MAX >> 2);
                 if stream && written > 0 && written + header + q.payload.len() + 8 > budget {
                     break;
                 }
-                if let Some((seq, q)) = self.unreliable_out.pop() {
+                if let Some((seq, q)) = u.out.pop() {
                     let frame = Frame::Unreliable(UnreliableFrame {
                         stream: q.stream,
                         seq,
@@ -353,14 +371,23 @@ impl Channel {
             }
             let ack = self.recv.ack_pending().then(|| self.recv.watermark());
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
+            let acked_below = self.send.base();
             let Some(out) = self.send.peek() else { break };
             if stream {
-                let len =
-                    framing::stream_data_frame_len(out.stream, out.seq, ack, out.payload.len());
+                let short = self.written.may_shorten(out.seq, acked_below);
+                let len = framing::stream_data_frame_len_short(
+                    short,
+                    out.stream,
+                    out.seq,
+                    ack,
+                    out.payload.len(),
+                );
                 if written > 0 && written + len > budget {
                     break;
                 }
-                framing::encode_stream_data_frame(
+                self.written.record(out.seq);
+                framing::encode_stream_data_frame_short(
+                    short,
                     out.stream,
                     out.seq,
                     ack,
@@ -441,7 +468,7 @@ impl Channel {
             State::Open => {
                 self.recv.wants_ack(now)
                     || !self.pongs.is_empty()
-                    || !self.unreliable_out.is_empty()
+                    || self.unreliable.as_ref().is_some_and(|u| !u.out.is_empty())
                     || self.send.has_sendable()
             }
         }
@@ -450,8 +477,9 @@ impl Channel {
     /// Starts over on a new connection: a fresh decoder and preface, and no pongs owed on the old
     /// connection. Sequencing and queues carry on: they belong to the session, not the connection.
     pub fn reset_connection(&mut self) {
-        self.decoder = StreamDecoder::new(self.limits);
+        self.decoder = None;
         self.preface_sent = false;
+        self.written = WrittenSeqs::new(self.send.end());
         self.pongs.clear();
     }
 
@@ -498,7 +526,7 @@ impl Channel {
 
     /// At-most-once messages dropped before sending (queue bound, or replaced by a newer sequenced one).
     pub fn unreliable_dropped(&self) -> u64 {
-        self.unreliable_out.dropped()
+        self.unreliable.as_ref().map_or(0, |u| u.out.dropped())
     }
 
     /// Takes one decoded frame from the peer. Handshake frames are the session's business and are
@@ -563,7 +591,11 @@ impl Channel {
                 );
             }
             Frame::Unreliable(u) => {
-                if self.unreliable_in.accept(u.stream, u.seq, u.sequenced) {
+                if self
+                    .unreliable_mut()
+                    .inbound
+                    .accept(u.stream, u.seq, u.sequenced)
+                {
                     self.events.push_back(Event::ReceivedUnreliable {
                         stream: u.stream,
                         payload: u.payload,
@@ -634,6 +666,19 @@ impl Channel {
             Transport::Datagram => framing::encode_datagram(frame, buf),
         }
         self.stats.frames_sent += 1;
+    }
+
+    fn unreliable_mut(&mut self) -> &mut Unreliable {
+        let config = &self.config;
+        self.unreliable.get_or_insert_with(|| {
+            Box::new(Unreliable {
+                out: UnreliableSender::new(
+                    config.max_unreliable_queued,
+                    config.max_unreliable_bytes,
+                ),
+                inbound: UnreliableReceiver::new(),
+            })
+        })
     }
 
     fn observe(&mut self, now: Instant) -> Instant {

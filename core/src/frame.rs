@@ -26,6 +26,18 @@
 //! default stream 0), `A = 0x02` means a piggy-backed cumulative `ack` follows, `U = 0x04` means
 //! the message may be delivered before earlier ones (reliable unordered).
 //!
+//! On stream transports only, a data frame may carry a short sequence number: the first byte is
+//! then `0000_1UAS` (`0x08`–`0x0F`, flag `N = 0x08`) and `seq` is replaced by its low 16 bits (2
+//! bytes, big-endian). The receiver expands them to the number nearest to one past the largest it
+//! decoded on the same connection (as QUIC expands packet numbers, RFC 9000 §A.3). A sender only
+//! shortens a number when all the numbers it wrote on that connection, this one included, lie
+//! within [`SHORT_SEQ_SPAN`](crate::framing::SHORT_SEQ_SPAN) of each other (see
+//! [`WrittenSeqs`](crate::framing::WrittenSeqs)), and the first data frame on a connection always
+//! carries its full number, so the expansion is exact even when frames in between never arrive.
+//! Only the [`StreamDecoder`](crate::framing::StreamDecoder) knows the connection, so
+//! [`Frame::decode`], which sees one frame alone (as datagrams are), rejects the flag as an unknown
+//! frame type.
+//!
 //! Ack ranges are sent relative to the previous point, starting from `cumulative`, so that they
 //! stay small: each range `[start, end)` goes out as `gap = start − prev − 1` and `len − 1` where
 //! `len = end − start`, then `prev = end`. Since a range always starts above the previous point and is never empty,
@@ -93,6 +105,8 @@ const DATA_HAS_STREAM: u8 = 0x01;
 const DATA_HAS_ACK: u8 = 0x02;
 const DATA_UNORDERED: u8 = 0x04;
 const DATA_ALL_FLAGS: u8 = TYPE_DATA | DATA_HAS_STREAM | DATA_HAS_ACK | DATA_UNORDERED;
+/// On a stream: `seq` as its low 16 bits.
+pub(crate) const DATA_SHORT_SEQ: u8 = 0x08;
 const TYPE_ACK: u8 = 0x10;
 const TYPE_PING: u8 = 0x20;
 const TYPE_PONG: u8 = 0x30;
@@ -480,24 +494,7 @@ impl Frame {
         };
         match first {
             TYPE_DATA..=DATA_ALL_FLAGS => {
-                let stream = if first & DATA_HAS_STREAM != 0 {
-                    varint::decode(&mut frame)?
-                } else {
-                    0
-                };
-                let seq = varint::decode(&mut frame)?;
-                let ack = if first & DATA_HAS_ACK != 0 {
-                    Some(varint::decode(&mut frame)?)
-                } else {
-                    None
-                };
-                Ok(Frame::Data(DataFrame {
-                    stream,
-                    seq,
-                    ack,
-                    unordered: first & DATA_UNORDERED != 0,
-                    payload: frame,
-                }))
+                DataFrame::decode_body(first, None, frame).map(Frame::Data)
             }
             TYPE_ACK => AckFrame::decode_body(&mut frame).map(Frame::Ack),
             TYPE_PING => Ok(Frame::Ping {
@@ -648,7 +645,105 @@ fn decode_last_varint(frame: &mut Bytes) -> Result<u64, DecodeError> {
     }
 }
 
+/// The sequence number whose low 16 bits are `low` nearest to `largest + 1` (RFC 9000 §A.3 with a
+/// 16-bit window).
+fn expand_short_seq(largest: Seq, low: u16) -> Result<Seq, DecodeError> {
+    const WIN: u64 = 1 << 16;
+    const HALF: u64 = WIN / 2;
+    let expected = largest.checked_add(1).ok_or(DecodeError::ValueTooLarge)?;
+    let candidate = (expected & !(WIN - 1)) | u64::from(low);
+    let seq = if candidate.saturating_add(HALF) <= expected {
+        candidate + WIN
+    } else if candidate > expected.saturating_add(HALF) && candidate >= WIN {
+        candidate - WIN
+    } else {
+        candidate
+    };
+    if seq > varint::MAX {
+        return Err(DecodeError::ValueTooLarge);
+    }
+    Ok(seq)
+}
+
 impl DataFrame {
+    /// The longest header: the first byte and three 8-byte varints.
+    pub(crate) const MAX_HEADER_LEN: usize = 1 + 3 * 8;
+
+    /// Decodes what follows a data frame's first byte; `largest` is the largest sequence number
+    /// decoded on the connection, around which a short one (the `N` flag) is expanded, `None`
+    /// where the flag is not allowed.
+    pub(crate) fn decode_body(
+        first: u8,
+        largest: Option<Seq>,
+        mut frame: Bytes,
+    ) -> Result<DataFrame, DecodeError> {
+        let stream = if first & DATA_HAS_STREAM != 0 {
+            varint::decode(&mut frame)?
+        } else {
+            0
+        };
+        let seq = if first & DATA_SHORT_SEQ == 0 {
+            varint::decode(&mut frame)?
+        } else {
+            let largest = largest.ok_or(DecodeError::UnknownFrameType(first))?;
+            let low = frame.try_get_u16().map_err(|_| DecodeError::Truncated)?;
+            expand_short_seq(largest, low)?
+        };
+        let ack = if first & DATA_HAS_ACK != 0 {
+            Some(varint::decode(&mut frame)?)
+        } else {
+            None
+        };
+        Ok(DataFrame {
+            stream,
+            seq,
+            ack,
+            unordered: first & DATA_UNORDERED != 0,
+            payload: frame,
+        })
+    }
+
+    /// Writes a data frame's header into `out` and returns its length; `short` writes the sequence
+    /// number as its low 16 bits (the `N` flag: streams only).
+    pub(crate) fn write_header(
+        stream: u64,
+        seq: Seq,
+        short: bool,
+        ack: Option<Seq>,
+        unordered: bool,
+        out: &mut [u8],
+    ) -> usize {
+        let mut first = TYPE_DATA;
+        if unordered {
+            first |= DATA_UNORDERED;
+        }
+        if stream != 0 {
+            first |= DATA_HAS_STREAM;
+        }
+        if ack.is_some() {
+            first |= DATA_HAS_ACK;
+        }
+        if short {
+            first |= DATA_SHORT_SEQ;
+        }
+        out[0] = first;
+        let mut n = 1;
+        if stream != 0 {
+            n += varint::write(stream, &mut out[n..]);
+        }
+        if short {
+            // The cast keeps the low 16 bits: the point of the short form.
+            out[n..n + 2].copy_from_slice(&(seq as u16).to_be_bytes());
+            n += 2;
+        } else {
+            n += varint::write(seq, &mut out[n..]);
+        }
+        if let Some(ack) = ack {
+            n += varint::write(ack, &mut out[n..]);
+        }
+        n
+    }
+
     /// The length of a data frame's header (everything but the payload), so a sender can size its
     /// buffer without building a [`Frame`].
     ///
@@ -677,24 +772,10 @@ impl DataFrame {
         unordered: bool,
         buf: &mut B,
     ) {
-        let mut first = TYPE_DATA;
-        if unordered {
-            first |= DATA_UNORDERED;
-        }
-        if stream != 0 {
-            first |= DATA_HAS_STREAM;
-        }
-        if ack.is_some() {
-            first |= DATA_HAS_ACK;
-        }
-        buf.put_u8(first);
-        if stream != 0 {
-            varint::encode(stream, buf);
-        }
-        varint::encode(seq, buf);
-        if let Some(ack) = ack {
-            varint::encode(ack, buf);
-        }
+        // One copy out of a header built on the stack, not one small write per field.
+        let mut header = [0; Self::MAX_HEADER_LEN];
+        let n = Self::write_header(stream, seq, false, ack, unordered, &mut header);
+        buf.put_slice(&header[..n]);
     }
 }
 

@@ -100,18 +100,139 @@ pub fn encode_stream_data_frame<B: BufMut>(
     payload: &[u8],
     buf: &mut B,
 ) {
-    let frame_len = DataFrame::header_len(stream, seq, ack) + payload.len();
-    varint::encode(len_u64(frame_len), buf);
-    DataFrame::encode_header(stream, seq, ack, unordered, buf);
+    encode_stream_data_frame_short(false, stream, seq, ack, unordered, payload, buf);
+}
+
+/// How far apart the sequence numbers written on one connection may lie for a data frame to carry
+/// its number short (its low 16 bits): well inside half the 16-bit window, so the receiver's
+/// expansion around any number it decoded on that connection is exact.
+pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
+
+/// The sequence numbers of the data frames written on one stream connection: which frames may
+/// carry a short number (see [`crate::frame`]). Start a new one for each connection.
+///
+/// The receiver expands a short number around the largest it decoded on the connection. The
+/// sender bounds that number without trusting the stream to have delivered everything written:
+/// it is at most the highest number written on the connection, and at least the lowest, or, once
+/// the peer has acknowledged a number first queued after the connection began (one that can only
+/// have reached it on this connection), at least that. A number is shortened only when it and
+/// those bounds span less than [`SHORT_SEQ_SPAN`], so the expansion is exact whichever frames in
+/// between were lost. The first data frame on a connection carries its full number.
+///
+/// ```
+/// use steadfast_core::frame::{DecodeLimits, Frame};
+/// use steadfast_core::framing::{self, StreamDecoder, WrittenSeqs};
+///
+/// let mut wire = Vec::new();
+/// framing::encode_preface(&mut wire);
+/// let mut written = WrittenSeqs::new(0);
+/// for seq in [70_000, 70_001] {
+///     let short = written.may_shorten(seq, 0);
+///     framing::encode_stream_data_frame_short(short, 0, seq, None, false, b"m", &mut wire);
+///     written.record(seq);
+/// }
+/// // The second: length, first byte, 2-byte number, payload.
+/// assert_eq!(framing::stream_data_frame_len_short(true, 0, 70_001, None, 1), 1 + 1 + 2 + 1);
+///
+/// let mut decoder = StreamDecoder::new(DecodeLimits::default());
+/// decoder.feed(&wire);
+/// let seqs: Vec<u64> = core::iter::from_fn(|| match decoder.next_frame() {
+///     Ok(Some(Frame::Data(d))) => Some(d.seq),
+///     _ => None,
+/// })
+/// .collect();
+/// assert_eq!(seqs, [70_000, 70_001]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenSeqs {
+    /// Numbers from here on were first queued after the connection began.
+    fresh_from: Seq,
+    /// The lowest and highest number written, once one has been.
+    range: Option<(Seq, Seq)>,
+}
+
+impl WrittenSeqs {
+    /// For a connection that begins when `fresh_from` is the lowest number not yet queued.
+    #[must_use]
+    pub fn new(fresh_from: Seq) -> Self {
+        WrittenSeqs {
+            fresh_from,
+            range: None,
+        }
+    }
+
+    /// Whether a data frame numbered `seq` may carry its number short, every number below
+    /// `acked_below` having been acknowledged by the peer (and whether that gains anything: below
+    /// 64 the full number takes 1 byte).
+    #[must_use]
+    pub fn may_shorten(&self, seq: Seq, acked_below: Seq) -> bool {
+        varint::encoded_len(seq) >= 2
+            && self.range.is_some_and(|(lo, hi)| {
+                let lower = if acked_below > self.fresh_from {
+                    lo.max(acked_below - 1)
+                } else {
+                    lo
+                };
+                hi.max(seq) - lower.min(seq) < SHORT_SEQ_SPAN
+            })
+    }
+
+    /// Notes that a data frame numbered `seq` was written on the connection.
+    pub fn record(&mut self, seq: Seq) {
+        self.range = Some(match self.range {
+            None => (seq, seq),
+            Some((lo, hi)) => (lo.min(seq), hi.max(seq)),
+        });
+    }
+}
+
+/// Writes a data frame for a stream transport, its sequence number short (its low 16 bits) if
+/// `short`, which only [`WrittenSeqs::may_shorten`] may decide. Returns the bytes written.
+pub fn encode_stream_data_frame_short<B: BufMut>(
+    short: bool,
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    unordered: bool,
+    payload: &[u8],
+    buf: &mut B,
+) -> usize {
+    const PREFIX: usize = 8;
+    let mut head = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
+    let header_len =
+        DataFrame::write_header(stream, seq, short, ack, unordered, &mut head[PREFIX..]);
+    let frame_len = len_u64(header_len + payload.len());
+    let prefix = varint::encoded_len(frame_len);
+    // Length and header assembled on the stack and copied out once, then the payload.
+    varint::write(frame_len, &mut head[PREFIX - prefix..]);
+    buf.put_slice(&head[PREFIX - prefix..PREFIX + header_len]);
     buf.put_slice(payload);
+    prefix + header_len + payload.len()
+}
+
+/// The total bytes [`encode_stream_data_frame_short`] writes, length prefix included.
+#[must_use]
+pub fn stream_data_frame_len_short(
+    short: bool,
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    payload_len: usize,
+) -> usize {
+    let mut frame_len = DataFrame::header_len(stream, seq, ack) + payload_len;
+    if short {
+        frame_len = frame_len - varint::encoded_len(seq) + 2;
+    }
+    varint::encoded_len(len_u64(frame_len)) + frame_len
 }
 
 /// Cuts a byte stream from a stream transport into frames.
 ///
 /// Feed it whatever the socket returned, then call [`StreamDecoder::next_frame`] until it returns
-/// `Ok(None)`. Decoded frames are zero-copy: their payloads share the decoder's buffer, so a payload
-/// the application holds keeps its part of that buffer alive (the session's receive window bounds
-/// how many it may hold).
+/// `Ok(None)`. Decoded frames are zero-copy: a chunk given to [`StreamDecoder::feed_bytes`] is cut
+/// into frames in place, and their payloads share its memory, so a payload the application holds
+/// keeps its chunk alive (the session's receive window bounds how many it may hold). Only a frame
+/// cut across two chunks is copied, once, to make it whole.
 ///
 /// Memory is bounded: a length prefix above [`DecodeLimits::max_frame_size`] is rejected before any
 /// of the body is buffered, so once `next_frame` has returned `Ok(None)` the decoder holds less than
@@ -131,8 +252,18 @@ pub fn encode_stream_data_frame<B: BufMut>(
 /// ```
 #[derive(Debug)]
 pub struct StreamDecoder {
-    /// Bytes received and not yet returned as frames.
-    buf: BytesMut,
+    /// The rest of a frame (or preface) begun in an earlier chunk, gathered here until whole; bytes
+    /// given to [`StreamDecoder::feed`] also wait here. Always before `chunk` in stream order.
+    partial: BytesMut,
+    /// The buffer `partial` used before, kept to be taken back once the frame cut from it is
+    /// dropped: large frames that straddle reads then cost no fresh memory each (fresh pages are
+    /// zeroed by the kernel, a fault per page).
+    spare: BytesMut,
+    /// The unread rest of the last chunk fed: whole frames are cut from it without copying.
+    chunk: Bytes,
+    /// The largest sequence number decoded on this connection, around which short ones are
+    /// expanded (see [`crate::frame`]).
+    largest_seq: Option<Seq>,
     /// Whether the preface has been received and checked.
     preface_done: bool,
     limits: DecodeLimits,
@@ -140,72 +271,97 @@ pub struct StreamDecoder {
     poisoned: Option<DecodeError>,
 }
 
+/// Where the bytes at the front of a buffer stand.
+enum Front {
+    /// A whole frame: its length prefix, then `len` bytes.
+    Whole { prefix: usize, len: usize },
+    /// Not yet: at least this many bytes in all are needed before looking again.
+    Need(usize),
+}
+
+/// What a frame cut across chunks may reserve ahead of the bytes that arrived: twice those, or the
+/// whole frame, whichever is less, so a peer's length prefix alone cannot make the decoder reserve a
+/// frame's worth of memory.
+fn carry_reserve(have: usize, total: usize) -> usize {
+    total.min(2 * have.max(1024))
+}
+
 impl StreamDecoder {
     /// A decoder at the start of a connection, expecting the [`PREFACE`] first.
     #[must_use]
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
-            buf: BytesMut::new(),
+            partial: BytesMut::new(),
+            spare: BytesMut::new(),
+            chunk: Bytes::new(),
+            largest_seq: None,
             preface_done: false,
             limits,
             poisoned: None,
         }
     }
 
-    /// Appends bytes received from the transport. Ignored once the decoder is poisoned.
+    /// Appends bytes received from the transport, copying them. Ignored once the decoder is
+    /// poisoned. [`StreamDecoder::feed_bytes`] takes an owned chunk without copying.
     pub fn feed(&mut self, data: &[u8]) {
         if self.poisoned.is_none() {
-            self.buf.extend_from_slice(data);
+            self.carry_chunk();
+            self.partial.extend_from_slice(data);
+        }
+    }
+
+    /// Appends a chunk received from the transport; whole frames in it are cut from it in place.
+    /// Ignored once the decoder is poisoned.
+    pub fn feed_bytes(&mut self, data: Bytes) {
+        if self.poisoned.is_none() && !data.is_empty() {
+            self.carry_chunk();
+            self.chunk = data;
+        }
+    }
+
+    /// Moves what is left of the current chunk behind `partial`, so a new chunk can follow it.
+    fn carry_chunk(&mut self) {
+        if !self.chunk.is_empty() {
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
         }
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the error that poisoned
     /// the decoder.
+    #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
         if let Some(e) = self.poisoned {
             return Err(e);
         }
-        let result = self.decode_next();
-        if let Err(e) = result {
-            self.poisoned = Some(e);
-            self.buf = BytesMut::new();
+        match self.decode_next() {
+            Err(e) => {
+                self.poisoned = Some(e);
+                self.partial = BytesMut::new();
+                self.spare = BytesMut::new();
+                self.chunk = Bytes::new();
+                Err(e)
+            }
+            ok => ok,
         }
-        result
     }
 
     /// How many received bytes are held, waiting to complete a frame.
     #[must_use]
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.partial.len() + self.chunk.len()
     }
 
-    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
-        if !self.preface_done {
-            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
-            for (i, (&got, &want)) in self.buf.iter().zip(PREFACE.iter()).enumerate() {
-                if got != want {
-                    return Err(if i + 1 == PREFACE.len() {
-                        DecodeError::UnsupportedVersion(got)
-                    } else {
-                        DecodeError::BadPreface
-                    });
-                }
-            }
-            if self.buf.len() < PREFACE.len() {
-                return Ok(None);
-            }
-            self.buf.advance(PREFACE.len());
-            self.preface_done = true;
-        }
-
-        // Peek at the length without consuming it: it may be incomplete.
-        let mut rest: &[u8] = &self.buf;
-        let len = match varint::decode(&mut rest) {
-            Ok(len) => len,
-            Err(DecodeError::Truncated) => return Ok(None),
-            Err(e) => return Err(e),
+    /// The length prefix at the front of `buf`, checked against the limits.
+    fn front(&self, buf: &[u8]) -> Result<Front, DecodeError> {
+        let Some(&first) = buf.first() else {
+            return Ok(Front::Need(1));
         };
-        let prefix_len = self.buf.len() - rest.len();
+        let prefix = 1usize << (first >> 6);
+        if buf.len() < prefix {
+            return Ok(Front::Need(prefix));
+        }
+        let len = varint::decode(&mut &buf[..prefix])?;
         if len == 0 {
             return Err(DecodeError::Empty);
         }
@@ -214,12 +370,109 @@ impl StreamDecoder {
             return Err(DecodeError::FrameTooLarge { len, max });
         }
         let len = usize::try_from(len).map_err(|_| DecodeError::ValueTooLarge)?;
-        if rest.len() < len {
-            return Ok(None);
+        Ok(if buf.len() - prefix < len {
+            Front::Need(prefix + len)
+        } else {
+            Front::Whole { prefix, len }
+        })
+    }
+
+    /// Gives the empty `partial` room for `additional` bytes, reusing an earlier buffer whose
+    /// frames are all dropped before asking for a new one.
+    fn make_room(&mut self, additional: usize) {
+        if self.partial.try_reclaim(additional) {
+            return;
         }
-        self.buf.advance(prefix_len);
-        let frame = self.buf.split_to(len).freeze();
-        Frame::decode(frame, &self.limits).map(Some)
+        core::mem::swap(&mut self.partial, &mut self.spare);
+        if !self.partial.try_reclaim(additional) {
+            self.partial = BytesMut::with_capacity(additional);
+        }
+    }
+
+    /// Moves up to `want` bytes in all into `partial`, from the front of `chunk`.
+    fn top_up(&mut self, want: usize) {
+        let take = want
+            .saturating_sub(self.partial.len())
+            .min(self.chunk.len());
+        self.partial.extend_from_slice(&self.chunk[..take]);
+        if take == self.chunk.len() {
+            self.chunk = Bytes::new();
+        } else {
+            self.chunk.advance(take);
+        }
+    }
+
+    #[inline]
+    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if !self.preface_done {
+            self.top_up(PREFACE.len());
+            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
+            for (i, (&got, &want)) in self.partial.iter().zip(PREFACE.iter()).enumerate() {
+                if got != want {
+                    return Err(if i + 1 == PREFACE.len() {
+                        DecodeError::UnsupportedVersion(got)
+                    } else {
+                        DecodeError::BadPreface
+                    });
+                }
+            }
+            if self.partial.len() < PREFACE.len() {
+                return Ok(None);
+            }
+            self.partial.advance(PREFACE.len());
+            self.preface_done = true;
+        }
+
+        if self.partial.is_empty() {
+            // The hot path: a whole frame inside the chunk, cut from it without a copy.
+            match self.front(&self.chunk)? {
+                Front::Whole { prefix, len } => {
+                    self.chunk.advance(prefix);
+                    let frame = if self.chunk.len() == len {
+                        // The chunk's last frame: let go of the chunk, so its owner can reuse the
+                        // memory once the payloads are dropped.
+                        core::mem::take(&mut self.chunk)
+                    } else {
+                        self.chunk.split_to(len)
+                    };
+                    return self.decode_frame(frame).map(Some);
+                }
+                Front::Need(total) => {
+                    if !self.chunk.is_empty() {
+                        self.make_room(carry_reserve(self.chunk.len(), total));
+                        self.top_up(total);
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        // A frame begun in an earlier chunk: complete it from this one.
+        loop {
+            match self.front(&self.partial)? {
+                Front::Whole { prefix, len } => {
+                    self.partial.advance(prefix);
+                    let frame = self.partial.split_to(len).freeze();
+                    return self.decode_frame(frame).map(Some);
+                }
+                Front::Need(_) if self.chunk.is_empty() => return Ok(None),
+                Front::Need(total) => self.top_up(total),
+            }
+        }
+    }
+
+    /// Decodes one delimited frame, filling in a sequence number left implicit.
+    #[inline]
+    fn decode_frame(&mut self, mut frame: Bytes) -> Result<Frame, DecodeError> {
+        let first = frame.first().copied().unwrap_or_default();
+        if first & !0x0f == 0 && !frame.is_empty() {
+            // Advanced in place: a `slice` would cost a reference count up and down.
+            frame.advance(1);
+            // A data frame, the common case: decoded here, knowing the connection's numbers.
+            let data = DataFrame::decode_body(first, self.largest_seq, frame)?;
+            self.largest_seq = Some(self.largest_seq.map_or(data.seq, |l| l.max(data.seq)));
+            return Ok(Frame::Data(data));
+        }
+        Frame::decode(frame, &self.limits)
     }
 }
 
@@ -422,6 +675,216 @@ mod tests {
         let mut hot = Vec::new();
         encode_datagram_data_frame(3, 1 << 20, Some(1 << 19), false, b"same bytes", &mut hot);
         assert_eq!(hot, generic);
+    }
+
+    /// Data frames with these numbers, each short when [`WrittenSeqs`] allows.
+    fn data_frames(seqs: &[Seq]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        encode_preface(&mut wire);
+        let mut written = WrittenSeqs::new(0);
+        for &seq in seqs {
+            let short = written.may_shorten(seq, 0);
+            let n = encode_stream_data_frame_short(short, 0, seq, None, false, b"abc", &mut wire);
+            assert_eq!(n, stream_data_frame_len_short(short, 0, seq, None, 3));
+            written.record(seq);
+        }
+        wire
+    }
+
+    fn data_seqs(decoder: &mut StreamDecoder) -> Vec<(Seq, Bytes)> {
+        let mut out = Vec::new();
+        while let Some(frame) = decoder.next_frame().expect("valid stream") {
+            let Frame::Data(d) = frame else {
+                panic!("expected data, got {frame:?}")
+            };
+            out.push((d.seq, d.payload));
+        }
+        out
+    }
+
+    fn decoded_seqs(wire: &[u8]) -> Vec<Seq> {
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed_bytes(Bytes::copy_from_slice(wire));
+        data_seqs(&mut decoder).iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn after_the_first_data_frame_a_connection_carries_two_byte_sequence_numbers() {
+        let wire = data_frames(&[70_000, 70_001, 70_002]);
+        // Preface, then 1 + (1 + 4) + 3, then twice 1 + (1 + 2) + 3.
+        assert_eq!(wire.len(), 4 + 9 + 7 + 7);
+        assert_eq!(decoded_seqs(&wire), [70_000, 70_001, 70_002]);
+    }
+
+    #[test]
+    fn short_numbers_expand_across_the_16_bit_boundary_and_backwards() {
+        let seqs = [
+            65_530, 65_535, 65_536, 65_540, 65_531, 131_071, 131_072, 120_000,
+        ];
+        assert_eq!(decoded_seqs(&data_frames(&seqs)), seqs);
+    }
+
+    #[test]
+    fn numbers_spanning_too_far_go_out_in_full() {
+        let mut written = WrittenSeqs::new(0);
+        assert!(
+            !written.may_shorten(5000, 0),
+            "the first frame carries its number"
+        );
+        written.record(5000);
+        assert!(written.may_shorten(5000 + SHORT_SEQ_SPAN - 1, 0));
+        assert!(!written.may_shorten(5000 + SHORT_SEQ_SPAN, 0));
+        let seqs = [5, 5 + SHORT_SEQ_SPAN, 5 + 3 * SHORT_SEQ_SPAN, 6];
+        assert_eq!(decoded_seqs(&data_frames(&seqs)), seqs);
+    }
+
+    #[test]
+    fn a_long_connection_keeps_short_numbers_once_fresh_numbers_are_acknowledged() {
+        // The connection began when 1000 was the next number to queue.
+        let mut written = WrittenSeqs::new(1000);
+        written.record(900); // a resend from before the connection
+        written.record(40_000);
+        // Acks of resent numbers prove nothing about this connection; of fresh ones, they do.
+        assert!(!written.may_shorten(40_001, 1000));
+        assert!(written.may_shorten(40_001, 30_000));
+        assert!(!written.may_shorten(40_001, 20_000));
+    }
+
+    #[test]
+    fn short_numbers_survive_any_chunking() {
+        let wire = data_frames(&[70_000, 70_001, 70_002]);
+        for cut in 1..wire.len() {
+            let mut decoder = StreamDecoder::new(DecodeLimits::default());
+            decoder.feed_bytes(Bytes::copy_from_slice(&wire[..cut]));
+            let mut got = data_seqs(&mut decoder);
+            decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
+            got.extend(data_seqs(&mut decoder));
+            let seqs: Vec<Seq> = got.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, [70_000, 70_001, 70_002], "cut at {cut}");
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn a_short_number_with_no_data_frame_before_it_is_refused() {
+        let mut wire = Vec::from(PREFACE);
+        // Length 4: the first byte with the N flag, two bytes of number, one payload byte.
+        wire.extend_from_slice(&[4, 0x08, 0x00, 0x05, 0xAA]);
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed(&wire);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(DecodeError::UnknownFrameType(0x08))
+        );
+        // Alone, outside a stream, the flag is never valid.
+        assert_eq!(
+            Frame::decode(
+                Bytes::from_static(&[0x08, 0x00, 0x05, 0xAA]),
+                &DecodeLimits::default()
+            ),
+            Err(DecodeError::UnknownFrameType(0x08))
+        );
+    }
+
+    #[test]
+    fn frames_whole_inside_a_chunk_share_its_memory_and_a_split_one_is_copied_once() {
+        let mut wire = Vec::from(PREFACE);
+        encode_stream_data_frame(0, 1, None, false, &[1; 100], &mut wire);
+        encode_stream_data_frame(0, 2, None, false, &[2; 100], &mut wire);
+        let cut = wire.len() - 50;
+        let chunk = Bytes::copy_from_slice(&wire[..cut]);
+        let range = chunk.as_ptr_range();
+        let mut decoder = StreamDecoder::new(DecodeLimits::default());
+        decoder.feed_bytes(chunk);
+        let first = data_seqs(&mut decoder);
+        assert_eq!(first.len(), 1);
+        assert!(
+            range.contains(&first[0].1.as_ptr()),
+            "zero-copy from the chunk"
+        );
+        assert_eq!(
+            decoder.buffered(),
+            stream_data_frame_len(0, 2, None, 100) - 50
+        );
+        decoder.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
+        let second = data_seqs(&mut decoder);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].0, 2);
+        assert_eq!(&second[0].1[..], &[2; 100][..]);
+    }
+
+    proptest::proptest! {
+        /// Whatever the frames (data with consecutive, jumping or earlier sequence numbers, some
+        /// of them lost on the way after the first, acks, pings) and however the stream is cut
+        /// into chunks, zero-copy decoding yields the frames that arrived, every short sequence
+        /// number expanded to the one written.
+        #[test]
+        fn any_chunking_of_any_frame_mix_decodes_to_the_frames_written(
+            kinds in proptest::collection::vec((0u8..7, 0usize..2000), 1..60),
+            cuts in proptest::collection::vec(1usize..4000, 0..20),
+        ) {
+            let mut wire = Vec::new();
+            encode_preface(&mut wire);
+            let mut expected = Vec::new();
+            let mut seq = 100_000u64;
+            let mut written = WrittenSeqs::new(0);
+            for (kind, size) in kinds {
+                match kind {
+                    0 | 1 | 4 | 5 | 6 => {
+                        // 1 jumps ahead, 5 goes back (a retransmission), 6 jumps past the span.
+                        seq = match kind {
+                            1 => seq + 7,
+                            5 => seq.saturating_sub(size as u64 % 300),
+                            6 => seq + SHORT_SEQ_SPAN + size as u64,
+                            _ => seq + 1,
+                        };
+                        let payload = alloc::vec![kind; size];
+                        let mut frame = Vec::new();
+                        encode_stream_data_frame_short(
+                            written.may_shorten(seq, 0), 0, seq, None, false, &payload, &mut frame,
+                        );
+                        // Kind 4 is lost on the way (never the first: the decoder needs one).
+                        let lost = kind == 4 && written != WrittenSeqs::new(0);
+                        written.record(seq);
+                        if lost {
+                            continue;
+                        }
+                        wire.extend_from_slice(&frame);
+                        expected.push(Frame::Data(DataFrame {
+                            stream: 0,
+                            seq,
+                            ack: None,
+                            unordered: false,
+                            payload: Bytes::from(payload),
+                        }));
+                    }
+                    2 => {
+                        let ack = Frame::Ack(AckFrame {
+                            cumulative: size as u64,
+                            delay_micros: 3,
+                            ranges: Default::default(),
+                        });
+                        encode_stream_frame(&ack, &mut wire);
+                        expected.push(ack);
+                    }
+                    _ => {
+                        encode_stream_frame(&Frame::Ping { id: size as u64 }, &mut wire);
+                        expected.push(Frame::Ping { id: size as u64 });
+                    }
+                }
+            }
+            let mut decoder = StreamDecoder::new(DecodeLimits::default());
+            let mut got = Vec::new();
+            let mut rest = &wire[..];
+            for cut in cuts.into_iter().chain(core::iter::once(usize::MAX)) {
+                let (chunk, tail) = rest.split_at(cut.min(rest.len()));
+                decoder.feed_bytes(Bytes::copy_from_slice(chunk));
+                drain(&mut decoder, &mut got);
+                rest = tail;
+            }
+            proptest::prop_assert_eq!(got, expected);
+            proptest::prop_assert_eq!(decoder.buffered(), 0);
+        }
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! empty and reordering costs one range per gap. The capacity `N` is fixed at compile time: a set that
 //! would need an `N+1`th range refuses the insert, and the caller drops that arrival unacknowledged
 //! (the sender retransmits it later), so a hostile or broken peer cannot grow this state.
+//!
+//! The ranges live on the heap, allocated at the first gap and grown as gaps open up to `N`: every
+//! session holds one of these, most never see a gap, and an idle session must stay small.
 
+use alloc::vec::Vec;
 use core::ops::Range;
 
 use crate::Seq;
@@ -37,15 +41,14 @@ pub struct Full;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RangeSet<const N: usize> {
-    ranges: heapless::Vec<Range<Seq>, N>,
+    /// At most `N` ranges; no capacity until the first insert.
+    ranges: Vec<Range<Seq>>,
 }
 
 impl<const N: usize> RangeSet<N> {
     /// An empty set.
     pub const fn new() -> Self {
-        RangeSet {
-            ranges: heapless::Vec::new(),
-        }
+        RangeSet { ranges: Vec::new() }
     }
 
     /// The ranges, ascending.
@@ -102,7 +105,17 @@ impl<const N: usize> RangeSet<N> {
             }
             (true, false) => self.ranges[i - 1].end = end,
             (false, true) => self.ranges[i].start = value,
-            (false, false) => self.ranges.insert(i, value..end).map_err(|_| Full)?,
+            (false, false) => {
+                if self.ranges.len() >= N {
+                    return Err(Full);
+                }
+                if self.ranges.len() == self.ranges.capacity() {
+                    // Grow by doubling, never past `N`.
+                    let want = (2 * self.ranges.len()).max(4).min(N);
+                    self.ranges.reserve_exact(want - self.ranges.len());
+                }
+                self.ranges.insert(i, value..end);
+            }
         }
         Ok(Inserted::New)
     }
@@ -185,6 +198,17 @@ mod tests {
         assert_eq!(s.pop_if_starts_at(3), None);
         assert_eq!(s.pop_if_starts_at(4), Some(6));
         assert_eq!(pairs(&s), [(9, 10)]);
+    }
+
+    #[test]
+    fn an_empty_set_holds_no_memory_and_a_full_one_no_more_than_its_capacity() {
+        let mut s = RangeSet::<6>::new();
+        assert_eq!(s.ranges.capacity(), 0);
+        for v in 0..6 {
+            s.insert(2 * v).unwrap();
+        }
+        assert_eq!(s.insert(20), Err(Full));
+        assert_eq!(s.ranges.capacity(), 6);
     }
 
     #[test]

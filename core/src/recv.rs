@@ -6,9 +6,9 @@
 //!
 //! # Bounds
 //! Whatever the peer sends, this state never exceeds:
-//! - de-duplication: one watermark and at most [`crate::config::RECV_RANGES`] ranges (a fixed
-//!   `heapless` array: 8 + 16·64 bytes), because an arrival that would open a further gap is dropped
-//!   unacknowledged;
+//! - de-duplication: one watermark and at most [`crate::config::RECV_RANGES`] ranges (16 bytes
+//!   each on the heap, allocated at the first gap: 16·64 bytes at most), because an arrival that
+//!   would open a further gap is dropped unacknowledged;
 //! - reordering (ordered messages only): at most `recv_window` slots and `max_reorder_bytes` payload
 //!   bytes, because anything at or beyond `watermark + recv_window`, or that would overflow the byte
 //!   bound, is dropped unacknowledged. The sender retransmits what was dropped, so bounds cost

@@ -457,7 +457,7 @@ impl Link {
     ) {
         match &mut self.decoder {
             Some(decoder) => {
-                decoder.feed(&data);
+                decoder.feed_bytes(data);
                 loop {
                     let next = match &mut self.decoder {
                         Some(d) => d.next_frame(),

@@ -81,16 +81,52 @@ pub fn encode<B: BufMut>(v: u64, buf: &mut B) {
 /// is consumed, so a caller may retry once more bytes have arrived.
 pub fn decode<B: Buf>(buf: &mut B) -> Result<u64, DecodeError> {
     // `chunk()` is non-empty whenever `remaining() > 0` (a `Buf` contract).
-    let Some(&first) = buf.chunk().first() else {
+    let chunk = buf.chunk();
+    let Some(&first) = chunk.first() else {
         return Err(DecodeError::Truncated);
     };
     let len = 1usize << (first >> 6);
+    // The usual case, the whole varint in one contiguous chunk, reads it in place: `get_uint` would
+    // copy it out through a temporary first.
+    if let Some(bytes) = chunk.get(..len) {
+        let v = read(bytes);
+        buf.advance(len);
+        return Ok(v);
+    }
     if buf.remaining() < len {
         return Err(DecodeError::Truncated);
     }
     // Big-endian read of all `len` bytes, then drop the two length bits at the top.
     let raw = buf.get_uint(len);
     Ok(raw & (u64::MAX >> (66 - 8 * len)))
+}
+
+/// The value of a whole varint, `bytes` being exactly its 1, 2, 4 or 8 bytes.
+fn read(bytes: &[u8]) -> u64 {
+    match *bytes {
+        [a] => u64::from(a),
+        [a, b] => u64::from(u16::from_be_bytes([a & 0x3f, b])),
+        [a, b, c, d] => u64::from(u32::from_be_bytes([a & 0x3f, b, c, d])),
+        [a, b, c, d, e, f, g, h] => u64::from_be_bytes([a & 0x3f, b, c, d, e, f, g, h]),
+        _ => 0,
+    }
+}
+
+/// Writes `v` in its shortest form at the start of `out` and returns how many bytes that took:
+/// the same bytes as [`encode`], for callers that assemble a header on the stack and copy it out
+/// once. `out` must have room for [`encoded_len`]`(v)` bytes.
+pub(crate) fn write(v: u64, out: &mut [u8]) -> usize {
+    debug_assert!(v <= MAX, "varint value above varint::MAX");
+    let v = v & MAX;
+    let len = encoded_len(v);
+    // The `as` casts only drop bits that `encoded_len` has just shown to be zero.
+    match len {
+        1 => out[0] = v as u8,
+        2 => out[..2].copy_from_slice(&(0x4000 | v as u16).to_be_bytes()),
+        4 => out[..4].copy_from_slice(&(0x8000_0000 | v as u32).to_be_bytes()),
+        _ => out[..8].copy_from_slice(&(0xC000_0000_0000_0000 | v).to_be_bytes()),
+    }
+    len
 }
 
 #[cfg(test)]
@@ -182,6 +218,15 @@ mod tests {
         let mut rest = &buf[..];
         assert_eq!(decode(&mut rest), Ok(300));
         assert_eq!(rest, b"rest");
+    }
+
+    #[test]
+    fn writing_into_a_slice_matches_encode() {
+        for v in [0, 63, 64, 16_383, 16_384, (1 << 30) - 1, 1 << 30, MAX] {
+            let mut out = [0u8; 8];
+            let n = write(v, &mut out);
+            assert_eq!(&out[..n], &encoded(v)[..], "{v}");
+        }
     }
 
     #[test]

@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use super::requests::{self, Awaited};
 use super::shared::{Shared, Wakes, register, register_in};
 use super::sync::Arc;
-use super::{Alarm, BoxFuture, Clock, Io, RequestError, Runtime, poll_read_chunk, poll_write_all};
+use super::{
+    Alarm, BoxFuture, Clock, Io, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+};
 use crate::client::{Client, ClientConfig, Directive};
 use crate::config::ConfigError;
 use crate::identity::SessionId;
@@ -372,7 +374,7 @@ pub struct ClientDriver<R: Runtime> {
     clock: Clock,
     io: Option<R::Stream>,
     connecting: Option<(std::time::Instant, BoxFuture<io::Result<R::Stream>>)>,
-    read_buf: BytesMut,
+    read_buf: ReadBuf,
     out: BytesMut,
     alarm: Alarm,
     /// A write failed: the connection is gone, and the core is yet to hear.
@@ -452,7 +454,7 @@ fn start<R: Runtime>(
         clock,
         io: None,
         connecting: None,
-        read_buf: BytesMut::new(),
+        read_buf: ReadBuf::default(),
         out: BytesMut::new(),
         alarm: Alarm::new(),
         write_failed: false,

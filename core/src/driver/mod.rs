@@ -145,20 +145,48 @@ impl Clock {
 /// Bytes read per call: large enough that a saturated link costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Reads once from `io` into `buf` (kept zero-filled past its length so the read stays safe code), returning
-/// the bytes read as a frozen, zero-copy chunk; `Ready(None)` is the end of the stream.
+/// Where a connection's reads land. Each read is handed on as a zero-copy chunk whose frames'
+/// payloads keep its buffer alive until the application drops them, so a buffer cannot be
+/// refilled in place while they live. Rather than a fresh buffer then (fresh pages the kernel must
+/// zero, and a fault per page), the one before it is taken back once its payloads are gone: two
+/// buffers in turn, allocated once, on a busy connection.
+#[derive(Default)]
+pub(crate) struct ReadBuf {
+    /// Being filled: kept zero-filled past its length so the read stays safe code.
+    current: bytes::BytesMut,
+    /// The previous buffer, waiting for its last payload to be dropped.
+    spare: bytes::BytesMut,
+}
+
+impl ReadBuf {
+    /// Makes room for a full read in `current`, reusing memory whenever its payloads are gone.
+    fn refill(&mut self) {
+        self.current.clear();
+        if !self.current.try_reclaim(READ_CHUNK) {
+            core::mem::swap(&mut self.current, &mut self.spare);
+            self.current.clear();
+            if !self.current.try_reclaim(READ_CHUNK) {
+                // Both still referenced: a new buffer; the older one is left to its payloads.
+                self.current = bytes::BytesMut::with_capacity(READ_CHUNK);
+            }
+        }
+        self.current.resize(READ_CHUNK, 0);
+    }
+}
+
+/// Reads once from `io` into `buf`, returning the bytes read as a frozen, zero-copy chunk;
+/// `Ready(None)` is the end of the stream.
 pub(crate) fn poll_read_chunk<S: Io>(
     io: &mut S,
     cx: &mut Context<'_>,
-    buf: &mut bytes::BytesMut,
+    buf: &mut ReadBuf,
 ) -> Poll<io::Result<Option<bytes::Bytes>>> {
-    if buf.len() < READ_CHUNK / 4 {
-        buf.clear();
-        buf.resize(READ_CHUNK, 0);
+    if buf.current.len() < READ_CHUNK / 4 {
+        buf.refill();
     }
-    match io.poll_read(cx, &mut buf[..]) {
+    match io.poll_read(cx, &mut buf.current[..]) {
         Poll::Ready(Ok(0)) => Poll::Ready(Ok(None)),
-        Poll::Ready(Ok(n)) => Poll::Ready(Ok(Some(buf.split_to(n).freeze()))),
+        Poll::Ready(Ok(n)) => Poll::Ready(Ok(Some(buf.current.split_to(n).freeze()))),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => Poll::Pending,
     }

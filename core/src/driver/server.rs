@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use super::requests::{self, Awaited};
 use super::shared::{Shared, Wakes, register, register_in};
 use super::sync::Arc;
-use super::{Alarm, Clock, Listen, RequestError, Runtime, poll_read_chunk, poll_write_all};
+use super::{
+    Alarm, Clock, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+};
 use crate::Seq;
 use crate::config::ConfigError;
 use crate::identity::SessionId;
@@ -594,7 +596,7 @@ impl<R: Runtime> Future for ServerDriver<R> {
                     shared: this.shared.clone(),
                     id,
                     io,
-                    read_buf: BytesMut::new(),
+                    read_buf: ReadBuf::default(),
                     out: BytesMut::new(),
                     closing: false,
                 }));
@@ -625,7 +627,7 @@ struct ConnTask<S> {
     shared: Arc<Shared<State>>,
     id: ConnId,
     io: S,
-    read_buf: BytesMut,
+    read_buf: ReadBuf,
     out: BytesMut,
     closing: bool,
     span: tracing::Span,
