@@ -133,11 +133,11 @@ fn flood(attempts: usize) -> Figures {
     let stall = templates[0].slice(..templates[0].len() / 2);
     let mut next: ConnId = 1 << 40;
     let mut f = Figures::default();
-    // Messages each way per honest session, by their payloads.
-    let mut sent_down = vec![0u32; HONEST];
-    let mut sent_up = vec![0u32; HONEST];
-    let mut got_down = vec![0u32; HONEST];
-    let mut got_up = vec![0u32; HONEST];
+    // Messages sent and received each way, per honest session.
+    let mut sent_down = [0u32; HONEST];
+    let mut sent_up = [0u32; HONEST];
+    let mut got_down = [0u32; HONEST];
+    let mut got_up = [0u32; HONEST];
     let region = Region::new(GLOBAL);
     let live = || {
         let s = region.change();
