@@ -601,7 +601,7 @@ impl Server {
             Ok(retransmitted) => self.bind(conn, id, hello.nonce, true, retransmitted),
             Err(e) => {
                 // It claims to hold messages never sent: a broken or forged client. No welcome.
-                self.refuse(conn, RefuseCode::Other(crate::CLOSE_PROTOCOL_VIOLATION), 0);
+                self.refuse(conn, RefuseCode::Violation, 0);
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.conn = None;
                 }

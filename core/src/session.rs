@@ -184,6 +184,8 @@ pub enum RefuseCode {
     /// forgot it: restarted, or dropped a datagram binding). Not the end of the session: say hello
     /// again on a new connection. The counterpart of QUIC's stateless reset.
     NotAttached,
+    /// The hello broke the protocol: a resume claiming to have received messages never sent.
+    Violation,
     /// A code this version does not know.
     Other(u64),
 }
@@ -198,6 +200,7 @@ impl RefuseCode {
             RefuseCode::AuthenticationFailed => 4,
             RefuseCode::ServerFull => 5,
             RefuseCode::NotAttached => 6,
+            RefuseCode::Violation => 7,
             RefuseCode::Other(c) => c,
         }
     }
@@ -211,6 +214,7 @@ impl RefuseCode {
             4 => RefuseCode::AuthenticationFailed,
             5 => RefuseCode::ServerFull,
             6 => RefuseCode::NotAttached,
+            7 => RefuseCode::Violation,
             c => RefuseCode::Other(c),
         }
     }
@@ -225,6 +229,7 @@ impl fmt::Display for RefuseCode {
             RefuseCode::AuthenticationFailed => f.write_str("authentication failed"),
             RefuseCode::ServerFull => f.write_str("server full"),
             RefuseCode::NotAttached => f.write_str("connection not attached to a session"),
+            RefuseCode::Violation => f.write_str("protocol violation"),
             RefuseCode::Other(c) => write!(f, "refused ({c})"),
         }
     }
