@@ -154,3 +154,22 @@ fn arbitrary_session_inputs_keep_every_invariant_and_the_honest_client_is_served
     );
     assert!(connected > 100 && round_trips > 50 && delivered > 100);
 }
+
+/// Found by the `session_inputs` fuzz target (45,452 executions in): a blackhole on a stream
+/// connection, lifted, then a send. The harness delivered the bytes after the hole as if TCP could
+/// skip lost bytes; modelled as TCP behaves (the holed connection stays dead), the client's idle
+/// timeout moves it to a new connection and the final round trip completes.
+#[test]
+fn a_stream_connection_that_lost_bytes_in_a_blackhole_is_replaced_and_the_session_carries_on() {
+    use fuzz_support::session_inputs::Step;
+    let input = SessionInput {
+        datagram: false,
+        steps: vec![
+            Step::Blackhole(true),
+            Step::Reachable(true),
+            Step::ClientSend(79),
+        ],
+    };
+    let out = session_inputs::run(&input, None).unwrap_or_else(|v| panic!("{}", v.0));
+    assert!(out.round_trip, "a message each way after the blackhole");
+}

@@ -298,6 +298,10 @@ struct World<'a> {
     server_open: BTreeSet<ConnId>,
     reachable: bool,
     blackholed: bool,
+    /// Stream connections that lost bytes in a blackhole: TCP never delivers a stream with a hole
+    /// in it, so nothing more passes on them once the blackhole lifts (only a new connection
+    /// recovers), as the chaos proxy's faults behave.
+    holed: BTreeSet<ConnId>,
     /// Bytes were injected into the client's stream: its server's word can no longer be trusted.
     injected: bool,
     client_over: bool,
@@ -342,6 +346,7 @@ pub fn run(
         server_open: BTreeSet::new(),
         reachable: true,
         blackholed: false,
+        holed: BTreeSet::new(),
         injected: false,
         client_over: false,
         client_seen: BTreeSet::new(),
@@ -532,10 +537,13 @@ impl World<'_> {
                 })?;
                 moved = true;
                 let bytes = self.buf.split_to(n).freeze();
-                if let Some(conn) = self.honest
-                    && !self.blackholed
-                {
-                    self.to_server.push_back((conn, Msg::Bytes(bytes)));
+                if let Some(conn) = self.honest {
+                    if self.blackholed && !self.datagram {
+                        self.holed.insert(conn);
+                    }
+                    if !self.blackholed && !self.holed.contains(&conn) {
+                        self.to_server.push_back((conn, Msg::Bytes(bytes)));
+                    }
                 }
             }
             polls = 0;
@@ -553,7 +561,14 @@ impl World<'_> {
                     )
                 })?;
                 let hostile = self.is_hostile(t.conn);
-                if !hostile && !self.blackholed && !bytes.is_empty() {
+                if !hostile && self.blackholed && !self.datagram && !bytes.is_empty() {
+                    self.holed.insert(t.conn);
+                }
+                if !hostile
+                    && !self.blackholed
+                    && !self.holed.contains(&t.conn)
+                    && !bytes.is_empty()
+                {
                     self.to_client.push_back((t.conn, Msg::Bytes(bytes)));
                 }
                 if t.close {
