@@ -269,8 +269,28 @@ fn assert_servers_ledger(servers: &[&Server], clients: &[Tracked]) {
     }
 }
 
-fn options(servers: &[&Server]) -> steadfast_tokio::ClientOptions {
-    client_options(servers.iter().map(|s| s.addr).collect())
+/// Servers a and b on the Redis at `url`, every client attached to a (each tries a first), and a
+/// publisher.
+async fn clients_on_a(url: &str) -> (Server, Server, Vec<Tracked>, Cast) {
+    let a = Server::start(url, "a");
+    let b = Server::start(url, "b");
+    let servers = vec![a.addr, b.addr];
+    let clients: Vec<Tracked> = (0..CLIENTS)
+        .map(|_| track(steadfast_tokio::connect(client_options(servers.clone())).unwrap()))
+        .collect();
+    wait_until(
+        "every client is attached to a",
+        Duration::from_secs(20),
+        || a.records("connected").len() == CLIENTS,
+    )
+    .await;
+    let cast = Cast {
+        cluster: Cluster::publisher(&ClusterOptions::new(url, "test"))
+            .await
+            .unwrap(),
+        sent: 0,
+    };
+    (a, b, clients, cast)
 }
 
 #[test]
@@ -280,24 +300,7 @@ fn clients_of_a_killed_server_resume_on_another_with_nothing_lost_or_duplicated(
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let a = Server::start(&url, "a");
-        let b = Server::start(&url, "b");
-        // Every client tries `a` first.
-        let clients: Vec<Tracked> = (0..CLIENTS)
-            .map(|_| track(steadfast_tokio::connect(options(&[&a, &b])).unwrap()))
-            .collect();
-        wait_until(
-            "every client is attached to a",
-            Duration::from_secs(20),
-            || a.records("connected").len() == CLIENTS,
-        )
-        .await;
-        let mut cast = Cast {
-            cluster: Cluster::publisher(&ClusterOptions::new(url.clone(), "test"))
-                .await
-                .unwrap(),
-            sent: 0,
-        };
+        let (a, b, clients, mut cast) = clients_on_a(&url).await;
         cast.for_a_while(Duration::from_millis(800)).await;
 
         // SIGKILL: nothing in the process runs again; what it did not write to Redis is gone.
@@ -366,23 +369,7 @@ fn a_frozen_server_whose_clients_moved_is_fenced_when_it_wakes() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let a = Server::start(&url, "a");
-        let b = Server::start(&url, "b");
-        let clients: Vec<Tracked> = (0..CLIENTS)
-            .map(|_| track(steadfast_tokio::connect(options(&[&a, &b])).unwrap()))
-            .collect();
-        wait_until(
-            "every client is attached to a",
-            Duration::from_secs(20),
-            || a.records("connected").len() == CLIENTS,
-        )
-        .await;
-        let mut cast = Cast {
-            cluster: Cluster::publisher(&ClusterOptions::new(url.clone(), "test"))
-                .await
-                .unwrap(),
-            sent: 0,
-        };
+        let (a, b, clients, mut cast) = clients_on_a(&url).await;
         cast.for_a_while(Duration::from_millis(300)).await;
 
         // A VM paused, not dead: its clients give up on it and resume on b at a newer epoch.
