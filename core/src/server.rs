@@ -417,10 +417,9 @@ impl Server {
     /// Another server owns the session now: let go of it without ending it, and close its
     /// connection so the client, if still here, attaches where it is served.
     fn evict(&mut self, id: SessionId, epoch: u64) {
-        let Some(s) = self.sessions.remove(&id) else {
+        let Some(s) = self.forget(id) else {
             return;
         };
-        self.timers.free_slot(s.timer);
         if let Some(conn) = s.conn
             && let Some(c) = self.conns.get_mut(&conn)
         {
@@ -678,8 +677,8 @@ impl Server {
 
     /// Forgets a session loaded for a resume that was refused: it is still whoever owns it's.
     fn unload(&mut self, id: SessionId, loaded: bool) {
-        if loaded && let Some(s) = self.sessions.remove(&id) {
-            self.timers.free_slot(s.timer);
+        if loaded {
+            self.forget(id);
         }
     }
 
@@ -1441,12 +1440,18 @@ impl Server {
     /// Removes a session and its timer.
     /// Removes a session that has ended, and what its store kept: nothing will resume it.
     fn remove_session(&mut self, id: SessionId) -> Option<Session> {
-        let mut s = self.sessions.remove(&id)?;
-        self.timers.free_slot(s.timer);
+        let mut s = self.forget(id)?;
         if let Some(mut store) = s.store.take() {
             // A failure leaves the record to the store's own expiry; the session is over anyway.
             let _ = store.clear().and_then(|()| store.flush());
         }
+        Some(s)
+    }
+
+    /// Removes a session and its timer, leaving its store's record as it is.
+    fn forget(&mut self, id: SessionId) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
+        self.timers.free_slot(s.timer);
         Some(s)
     }
 

@@ -234,6 +234,40 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// Waits for every client to hold `total` events, then checks each got them exactly once, in order.
+async fn every_event_reached_every_client(clients: &[Tracked], total: u64) {
+    wait_until(
+        "every event reached every client",
+        Duration::from_secs(30),
+        || {
+            clients
+                .iter()
+                .all(|c| c.received.lock().unwrap().len() as u64 >= total)
+        },
+    )
+    .await;
+    for (i, c) in clients.iter().enumerate() {
+        let received = c.received.lock().unwrap().clone();
+        assert_exactly_once_in_order(&format!("client {i} down"), &received, total);
+    }
+}
+
+/// Waits for the servers to have handed over as many client messages as were accepted, then
+/// checks the ledger.
+async fn every_client_message_reached_a_server(servers: &[&Server], clients: &[Tracked]) {
+    wait_until(
+        "every client message reached a server",
+        Duration::from_secs(30),
+        || {
+            let handled: usize = servers.iter().map(|s| s.records("got").len()).sum();
+            let sent: u64 = clients.iter().map(|c| *c.sent.lock().unwrap()).sum();
+            handled as u64 >= sent
+        },
+    )
+    .await;
+    assert_servers_ledger(servers, clients);
+}
+
 /// Every client message accepted reached a server application exactly once (counting a flagged
 /// redelivery of one the first server's application never saw).
 fn assert_servers_ledger(servers: &[&Server], clients: &[Tracked]) {
@@ -315,32 +349,9 @@ fn clients_of_a_killed_server_resume_on_another_with_nothing_lost_or_duplicated(
             b.records("connected").len() == CLIENTS
         })
         .await;
-        wait_until(
-            "every event reached every client",
-            Duration::from_secs(30),
-            || {
-                clients
-                    .iter()
-                    .all(|c| c.received.lock().unwrap().len() as u64 >= total)
-            },
-        )
-        .await;
-        for (i, c) in clients.iter().enumerate() {
-            let received = c.received.lock().unwrap().clone();
-            assert_exactly_once_in_order(&format!("client {i} down"), &received, total);
-        }
+        every_event_reached_every_client(&clients, total).await;
         // Every client message accepted was handed to a server application.
-        wait_until(
-            "every client message reached a server",
-            Duration::from_secs(30),
-            || {
-                let handled: usize = [&a, &b].iter().map(|s| s.records("got").len()).sum();
-                let sent: u64 = clients.iter().map(|c| *c.sent.lock().unwrap()).sum();
-                handled as u64 >= sent
-            },
-        )
-        .await;
-        assert_servers_ledger(&[&a, &b], &clients);
+        every_client_message_reached_a_server(&[&a, &b], &clients).await;
         for s in [&a, &b] {
             for line in s.lines() {
                 assert!(
@@ -388,20 +399,7 @@ fn a_frozen_server_whose_clients_moved_is_fenced_when_it_wakes() {
         .await;
         cast.for_a_while(Duration::from_millis(300)).await;
         let total = cast.sent;
-        wait_until(
-            "every event reached every client",
-            Duration::from_secs(30),
-            || {
-                clients
-                    .iter()
-                    .all(|c| c.received.lock().unwrap().len() as u64 >= total)
-            },
-        )
-        .await;
-        for (i, c) in clients.iter().enumerate() {
-            let received = c.received.lock().unwrap().clone();
-            assert_exactly_once_in_order(&format!("client {i} down"), &received, total);
-        }
+        every_event_reached_every_client(&clients, total).await;
         let sessions: BTreeSet<u64> = clients
             .iter()
             .map(|c| c.session.lock().unwrap().expect("connected").0)
@@ -424,16 +422,6 @@ fn a_frozen_server_whose_clients_moved_is_fenced_when_it_wakes() {
             "a fenced server ends no session: {:?}",
             a.lines()
         );
-        wait_until(
-            "every client message reached a server",
-            Duration::from_secs(30),
-            || {
-                let handled: usize = [&a, &b].iter().map(|s| s.records("got").len()).sum();
-                let sent: u64 = clients.iter().map(|c| *c.sent.lock().unwrap()).sum();
-                handled as u64 >= sent
-            },
-        )
-        .await;
-        assert_servers_ledger(&[&a, &b], &clients);
+        every_client_message_reached_a_server(&[&a, &b], &clients).await;
     });
 }
