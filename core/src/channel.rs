@@ -2,6 +2,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use bytes::{Bytes, BytesMut};
@@ -102,7 +103,8 @@ use crate::unreliable::{UnreliableReceiver, UnreliableSender};
 /// ```
 #[derive(Debug)]
 pub struct Channel {
-    config: Config,
+    /// Shared: a server holds one copy for all its sessions, not one each.
+    config: Arc<Config>,
     send: Sender,
     recv: Receiver,
     /// At-most-once traffic, made at its first message: most channels never carry any.
@@ -142,6 +144,14 @@ enum State {
 impl Channel {
     /// A channel whose clock reads `now`.
     pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
+        Self::with_shared_config(Arc::new(config), now)
+    }
+
+    /// A channel with a configuration it shares with others (a server's sessions all share one).
+    pub(crate) fn with_shared_config(
+        config: Arc<Config>,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         let limits = DecodeLimits {
             max_frame_size: config.max_frame_size,

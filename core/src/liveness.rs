@@ -52,6 +52,8 @@ use crate::time::{Duration, Instant};
 /// How many recent pings [`Liveness::on_pong`] can still match to measure an RTT; a pong for an older
 /// ping is stale and yields no sample (it still counts as a receipt).
 pub const PING_SLOTS: usize = 8;
+// `ping_open` is a byte of flags, one per slot.
+const _: () = assert!(PING_SLOTS <= 8);
 
 /// The timers of [`Liveness`], with defaults.
 ///
@@ -235,8 +237,12 @@ pub struct Liveness {
     /// The outstanding probe, if any: at most one; cleared by any receipt.
     probe: Option<u64>,
     next_ping: u64,
-    /// Recent pings, slot `id % PING_SLOTS`, for RTT matching.
-    pings: [Option<(u64, Instant)>; PING_SLOTS],
+    /// When each of the last [`PING_SLOTS`] pings went out, slot `id % PING_SLOTS`, for RTT
+    /// matching; the id is implied by `next_ping` (one slot per id still in range), which halves
+    /// this part of every connection.
+    ping_sent: [Instant; PING_SLOTS],
+    /// Bit `slot` set: that slot's ping is unanswered.
+    ping_open: u8,
     stalls: u64,
     /// Set once Dead: how long the peer had been silent then.
     dead: Option<Duration>,
@@ -258,7 +264,8 @@ impl Liveness {
             probe_wanted: false,
             probe: None,
             next_ping: 0,
-            pings: [None; PING_SLOTS],
+            ping_sent: [now; PING_SLOTS],
+            ping_open: 0,
             stalls: 0,
             dead: None,
         };
@@ -319,13 +326,14 @@ impl Liveness {
     pub fn on_pong(&mut self, now: Instant, id: u64) -> Option<Duration> {
         let now = self.enter(now);
         self.heard(now);
-        let slot = &mut self.pings[Self::slot(id)];
-        let rtt = match *slot {
-            Some((sent_id, sent_at)) if sent_id == id => {
-                *slot = None;
-                Some(now - sent_at)
-            }
-            _ => None,
+        // Only the last PING_SLOTS ids handed out still own their slot.
+        let recent = self.next_ping.wrapping_sub(id).wrapping_sub(1) < PING_SLOTS as u64;
+        let bit = 1u8 << Self::slot(id);
+        let rtt = if recent && self.ping_open & bit != 0 {
+            self.ping_open &= !bit;
+            Some(now - self.ping_sent[Self::slot(id)])
+        } else {
+            None
         };
         self.leave();
         rtt
@@ -431,7 +439,8 @@ impl Liveness {
     fn issue(&mut self, now: Instant) -> u64 {
         let id = self.next_ping;
         self.next_ping = self.next_ping.wrapping_add(1);
-        self.pings[Self::slot(id)] = Some((id, now));
+        self.ping_sent[Self::slot(id)] = now;
+        self.ping_open |= 1 << Self::slot(id);
         self.last_send = now;
         id
     }

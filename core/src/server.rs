@@ -8,6 +8,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use bytes::{Bytes, BytesMut};
@@ -164,7 +165,7 @@ struct Conn {
     link: Link,
     session: Option<SessionId>,
     created: Instant,
-    awaiting_auth: Option<HelloFrame>,
+    awaiting_auth: Option<Box<HelloFrame>>,
     /// Close once the outbox is written.
     closing: bool,
     /// Its deadline in the timer set, if armed.
@@ -191,9 +192,12 @@ enum Key {
 /// [`Server::poll_event`], then sleep until [`Server::poll_timeout`].
 pub struct Server {
     config: ServerConfig,
+    /// `config.channel`, shared by every session's channel.
+    channel_config: Arc<Config>,
     entropy: Box<dyn Entropy>,
-    sessions: BTreeMap<SessionId, Session>,
-    conns: BTreeMap<ConnId, Conn>,
+    /// Boxed, so a B-tree node's spare room costs a pointer per slot, not a whole session.
+    sessions: BTreeMap<SessionId, Box<Session>>,
+    conns: BTreeMap<ConnId, Box<Conn>>,
     /// Connections that have not completed a handshake (bounded by `max_pending_handshakes`).
     pending: BTreeSet<ConnId>,
     /// Reused by `handle_input` for the frames of one read.
@@ -239,6 +243,7 @@ impl Server {
             ..DecodeLimits::default()
         };
         Ok(Server {
+            channel_config: Arc::new(config.channel.clone()),
             config,
             entropy,
             sessions: BTreeMap::new(),
@@ -282,7 +287,7 @@ impl Server {
         let now = self.observe(now);
         let nonce = self.entropy.next_u64();
         let pending = self.pending.len();
-        let mut c = Conn {
+        let mut c = Box::new(Conn {
             link: Link::new(
                 self.config.channel.transport,
                 self.config.liveness,
@@ -299,7 +304,7 @@ impl Server {
             // An id still waiting in the ready queue from a connection gone before is this one's.
             queued: self.orphans.remove(&conn),
             welcomed: None,
-        };
+        });
         // Past the bound, a connection gets no handshake at all: it is closed unread.
         c.closing = pending >= self.config.max_pending_handshakes;
         if let Some(old) = self.conns.insert(conn, c) {
@@ -503,7 +508,7 @@ impl Server {
             if self.config.authenticate {
                 let credentials = hello.credentials.clone();
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.awaiting_auth = Some(hello);
+                    c.awaiting_auth = Some(Box::new(hello));
                 }
                 self.events
                     .push_back(ServerEvent::Authenticate { conn, credentials });
@@ -647,7 +652,7 @@ impl Server {
                 "a stored session without its identity".into(),
             ));
         };
-        let mut channel = Channel::new(self.config.channel.clone(), now)
+        let mut channel = Channel::with_shared_config(self.channel_config.clone(), now)
             .map_err(|_| StoreError::Corrupt("channel configuration".into()))?;
         let redelivered = channel.restore(&recovered)?;
         channel.record_arrivals();
@@ -657,7 +662,7 @@ impl Server {
         );
         self.sessions.insert(
             id,
-            Session {
+            Box::new(Session {
                 token: identity.token,
                 epoch: identity.epoch,
                 attach_nonce: 0,
@@ -670,7 +675,7 @@ impl Server {
                 armed: None,
                 timer: self.timers.new_slot(),
                 store: Some(store),
-            },
+            }),
         );
         Ok(Some(redelivered))
     }
@@ -689,7 +694,7 @@ impl Server {
         }
         let mut token = [0u8; 16];
         self.entropy.fill_bytes(&mut token);
-        let Ok(mut channel) = Channel::new(self.config.channel.clone(), now) else {
+        let Ok(mut channel) = Channel::with_shared_config(self.channel_config.clone(), now) else {
             return;
         };
         let token = Token::from_bytes(token);
@@ -718,7 +723,7 @@ impl Server {
         );
         self.sessions.insert(
             id,
-            Session {
+            Box::new(Session {
                 token,
                 // The client's first hello claimed epoch 1.
                 epoch: 1,
@@ -732,7 +737,7 @@ impl Server {
                 armed: None,
                 timer: self.timers.new_slot(),
                 store,
-            },
+            }),
         );
         self.bind(conn, id, hello.nonce, false, 0);
     }
@@ -1437,9 +1442,8 @@ impl Server {
         }
     }
 
-    /// Removes a session and its timer.
     /// Removes a session that has ended, and what its store kept: nothing will resume it.
-    fn remove_session(&mut self, id: SessionId) -> Option<Session> {
+    fn remove_session(&mut self, id: SessionId) -> Option<Box<Session>> {
         let mut s = self.forget(id)?;
         if let Some(mut store) = s.store.take() {
             // A failure leaves the record to the store's own expiry; the session is over anyway.
@@ -1449,14 +1453,14 @@ impl Server {
     }
 
     /// Removes a session and its timer, leaving its store's record as it is.
-    fn forget(&mut self, id: SessionId) -> Option<Session> {
+    fn forget(&mut self, id: SessionId) -> Option<Box<Session>> {
         let s = self.sessions.remove(&id)?;
         self.timers.free_slot(s.timer);
         Some(s)
     }
 
     /// Removes a connection, its timer and its place among pending handshakes.
-    fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
+    fn remove_conn(&mut self, conn: ConnId) -> Option<Box<Conn>> {
         let c = self.conns.remove(&conn)?;
         self.pending.remove(&conn);
         self.timers.free_slot(c.timer);

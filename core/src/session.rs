@@ -7,6 +7,7 @@
 //! side then releases what the other holds and resends the rest first, in order, so messages flow in
 //! the first round trip of the new connection.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
@@ -408,7 +409,7 @@ pub(crate) struct Link {
     preface_sent: bool,
     pub(crate) liveness: Liveness,
     /// Handshake frames to write before anything else.
-    pub(crate) outbox: heapless::Deque<Frame, 2>,
+    pub(crate) outbox: Outbox,
     /// Pongs owed to the peer's pings.
     pongs: PongBacklog,
     pub(crate) established: bool,
@@ -417,6 +418,40 @@ pub(crate) struct Link {
     pub(crate) arbiter: Option<Arbiter>,
     pub(crate) local_nonce: u64,
     limits: DecodeLimits,
+}
+
+/// A link's handshake frames waiting to go out, the newest two at most. Made when the first is
+/// queued and let go once the last is written: an established connection seldom has any, and two
+/// inline frames would make every idle connection 300 bytes larger.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox(Option<Box<heapless::Deque<Frame, 2>>>);
+
+impl Outbox {
+    fn push(&mut self, frame: Frame) {
+        let queue = self.0.get_or_insert_with(Box::default);
+        if queue.is_full() {
+            queue.pop_front();
+        }
+        let _ = queue.push_back(frame);
+    }
+
+    fn pop_front(&mut self) -> Option<Frame> {
+        let queue = self.0.as_mut()?;
+        let frame = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        frame
+    }
+
+    /// Never holds an empty queue, so this is a field check.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// What a link made of incoming bytes.
@@ -443,7 +478,7 @@ impl Link {
             decoder: (transport == Transport::Stream).then(|| StreamDecoder::new(limits)),
             preface_sent: false,
             liveness: Liveness::new(liveness, now),
-            outbox: heapless::Deque::new(),
+            outbox: Outbox::default(),
             pongs: PongBacklog::default(),
             established: false,
             malformed: 0,
@@ -571,10 +606,7 @@ impl Link {
     }
 
     pub(crate) fn queue(&mut self, frame: Frame) {
-        if self.outbox.is_full() {
-            self.outbox.pop_front();
-        }
-        let _ = self.outbox.push_back(frame);
+        self.outbox.push(frame);
     }
 
     /// Fires the liveness timers.
