@@ -107,14 +107,14 @@ fn main() {
         "steadfast-core memory, {n} sessions on one Server (default ServerConfig, stream transport)"
     );
     println!(
-        "  size_of: Channel {} B (Sender {} B, Receiver {} B, Config {} B, Stats {} B), \
-         Frame {} B, StreamDecoder {} B; the de-dup set of up to {} ranges is on the heap, from \
+        "  size_of: Channel {} B (Sender {} B, Receiver {} B, Stats {} B; its Config of {} B is shared by a \
+         server's sessions), Frame {} B, StreamDecoder {} B; the de-dup set of up to {} ranges is on the heap, from \
          the first gap",
         size_of::<Channel>(),
         size_of::<steadfast_core::send::Sender>(),
         size_of::<Receiver>(),
-        size_of::<Config>(),
         size_of::<steadfast_core::Stats>(),
+        size_of::<Config>(),
         size_of::<Frame>(),
         size_of::<framing::StreamDecoder>(),
         RECV_RANGES,

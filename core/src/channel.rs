@@ -137,7 +137,7 @@ struct Unreliable {
 enum State {
     Open,
     /// Closed for the application; the close frame still has to go out.
-    Closing(CloseFrame),
+    Closing(Box<CloseFrame>),
     Closed,
 }
 
@@ -335,7 +335,7 @@ impl Channel {
         let stream = self.config.transport == Transport::Stream;
         match core::mem::replace(&mut self.state, State::Closed) {
             State::Closing(close) => {
-                self.write_frame(&Frame::Close(close), buf);
+                self.write_frame(&Frame::Close(*close), buf);
                 let n = buf.len() - start;
                 self.stats.bytes_sent += n as u64;
                 return n;
@@ -450,7 +450,7 @@ impl Channel {
         if !matches!(self.state, State::Open) {
             return;
         }
-        self.state = State::Closing(CloseFrame { code, reason });
+        self.state = State::Closing(Box::new(CloseFrame { code, reason }));
         self.finish(CloseReason::Local { code });
     }
 
@@ -644,10 +644,10 @@ impl Channel {
     }
 
     fn violation(&mut self, error: ProtocolError) {
-        self.state = State::Closing(CloseFrame {
+        self.state = State::Closing(Box::new(CloseFrame {
             code: error.code(),
             reason: Bytes::new(),
-        });
+        }));
         self.finish(CloseReason::Violation(error));
     }
 

@@ -453,29 +453,42 @@ impl Liveness {
 /// Pings answered but not yet sent. A flood beyond [`PONG_BACKLOG`] drops the oldest answers:
 /// pings are probes, and the newest is the one that matters.
 #[derive(Debug, Default)]
-pub(crate) struct PongBacklog(heapless::Deque<u64, PONG_BACKLOG>);
+pub(crate) struct PongBacklog {
+    /// A ring: the oldest unanswered id at `start`, `len` of them (a byte each is enough for
+    /// [`PONG_BACKLOG`], and every connection carries one).
+    ids: [u64; PONG_BACKLOG],
+    start: u8,
+    len: u8,
+}
 
 /// How many unsent ping answers are kept.
 pub const PONG_BACKLOG: usize = 4;
 
 impl PongBacklog {
     pub(crate) fn answer(&mut self, id: u64) {
-        if self.0.is_full() {
-            self.0.pop_front();
+        if usize::from(self.len) == PONG_BACKLOG {
+            self.next();
         }
-        let _ = self.0.push_back(id);
+        self.ids[(usize::from(self.start) + usize::from(self.len)) % PONG_BACKLOG] = id;
+        self.len += 1;
     }
 
     pub(crate) fn next(&mut self) -> Option<u64> {
-        self.0.pop_front()
+        if self.len == 0 {
+            return None;
+        }
+        let id = self.ids[usize::from(self.start)];
+        self.start = ((usize::from(self.start) + 1) % PONG_BACKLOG) as u8;
+        self.len -= 1;
+        Some(id)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 
     pub(crate) fn clear(&mut self) {
-        self.0.clear();
+        self.len = 0;
     }
 }
 
@@ -709,6 +722,21 @@ mod tests {
         }
         assert_eq!(l.on_pong(at(t + 2_000), oldest), None, "overwritten");
         assert_eq!(l.last_receive(), at(t + 2_000));
+    }
+
+    #[test]
+    fn a_ping_flood_keeps_the_newest_answers_in_order() {
+        let mut pongs = PongBacklog::default();
+        assert_eq!(pongs.next(), None);
+        for id in 0..6 {
+            pongs.answer(id);
+        }
+        let answered: alloc::vec::Vec<u64> = core::iter::from_fn(|| pongs.next()).collect();
+        assert_eq!(answered, [2, 3, 4, 5]);
+        assert!(pongs.is_empty());
+        pongs.answer(7);
+        pongs.clear();
+        assert_eq!(pongs.next(), None);
     }
 
     #[test]

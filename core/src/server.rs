@@ -152,7 +152,7 @@ struct Session {
     requests: Requests,
     counters: SessionCounters,
     /// This side closed the session; waiting to see whether the client closed at the same moment.
-    held: Option<HeldClose>,
+    held: Option<Box<HeldClose>>,
     /// Its deadline in the timer set, if armed.
     armed: Option<Instant>,
     /// Its slot in the timer set.
@@ -478,7 +478,7 @@ impl Server {
                 let arbiter = c.link.arbiter;
                 c.closing = true;
                 if let Some(held) = self.sessions.get_mut(&id).and_then(|s| s.held.take()) {
-                    let event = held.crossed(close.code, close.reason, arbiter);
+                    let event = (*held).crossed(close.code, close.reason, arbiter);
                     self.events
                         .push_back(ServerEvent::Session { session: id, event });
                 }
@@ -835,7 +835,7 @@ impl Server {
             // Closing, and the transport ended: our close stands, and the session is over.
             self.events.push_back(ServerEvent::Session {
                 session: id,
-                event: held.settle(),
+                event: (*held).settle(),
             });
             self.remove_session(id);
             return;
@@ -915,7 +915,7 @@ impl Server {
             if let Some(held) = s.held.take() {
                 self.events.push_back(ServerEvent::Session {
                     session: id,
-                    event: held.settle(),
+                    event: (*held).settle(),
                 });
             }
             if let Some(conn) = s.conn {
@@ -1315,7 +1315,7 @@ impl Server {
                 // A local close on a live connection waits to see whether the client closed too.
                 (Some(_), true) => match HeldClose::hold(e, self.now) {
                     Ok(held) => {
-                        s.held = Some(held);
+                        s.held = Some(Box::new(held));
                         continue;
                     }
                     Err(e) => e,
