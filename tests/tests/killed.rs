@@ -72,10 +72,16 @@ fn durable_client_child() {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if dir.join("stop").exists() {
-                        client.close(0, Bytes::new());
-                        client.closed().await;
-                        return;
+                    // The stop file holds how many events the server sent. Acknowledged means
+                    // stored, not yet handled: close only once every one of them is handled.
+                    if let Ok(stop) = std::fs::read_to_string(dir.join("stop")) {
+                        let sent: u64 = stop.trim().parse().expect("stop holds a count");
+                        if (0..sent).all(|n| seen.contains(&n)) {
+                            client.close(0, Bytes::new());
+                            client.closed().await;
+                            return;
+                        }
+                        continue;
                     }
                     let payload = Bytes::from(format!("{pid} {k}"));
                     if client.try_send(1, Mode::Ordered, payload).is_ok() {
@@ -173,7 +179,9 @@ fn killed_clients_lose_nothing_and_duplicate_nothing() {
                         && server.inspect(|sv| sv.channel(s).is_some_and(|c| c.sender().base() == sent))
                         && !dir.join("stop").exists()
                     {
-                        std::fs::write(dir.join("stop"), b"").unwrap();
+                        // Renamed into place, so the child never reads it half written.
+                        std::fs::write(dir.join("stop.tmp"), sent.to_string()).unwrap();
+                        std::fs::rename(dir.join("stop.tmp"), dir.join("stop")).unwrap();
                     }
                 }
                 event = server.next_event() => {
