@@ -136,6 +136,24 @@ pub struct Cluster {
     max_queued: usize,
     publish: Script,
     broadcast: Script,
+    /// Broadcasts waiting for the script in flight: sent together, in call order, by the next.
+    batch: std::sync::Arc<std::sync::Mutex<Batch>>,
+}
+
+/// One broadcast waiting to be sent: its event and who is told the outcome.
+type Queued = (
+    u64,
+    u8,
+    Bytes,
+    tokio::sync::oneshot::Sender<Result<Broadcast, ClusterError>>,
+);
+
+/// The broadcasts queued behind the one script in flight.
+#[derive(Default)]
+struct Batch {
+    queued: Vec<Queued>,
+    /// Whether a task is sending batches; it stops when it finds the queue empty.
+    sending: bool,
 }
 
 impl fmt::Debug for Cluster {
@@ -159,7 +177,7 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         let mut conn = client.get_multiplexed_async_connection().await?;
         let publish = Script::new(&scripts::publish());
-        let broadcast = Script::new(&scripts::broadcast());
+        let broadcast = Script::new(scripts::BROADCAST);
         // Loaded before the first call: a call that found its script missing would be retried
         // after later ones, out of the order the publisher made them in.
         publish.load_async(&mut conn).await?;
@@ -170,6 +188,7 @@ impl Cluster {
             max_queued: options.max_queued,
             publish,
             broadcast,
+            batch: Default::default(),
         })
     }
 
@@ -235,16 +254,63 @@ impl Cluster {
         if stream >= REPLY_STREAM {
             return Err(ClusterError::Unsupported(mode));
         }
-        let (queued, full): (u64, u64) = self
-            .broadcast
-            .arg(&self.prefix)
-            .arg(self.max_queued)
-            .arg(stream)
-            .arg(unordered(mode)?)
-            .arg(&payload[..])
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(Broadcast { queued, full })
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            batch.queued.push((stream, unordered(mode)?, payload, tx));
+            !std::mem::replace(&mut batch.sending, true)
+        };
+        // One task sends the batches, so their order is the order of the calls, and a caller
+        // that gives up waiting cannot stall the calls queued behind its own.
+        if start {
+            tokio::spawn(self.clone().send_batches());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ClusterError::Redis("the broadcast task ended".into())))
+    }
+
+    /// Sends what is queued as one script, then what queued meanwhile, until nothing is left.
+    async fn send_batches(self) {
+        loop {
+            let queued = {
+                let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+                if batch.queued.is_empty() {
+                    batch.sending = false;
+                    return;
+                }
+                std::mem::take(&mut batch.queued)
+            };
+            let mut invocation = self.broadcast.arg(&self.prefix);
+            invocation.arg(self.max_queued);
+            for (stream, unordered, payload, _) in &queued {
+                invocation.arg(*stream).arg(*unordered).arg(&payload[..]);
+            }
+            let reply: Result<Vec<u64>, redis::RedisError> =
+                invocation.invoke_async(&mut self.conn.clone()).await;
+            match reply {
+                Ok(counts) if counts.len() == 2 * queued.len() => {
+                    for ((.., tx), pair) in queued.into_iter().zip(counts.chunks(2)) {
+                        let _ = tx.send(Ok(Broadcast {
+                            queued: pair[0],
+                            full: pair[1],
+                        }));
+                    }
+                }
+                Ok(_) => {
+                    for (.., tx) in queued {
+                        let _ = tx.send(Err(ClusterError::Redis(
+                            "unexpected broadcast reply".into(),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    let e = ClusterError::from(e);
+                    for (.., tx) in queued {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
     }
 }
 

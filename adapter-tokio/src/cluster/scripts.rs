@@ -90,7 +90,7 @@ return 1
 "#;
 
 /// Appends one message to a session's outbound queue under the next sequence number and rings
-/// its owner's doorbell. Shared by [`PUBLISH`] and [`BROADCAST`]; returns the sequence number,
+/// its owner's doorbell (used by [`publish`]); returns the sequence number,
 /// -1 if the session is gone, -2 if its queue is full.
 const APPEND: &str = r#"
 local function append(prefix, sid, max, stream, unordered, payload)
@@ -121,30 +121,57 @@ return seq
     )
 }
 
-/// ARGV: prefix, max queued, stream, unordered, payload. Appends to every session, rings each
-/// owner once with the ids of its sessions. Returns `{appended, full}`.
-pub(crate) fn broadcast() -> String {
-    format!(
-        "{APPEND}\n{}",
-        r#"
-local sessions = ARGV[1] .. ':sessions'
+/// ARGV: prefix, max queued, then (stream, unordered, payload) per event. Appends the events, in
+/// order, to every session: per session one check, one `HINCRBY` for all their numbers and one
+/// `ZADD`, so a batch costs a few commands per session rather than several per event; each owner
+/// is rung once with the ids of its sessions. A session whose queue fills takes the events that
+/// fit and counts the rest full, as one append at a time would. Returns `{appended, full}` per
+/// event.
+pub(crate) const BROADCAST: &str = r#"
+local prefix = ARGV[1]
+local max = tonumber(ARGV[2])
+local sessions = prefix .. ':sessions'
+local n = math.floor((#ARGV - 2) / 3)
+local appended, full = {}, {}
+for e = 1, n do appended[e] = 0; full[e] = 0 end
 local rings = {}
-local appended, full = 0, 0
 for _, sid in ipairs(redis.call('SMEMBERS', sessions)) do
-  local seq, own = append(ARGV[1], sid, tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5])
-  if seq == -1 then
+  local m = prefix .. ':{' .. sid .. '}:m'
+  local o = prefix .. ':{' .. sid .. '}:o'
+  if redis.call('EXISTS', m) == 0 then
     redis.call('SREM', sessions, sid)
-  elseif seq == -2 then
-    full = full + 1
   else
-    appended = appended + 1
-    if rings[own] then table.insert(rings[own], sid) else rings[own] = {sid} end
+    local k = math.min(n, math.max(0, max - redis.call('ZCARD', o)))
+    if k > 0 then
+      local first = redis.call('HINCRBY', m, 'nx', k) - k
+      local fresh = redis.call('EXISTS', o) == 0
+      -- In chunks, to stay within Lua's stack for `unpack`.
+      local at = 1
+      while at <= k do
+        local args = {}
+        for e = at, math.min(k, at + 499) do
+          local seq = first + e - 1
+          local a = 3 + (e - 1) * 3
+          args[#args + 1] = seq
+          args[#args + 1] = seq .. '|' .. ARGV[a] .. '|' .. ARGV[a + 1] .. '|' .. ARGV[a + 2]
+        end
+        redis.call('ZADD', o, unpack(args))
+        at = at + 500
+      end
+      -- A queue created here expires with its session, not later.
+      if fresh then redis.call('PEXPIRE', o, redis.call('PTTL', m)) end
+      local own = redis.call('HGET', m, 'own')
+      if rings[own] then table.insert(rings[own], sid) else rings[own] = {sid} end
+    end
+    for e = 1, n do
+      if e <= k then appended[e] = appended[e] + 1 else full[e] = full[e] + 1 end
+    end
   end
 end
 for own, sids in pairs(rings) do
-  redis.call('PUBLISH', ARGV[1] .. ':door:' .. own, table.concat(sids, ','))
+  redis.call('PUBLISH', prefix .. ':door:' .. own, table.concat(sids, ','))
 end
-return {appended, full}
-"#
-    )
-}
+local out = {}
+for e = 1, n do out[#out + 1] = appended[e]; out[#out + 1] = full[e] end
+return out
+"#;
