@@ -48,6 +48,7 @@ use steadfast_core::identity::SessionId;
 use steadfast_core::send::SendError;
 use steadfast_core::server::Sequenced;
 use steadfast_core::session::REPLY_STREAM;
+use tokio::sync::{mpsc, oneshot};
 
 pub use store::RedisSessions;
 
@@ -135,9 +136,8 @@ pub struct Cluster {
     prefix: String,
     max_queued: usize,
     publish: Script,
-    broadcast: Script,
-    /// Broadcasts waiting for the script in flight: sent together, in call order, by the next.
-    batch: std::sync::Arc<std::sync::Mutex<Batch>>,
+    /// Broadcasts for the one task that sends them, in call order, as one script per batch.
+    broadcasts: mpsc::UnboundedSender<Queued>,
 }
 
 /// One broadcast waiting to be sent: its event and who is told the outcome.
@@ -145,16 +145,8 @@ type Queued = (
     u64,
     u8,
     Bytes,
-    tokio::sync::oneshot::Sender<Result<Broadcast, ClusterError>>,
+    oneshot::Sender<Result<Broadcast, ClusterError>>,
 );
-
-/// The broadcasts queued behind the one script in flight.
-#[derive(Default)]
-struct Batch {
-    queued: Vec<Queued>,
-    /// Whether a task is sending batches; it stops when it finds the queue empty.
-    sending: bool,
-}
 
 impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -182,13 +174,20 @@ impl Cluster {
         // after later ones, out of the order the publisher made them in.
         publish.load_async(&mut conn).await?;
         broadcast.load_async(&mut conn).await?;
+        let (broadcasts, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_broadcasts(
+            queue,
+            conn.clone(),
+            broadcast,
+            options.prefix.clone(),
+            options.max_queued,
+        ));
         Ok(Cluster {
             conn,
             prefix: options.prefix.clone(),
             max_queued: options.max_queued,
             publish,
-            broadcast,
-            batch: Default::default(),
+            broadcasts,
         })
     }
 
@@ -254,39 +253,47 @@ impl Cluster {
         if stream >= REPLY_STREAM {
             return Err(ClusterError::Unsupported(mode));
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-            batch.queued.push((stream, unordered(mode)?, payload, tx));
-            !std::mem::replace(&mut batch.sending, true)
-        };
-        // One task sends the batches, so their order is the order of the calls, and a caller
-        // that gives up waiting cannot stall the calls queued behind its own.
-        if start {
-            tokio::spawn(self.clone().send_batches());
-        }
-        rx.await
-            .unwrap_or_else(|_| Err(ClusterError::Redis("the broadcast task ended".into())))
+        let (tx, rx) = oneshot::channel();
+        let gone = || ClusterError::Redis("the broadcast task ended".into());
+        self.broadcasts
+            .send((stream, unordered(mode)?, payload, tx))
+            .map_err(|_| gone())?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
     }
+}
 
-    /// Sends what is queued as one script, then what queued meanwhile, until nothing is left.
-    async fn send_batches(self) {
-        loop {
-            let queued = {
-                let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-                if batch.queued.is_empty() {
-                    batch.sending = false;
-                    return;
-                }
-                std::mem::take(&mut batch.queued)
-            };
-            let mut invocation = self.broadcast.arg(&self.prefix);
-            invocation.arg(self.max_queued);
+/// The most broadcasts sent to Redis as one script.
+const BROADCAST_BATCH: usize = 1024;
+
+/// Sends the broadcasts of every clone of one [`Cluster`]: whatever queued while the previous
+/// script ran goes as the next one, so their order is the order of the calls, a busy publisher pays
+/// one script per batch rather than per event, an idle one waits for no timer, and a caller that
+/// gives up waiting cannot stall the calls behind its own. Ends when the last clone is dropped.
+async fn send_broadcasts(
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+    mut conn: MultiplexedConnection,
+    script: Script,
+    prefix: String,
+    max_queued: usize,
+) {
+    let mut queued = Vec::new();
+    while let Some(first) = queue.recv().await {
+        queued.push(first);
+        while queued.len() < BROADCAST_BATCH {
+            match queue.try_recv() {
+                Ok(next) => queued.push(next),
+                Err(_) => break,
+            }
+        }
+        {
+            let queued = std::mem::take(&mut queued);
+            let mut invocation = script.arg(&prefix);
+            invocation.arg(max_queued);
             for (stream, unordered, payload, _) in &queued {
                 invocation.arg(*stream).arg(*unordered).arg(&payload[..]);
             }
             let reply: Result<Vec<u64>, redis::RedisError> =
-                invocation.invoke_async(&mut self.conn.clone()).await;
+                invocation.invoke_async(&mut conn).await;
             match reply {
                 Ok(counts) if counts.len() == 2 * queued.len() => {
                     for ((.., tx), pair) in queued.into_iter().zip(counts.chunks(2)) {
