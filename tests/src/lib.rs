@@ -924,6 +924,19 @@ pub mod redis {
         }
     }
 
+    /// Whether a Redis answers `PING` on `port` of loopback.
+    fn pong(port: u16) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut answer = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
     /// A Redis on a free loopback port, with no persistence: what it holds is the cluster's state.
     pub fn redis() -> Option<(Kid, String)> {
         let found = Command::new("redis-server")
@@ -938,23 +951,33 @@ pub mod redis {
             eprintln!("skipped: redis-server is not installed");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        let kid = Kid(child);
+        // A free port can be taken by another test between our check and redis binding it: then
+        // redis exits, or something else answers there. Only a PONG on the port means ours is up.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (kid, port) = 'start: loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            let mut kid = Kid(child);
+            loop {
+                assert!(Instant::now() < deadline, "redis-server did not listen");
+                if kid.0.try_wait().ok().flatten().is_some() {
+                    continue 'start;
+                }
+                if pong(port) {
+                    break 'start (kid, port);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
         Some((kid, format!("redis://127.0.0.1:{port}/")))
     }
 }
