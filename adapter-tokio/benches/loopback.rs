@@ -473,8 +473,10 @@ async fn tokio_steadfast(size: usize, secs: Duration, proxy: bool) -> Run {
         .expect("listen");
     let (addr, proxy) = maybe_proxy(server.local_addr(), proxy).await;
     let client = steadfast_tokio::connect(ClientOptions::new(vec![addr])).expect("connect");
-    let mut run = steadfast_pump(client, server, size, secs, |f| async move {
-        tokio::spawn(f).await.expect("receiver")
+    let mut run = steadfast_pump(client, server, size, secs, |f| {
+        // Spawned now, not when first awaited: the receiver must run while the sender sends.
+        let receiver = tokio::spawn(f);
+        async move { receiver.await.expect("receiver") }
     })
     .await;
     run.wire = proxy_bytes(&proxy);
