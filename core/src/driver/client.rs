@@ -12,7 +12,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 
 use super::requests::{self, Awaited};
-use super::shared::{Shared, Wakes, register, register_in};
+use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
     Alarm, BoxFuture, Clock, Io, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
@@ -427,6 +427,7 @@ fn start<R: Runtime>(
         return Err(ConfigError::Zero("servers"));
     }
     config.servers = servers.len();
+    let max_frame = config.channel.max_frame_size;
     let clock = Clock::new(R::now);
     let client = match store {
         Some(store) => Client::with_store(config, clock.now(), entropy, store)?,
@@ -454,7 +455,7 @@ fn start<R: Runtime>(
         clock,
         io: None,
         connecting: None,
-        read_buf: ReadBuf::default(),
+        read_buf: ReadBuf::new(max_frame, Recycler::new()),
         out: BytesMut::new(),
         alarm: Alarm::new(),
         write_failed: false,
@@ -525,6 +526,7 @@ impl<R: Runtime> Future for ClientDriver<R> {
                     Poll::Ready(Ok(io)) => {
                         tracing::debug!("connected");
                         this.io = Some(io);
+                        this.read_buf.reset();
                         this.out.clear();
                         connected = Some(true);
                     }
@@ -547,6 +549,8 @@ impl<R: Runtime> Future for ClientDriver<R> {
             let mut ended = core::mem::take(&mut this.write_failed);
             if let Some(io) = &mut this.io {
                 match poll_read_chunk(io, cx, &mut this.read_buf) {
+                    // All of it held back to complete a large frame: read again.
+                    Poll::Ready(Ok(Some(data))) if data.is_empty() => progress = true,
                     Poll::Ready(Ok(Some(data))) => input = Some(data),
                     Poll::Ready(Ok(None)) => ended = true,
                     Poll::Ready(Err(e)) => {

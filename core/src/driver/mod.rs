@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`client`] | [`ClientHandle`] and the [`ClientDriver`] future that owns a client's connection |
 //! | [`server`] | [`ServerHandle`], the accept-and-timer future and one task per connection |
+//! | `read` | a connection's reads, cut where its frames end so that large frames arrive whole |
 //! | `shared` | the state the application's threads and the driver share, behind one mutex |
 //! | `sync` | the `std`/`loom` switch for that state's primitives |
 //!
@@ -28,6 +29,7 @@ use core::task::{Context, Poll};
 use std::io;
 
 pub mod client;
+mod read;
 mod requests;
 pub mod server;
 mod shared;
@@ -35,6 +37,8 @@ mod sync;
 
 pub use client::{ClientDriver, ClientHandle, ClientOptions};
 pub use server::{ServerDriver, ServerHandle, ServerOptions};
+
+pub(crate) use read::{ReadBuf, poll_read_chunk};
 
 use crate::time::{Duration, Instant};
 
@@ -139,56 +143,6 @@ impl Clock {
 
     pub(crate) fn to_std(self, t: Instant) -> std::time::Instant {
         self.origin + Duration::from_nanos(t.as_nanos())
-    }
-}
-
-/// Bytes read per call: large enough that a saturated link costs few syscalls.
-const READ_CHUNK: usize = 64 * 1024;
-
-/// Where a connection's reads land. Each read is handed on as a zero-copy chunk whose frames'
-/// payloads keep its buffer alive until the application drops them, so a buffer cannot be
-/// refilled in place while they live. Rather than a fresh buffer then (fresh pages the kernel must
-/// zero, and a fault per page), the one before it is taken back once its payloads are gone: two
-/// buffers in turn, allocated once, on a busy connection.
-#[derive(Default)]
-pub(crate) struct ReadBuf {
-    /// Being filled: kept zero-filled past its length so the read stays safe code.
-    current: bytes::BytesMut,
-    /// The previous buffer, waiting for its last payload to be dropped.
-    spare: bytes::BytesMut,
-}
-
-impl ReadBuf {
-    /// Makes room for a full read in `current`, reusing memory whenever its payloads are gone.
-    fn refill(&mut self) {
-        self.current.clear();
-        if !self.current.try_reclaim(READ_CHUNK) {
-            core::mem::swap(&mut self.current, &mut self.spare);
-            self.current.clear();
-            if !self.current.try_reclaim(READ_CHUNK) {
-                // Both still referenced: a new buffer; the older one is left to its payloads.
-                self.current = bytes::BytesMut::with_capacity(READ_CHUNK);
-            }
-        }
-        self.current.resize(READ_CHUNK, 0);
-    }
-}
-
-/// Reads once from `io` into `buf`, returning the bytes read as a frozen, zero-copy chunk;
-/// `Ready(None)` is the end of the stream.
-pub(crate) fn poll_read_chunk<S: Io>(
-    io: &mut S,
-    cx: &mut Context<'_>,
-    buf: &mut ReadBuf,
-) -> Poll<io::Result<Option<bytes::Bytes>>> {
-    if buf.current.len() < READ_CHUNK / 4 {
-        buf.refill();
-    }
-    match io.poll_read(cx, &mut buf.current[..]) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Ok(None)),
-        Poll::Ready(Ok(n)) => Poll::Ready(Ok(Some(buf.current.split_to(n).freeze()))),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Pending => Poll::Pending,
     }
 }
 

@@ -12,7 +12,7 @@ use core::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 
 use super::requests::{self, Awaited};
-use super::shared::{Shared, Wakes, register, register_in};
+use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
     Alarm, Clock, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
@@ -455,6 +455,10 @@ pub struct ServerDriver<R: Runtime> {
     alarm: Alarm,
     /// After a failed accept, when to try again.
     accept_retry: Option<std::time::Instant>,
+    /// The decoder's frame limit, which bounds what a connection's reader may buffer.
+    max_frame: usize,
+    /// Where the connections' large read buffers come home to.
+    recycler: Arc<Recycler>,
     span: tracing::Span,
 }
 
@@ -498,6 +502,7 @@ fn serve<R: Runtime>(
         .local_addr()
         .map_err(|_| ConfigError::Zero("listener address"))?;
     let clock = Clock::new(R::now);
+    let max_frame = options.config.channel.max_frame_size;
     let server = match sessions {
         Some(sessions) => Server::with_sessions(options.config, clock.now(), entropy, sessions)?,
         None => Server::new(options.config, clock.now(), entropy)?,
@@ -525,6 +530,8 @@ fn serve<R: Runtime>(
         clock,
         alarm: Alarm::new(),
         accept_retry: None,
+        max_frame,
+        recycler: Recycler::new(),
         span: tracing::info_span!("steadfast_server", %local_addr),
     };
     Ok((ServerHandle { shared, local_addr }, driver))
@@ -596,7 +603,7 @@ impl<R: Runtime> Future for ServerDriver<R> {
                     shared: this.shared.clone(),
                     id,
                     io,
-                    read_buf: ReadBuf::default(),
+                    read_buf: ReadBuf::new(this.max_frame, this.recycler.clone()),
                     out: BytesMut::new(),
                     closing: false,
                 }));
@@ -655,8 +662,11 @@ impl<S: super::Io> Future for ConnTask<S> {
         let _entered = span.enter();
         for _ in 0..READS_PER_POLL {
             let mut input = None;
+            let mut held = false;
             if !this.closing {
                 match poll_read_chunk(&mut this.io, cx, &mut this.read_buf) {
+                    // All of it held back to complete a large frame: read again.
+                    Poll::Ready(Ok(Some(data))) if data.is_empty() => held = true,
                     Poll::Ready(Ok(Some(data))) => input = Some(data),
                     Poll::Ready(Ok(None)) => {
                         this.ended();
@@ -670,7 +680,7 @@ impl<S: super::Io> Future for ConnTask<S> {
                     Poll::Pending => {}
                 }
             }
-            let read = input.is_some();
+            let read = input.is_some() || held;
             let id = this.id;
             let out = &mut this.out;
             let gone = this.shared.with(|s, wakes| {

@@ -5,7 +5,11 @@
 //! the lock but delivered after it is released, so a woken task never finds the lock still held by
 //! its waker. A waiter registers its waker under the same lock as it inspects the state, so a change
 //! made after its look always finds the waker to wake: no wake-up is lost.
+//!
+//! The other thing shared: read buffers lent out as payload memory come home, from whichever thread
+//! drops the last payload cut from them, to a [`Recycler`] the connections read into again.
 
+use alloc::vec::Vec;
 use core::task::Waker;
 
 use super::sync::{Arc, Mutex, lock};
@@ -66,6 +70,99 @@ impl<S> Shared<S> {
             w.wake();
         }
         r
+    }
+}
+
+/// Bytes kept for reuse, at most: what stays allocated when traffic stops. A busy endpoint's
+/// connections share them, and a receiver whose application drains events in bursts holds a
+/// burst's worth of frames at a time (the server's connection task reads up to 32 per turn).
+const RECYCLED_BYTES: usize = 4 << 20;
+
+/// The largest buffer kept for reuse.
+const RECYCLED_SIZE: usize = 256 * 1024;
+
+/// Large read buffers come home here once the last payload cut from them is dropped, so that a busy
+/// connection reads into memory it already has, not into fresh pages the kernel must fault in and
+/// zero for every large frame. Buffers stay initialized, so they are not zero-filled again either.
+#[derive(Default)]
+pub(crate) struct Recycler {
+    home: Mutex<Home>,
+}
+
+#[derive(Default)]
+struct Home {
+    free: Vec<Vec<u8>>,
+    /// The bytes of `free`.
+    bytes: usize,
+    /// Buffers made because none large enough was home.
+    made: u64,
+}
+
+impl Recycler {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Recycler::default())
+    }
+
+    /// A buffer of at least `size` initialized bytes: one that came home if it is large enough.
+    pub(crate) fn take(&self, size: usize) -> Vec<u8> {
+        let mut home = lock(&self.home);
+        let buf = home.free.pop();
+        home.bytes -= buf.as_ref().map_or(0, Vec::len);
+        match buf {
+            Some(buf) if buf.len() >= size => buf,
+            _ => {
+                home.made += 1;
+                drop(home);
+                // Rounded up: frames of one payload size differ by a few header bytes.
+                alloc::vec![0; size.next_multiple_of(4096)]
+            }
+        }
+    }
+
+    /// How many buffers are home now, and how many were ever made.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (usize, u64) {
+        let home = lock(&self.home);
+        (home.free.len(), home.made)
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        if buf.len() <= RECYCLED_SIZE {
+            let mut home = lock(&self.home);
+            if home.bytes + buf.len() <= RECYCLED_BYTES {
+                home.bytes += buf.len();
+                home.free.push(buf);
+            }
+        }
+    }
+
+    /// Lends `buf` out as the memory of the returned bytes (its first `len`); it comes home to
+    /// `recycler` when the last of them is dropped.
+    pub(crate) fn lend(recycler: &Arc<Self>, buf: Vec<u8>, len: usize) -> bytes::Bytes {
+        let mut bytes = bytes::Bytes::from_owner(Loan {
+            buf,
+            home: recycler.clone(),
+        });
+        bytes.truncate(len);
+        bytes
+    }
+}
+
+/// A buffer on loan as payload memory.
+struct Loan {
+    buf: Vec<u8>,
+    home: Arc<Recycler>,
+}
+
+impl AsRef<[u8]> for Loan {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.home.give_back(core::mem::take(&mut self.buf));
     }
 }
 
@@ -149,6 +246,33 @@ mod loom_models {
             let left = shared.with(|q, _| core::mem::take(&mut q.items));
             // Accepted means it is in the queue for the driver; refused means it never entered.
             assert_eq!(accepted, left == [7]);
+        });
+    }
+
+    #[test]
+    fn loom_a_buffer_dropped_on_another_thread_comes_home_once() {
+        loom::model(|| {
+            let recycler = Recycler::new();
+            let bytes = Recycler::lend(&recycler, alloc::vec![7; 8], 4);
+            let payload = bytes.slice(1..3);
+            let app = thread::spawn(move || {
+                assert_eq!(&payload[..], [7, 7]);
+                drop(payload);
+            });
+            drop(bytes);
+            let taken = recycler.take(8);
+            app.join().unwrap();
+            // Taken before the last payload was dropped, the buffer was still on loan: a new one.
+            // Either way, no buffer is in two places, and the one on loan is home by now.
+            let home = recycler.counts().0;
+            assert_eq!(taken.len(), 8);
+            assert!(home <= 1);
+            if taken == [0; 8] {
+                assert_eq!(home, 1, "the lent buffer came home");
+            } else {
+                assert_eq!(taken, [7; 8]);
+                assert_eq!(home, 0);
+            }
         });
     }
 }
