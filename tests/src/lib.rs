@@ -382,9 +382,36 @@ pub fn numbered(n: u64) -> Bytes {
     Bytes::copy_from_slice(&n.to_be_bytes())
 }
 
-/// The number a payload made by [`numbered`] carries; `None` for anything else.
+/// Message `n`, every fourth one padded to between 16 KiB and 80 KiB with bytes that depend on `n`:
+/// what [`Traffic`] sends, so that faults also cut through frames the drivers read whole.
+pub fn numbered_padded(n: u64) -> Bytes {
+    let len = padding(n);
+    let mut payload = Vec::with_capacity(8 + len);
+    payload.extend_from_slice(&n.to_be_bytes());
+    payload.extend((0..len).map(|i| pad_byte(n, i)));
+    payload.into()
+}
+
+fn padding(n: u64) -> usize {
+    if n % 4 == 3 {
+        16 * 1024 + (n.wrapping_mul(7919) % (64 * 1024)) as usize
+    } else {
+        0
+    }
+}
+
+fn pad_byte(n: u64, i: usize) -> u8 {
+    (n as u8).wrapping_mul(31).wrapping_add(i as u8)
+}
+
+/// The number a payload made by [`numbered`] or [`numbered_padded`] carries; `None` for anything
+/// else, including a padded one whose length or bytes are not exactly what was sent.
 pub fn number(payload: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(payload.try_into().ok()?))
+    let n = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let rest = &payload[8..];
+    let intact = rest.is_empty()
+        || (rest.len() == padding(n) && rest.iter().enumerate().all(|(i, &b)| b == pad_byte(n, i)));
+    intact.then_some(n)
 }
 
 /// Panics unless `received` is exactly `0..sent`: every message once, in order, nothing else. The
@@ -862,7 +889,7 @@ where
 {
     while !stop.load(Ordering::SeqCst) {
         let n = sent.load(Ordering::SeqCst);
-        send(numbered(n))
+        send(numbered_padded(n))
             .await
             .map_err(|e| format!("message {n} refused: {e:?}"))?;
         sent.store(n + 1, Ordering::SeqCst);
@@ -873,7 +900,20 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::assert_exactly_once_in_order;
+    use super::{assert_exactly_once_in_order, number, numbered, numbered_padded};
+
+    #[test]
+    fn a_padded_message_carries_its_number_only_while_intact() {
+        let padded = numbered_padded(7);
+        assert!(padded.len() > 16 * 1024);
+        assert_eq!(number(&padded), Some(7));
+        assert_eq!(number(&numbered(7)), Some(7));
+        assert_eq!(number(&numbered_padded(6)), Some(6));
+        let mut bent = padded.to_vec();
+        bent[9000] ^= 1;
+        assert_eq!(number(&bent), None);
+        assert_eq!(number(&padded[..padded.len() - 1]), None);
+    }
 
     #[test]
     fn a_complete_ordered_ledger_passes() {
