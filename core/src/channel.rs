@@ -112,13 +112,14 @@ pub struct Channel {
     /// Made at the first stream input: a channel inside a session never uses its own (the link
     /// decodes), and an idle session should not carry one.
     decoder: Option<Box<StreamDecoder>>,
-    limits: DecodeLimits,
     preface_sent: bool,
     /// The data frames written on this connection (stream transports): which may go out with a
     /// short sequence number.
     written: WrittenSeqs,
     events: VecDeque<Event>,
-    pongs: PongBacklog,
+    /// Pongs owed on this channel's own connection, made at the first ping: a channel inside a
+    /// session never has any (its link answers pings).
+    pongs: Option<Box<PongBacklog>>,
     state: State,
     now: Instant,
     stats: Stats,
@@ -153,26 +154,29 @@ impl Channel {
         now: Instant,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
-        let limits = DecodeLimits {
-            max_frame_size: config.max_frame_size,
-            ..DecodeLimits::default()
-        };
         Ok(Channel {
             send: Sender::new(&config),
             recv: Receiver::new(&config),
             unreliable: None,
             decoder: None,
-            limits,
             preface_sent: false,
             written: WrittenSeqs::new(0),
             events: VecDeque::new(),
-            pongs: PongBacklog::default(),
+            pongs: None,
             state: State::Open,
             now,
             stats: Stats::default(),
             arrivals: None,
             config,
         })
+    }
+
+    /// What the decoders accept, from the configuration.
+    fn limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_frame_size: self.config.max_frame_size,
+            ..DecodeLimits::default()
+        }
     }
 
     /// Keeps every arriving message for [`Channel::take_arrivals`], for a durable store.
@@ -268,7 +272,7 @@ impl Channel {
         self.stats.bytes_received += data.len() as u64;
         match self.config.transport {
             Transport::Stream => {
-                let limits = self.limits;
+                let limits = self.limits();
                 self.decoder
                     .get_or_insert_with(|| Box::new(StreamDecoder::new(limits)))
                     .feed_bytes(data);
@@ -287,7 +291,7 @@ impl Channel {
                 }
             }
             // Datagrams carry no integrity check of ours; a mangled one is dropped like a lost one.
-            Transport::Datagram => match framing::decode_datagram(data, &self.limits) {
+            Transport::Datagram => match framing::decode_datagram(data, &self.limits()) {
                 Ok(frame) => self.handle_frame(now, frame),
                 Err(_) => self.stats.malformed_datagrams += 1,
             },
@@ -357,7 +361,7 @@ impl Channel {
                 self.stats.acks_sent += 1;
                 continue;
             }
-            if let Some(id) = self.pongs.next() {
+            if let Some(id) = self.pongs.as_deref_mut().and_then(PongBacklog::next) {
                 self.write_frame(&Frame::Pong { id }, buf);
                 continue;
             }
@@ -477,7 +481,7 @@ impl Channel {
             State::Closed => false,
             State::Open => {
                 self.recv.wants_ack(now)
-                    || !self.pongs.is_empty()
+                    || self.pongs.as_ref().is_some_and(|p| !p.is_empty())
                     || self.unreliable.as_ref().is_some_and(|u| !u.out.is_empty())
                     || self.send.has_sendable()
             }
@@ -490,7 +494,7 @@ impl Channel {
         self.decoder = None;
         self.preface_sent = false;
         self.written = WrittenSeqs::new(self.send.end());
-        self.pongs.clear();
+        self.pongs = None;
     }
 
     /// Resumes over a new connection once the peer has said it received every message below
@@ -614,7 +618,7 @@ impl Channel {
                     self.stats.duplicates_received += 1;
                 }
             }
-            Frame::Ping { id } => self.pongs.answer(id),
+            Frame::Ping { id } => self.pongs.get_or_insert_with(Box::default).answer(id),
             Frame::Close(CloseFrame { code, reason }) => {
                 self.state = State::Closed;
                 self.finish(CloseReason::Peer { code, reason });

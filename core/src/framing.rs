@@ -45,6 +45,7 @@
 //! # Ok::<(), steadfast_core::frame::DecodeError>(())
 //! ```
 
+use alloc::boxed::Box;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::Seq;
@@ -252,13 +253,9 @@ pub fn stream_data_frame_len_short(
 /// ```
 #[derive(Debug)]
 pub struct StreamDecoder {
-    /// The rest of a frame (or preface) begun in an earlier chunk, gathered here until whole; bytes
-    /// given to [`StreamDecoder::feed`] also wait here. Always before `chunk` in stream order.
-    partial: BytesMut,
-    /// The buffer `partial` used before, kept to be taken back once the frame cut from it is
-    /// dropped: large frames that straddle reads then cost no fresh memory each (fresh pages are
-    /// zeroed by the kernel, a fault per page).
-    spare: BytesMut,
+    /// Made at the first frame cut across chunks: a connection whose frames all arrive whole (an
+    /// idle one after its handshake) carries 8 bytes here instead of 64.
+    carry: Option<Box<Carry>>,
     /// The unread rest of the last chunk fed: whole frames are cut from it without copying.
     chunk: Bytes,
     /// The largest sequence number decoded on this connection, around which short ones are
@@ -269,6 +266,33 @@ pub struct StreamDecoder {
     limits: DecodeLimits,
     /// Set on the first error; every later call returns it.
     poisoned: Option<DecodeError>,
+}
+
+/// Where frames cut across chunks are made whole.
+#[derive(Debug, Default)]
+struct Carry {
+    /// The rest of a frame (or preface) begun in an earlier chunk, gathered here until whole; bytes
+    /// given to [`StreamDecoder::feed`] also wait here. Always before `chunk` in stream order.
+    partial: BytesMut,
+    /// The buffer `partial` used before, kept to be taken back once the frame cut from it is
+    /// dropped: large frames that straddle reads then cost no fresh memory each (fresh pages are
+    /// zeroed by the kernel, a fault per page).
+    spare: BytesMut,
+}
+
+/// Checks the start of a stream against the [`PREFACE`], a byte at a time so that a wrong peer is
+/// caught on its first byte; `true` once all of it is there.
+fn check_preface(bytes: &[u8]) -> Result<bool, DecodeError> {
+    for (i, (&got, &want)) in bytes.iter().zip(PREFACE.iter()).enumerate() {
+        if got != want {
+            return Err(if i + 1 == PREFACE.len() {
+                DecodeError::UnsupportedVersion(got)
+            } else {
+                DecodeError::BadPreface
+            });
+        }
+    }
+    Ok(bytes.len() >= PREFACE.len())
 }
 
 /// Where the bytes at the front of a buffer stand.
@@ -291,8 +315,7 @@ impl StreamDecoder {
     #[must_use]
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
-            partial: BytesMut::new(),
-            spare: BytesMut::new(),
+            carry: None,
             chunk: Bytes::new(),
             largest_seq: None,
             preface_done: false,
@@ -306,7 +329,7 @@ impl StreamDecoder {
     pub fn feed(&mut self, data: &[u8]) {
         if self.poisoned.is_none() {
             self.carry_chunk();
-            self.partial.extend_from_slice(data);
+            self.carry().partial.extend_from_slice(data);
         }
     }
 
@@ -322,9 +345,18 @@ impl StreamDecoder {
     /// Moves what is left of the current chunk behind `partial`, so a new chunk can follow it.
     fn carry_chunk(&mut self) {
         if !self.chunk.is_empty() {
-            self.partial.extend_from_slice(&self.chunk);
-            self.chunk = Bytes::new();
+            let chunk = core::mem::take(&mut self.chunk);
+            self.carry().partial.extend_from_slice(&chunk);
         }
+    }
+
+    fn carry(&mut self) -> &mut Carry {
+        self.carry.get_or_insert_with(Box::default)
+    }
+
+    /// Bytes waiting in `carry` for the rest of their frame.
+    fn carried(&self) -> usize {
+        self.carry.as_ref().map_or(0, |c| c.partial.len())
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the error that poisoned
@@ -337,8 +369,7 @@ impl StreamDecoder {
         match self.decode_next() {
             Err(e) => {
                 self.poisoned = Some(e);
-                self.partial = BytesMut::new();
-                self.spare = BytesMut::new();
+                self.carry = None;
                 self.chunk = Bytes::new();
                 Err(e)
             }
@@ -349,7 +380,7 @@ impl StreamDecoder {
     /// How many received bytes are held, waiting to complete a frame.
     #[must_use]
     pub fn buffered(&self) -> usize {
-        self.partial.len() + self.chunk.len()
+        self.carried() + self.chunk.len()
     }
 
     /// The length prefix at the front of `buf`, checked against the limits.
@@ -380,21 +411,21 @@ impl StreamDecoder {
     /// Gives the empty `partial` room for `additional` bytes, reusing an earlier buffer whose
     /// frames are all dropped before asking for a new one.
     fn make_room(&mut self, additional: usize) {
-        if self.partial.try_reclaim(additional) {
+        let c = self.carry();
+        if c.partial.try_reclaim(additional) {
             return;
         }
-        core::mem::swap(&mut self.partial, &mut self.spare);
-        if !self.partial.try_reclaim(additional) {
-            self.partial = BytesMut::with_capacity(additional);
+        core::mem::swap(&mut c.partial, &mut c.spare);
+        if !c.partial.try_reclaim(additional) {
+            c.partial = BytesMut::with_capacity(additional);
         }
     }
 
     /// Moves up to `want` bytes in all into `partial`, from the front of `chunk`.
     fn top_up(&mut self, want: usize) {
-        let take = want
-            .saturating_sub(self.partial.len())
-            .min(self.chunk.len());
-        self.partial.extend_from_slice(&self.chunk[..take]);
+        let take = want.saturating_sub(self.carried()).min(self.chunk.len());
+        let carry = self.carry.get_or_insert_with(Box::default);
+        carry.partial.extend_from_slice(&self.chunk[..take]);
         if take == self.chunk.len() {
             self.chunk = Bytes::new();
         } else {
@@ -405,25 +436,28 @@ impl StreamDecoder {
     #[inline]
     fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
         if !self.preface_done {
-            self.top_up(PREFACE.len());
-            // Check each byte as it arrives, so a wrong peer is caught on its first byte.
-            for (i, (&got, &want)) in self.partial.iter().zip(PREFACE.iter()).enumerate() {
-                if got != want {
-                    return Err(if i + 1 == PREFACE.len() {
-                        DecodeError::UnsupportedVersion(got)
-                    } else {
-                        DecodeError::BadPreface
-                    });
+            if self.carried() == 0 && self.chunk.len() >= PREFACE.len() {
+                // The common case, the whole preface in the first chunk: checked in place.
+                check_preface(&self.chunk[..PREFACE.len()])?;
+                if self.chunk.len() == PREFACE.len() {
+                    self.chunk = Bytes::new();
+                } else {
+                    self.chunk.advance(PREFACE.len());
                 }
+            } else {
+                self.top_up(PREFACE.len());
+                let Some(c) = &mut self.carry else {
+                    return Ok(None);
+                };
+                if !check_preface(&c.partial)? {
+                    return Ok(None);
+                }
+                c.partial.advance(PREFACE.len());
             }
-            if self.partial.len() < PREFACE.len() {
-                return Ok(None);
-            }
-            self.partial.advance(PREFACE.len());
             self.preface_done = true;
         }
 
-        if self.partial.is_empty() {
+        if self.carried() == 0 {
             // The hot path: a whole frame inside the chunk, cut from it without a copy.
             match self.front(&self.chunk)? {
                 Front::Whole { prefix, len } => {
@@ -448,10 +482,16 @@ impl StreamDecoder {
         }
         // A frame begun in an earlier chunk: complete it from this one.
         loop {
-            match self.front(&self.partial)? {
+            let Some(c) = &self.carry else {
+                return Ok(None);
+            };
+            match self.front(&c.partial)? {
                 Front::Whole { prefix, len } => {
-                    self.partial.advance(prefix);
-                    let frame = self.partial.split_to(len).freeze();
+                    let Some(c) = &mut self.carry else {
+                        return Ok(None);
+                    };
+                    c.partial.advance(prefix);
+                    let frame = c.partial.split_to(len).freeze();
                     return self.decode_frame(frame).map(Some);
                 }
                 Front::Need(_) if self.chunk.is_empty() => return Ok(None),

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use crate::Seq;
 use crate::config::{Config, RecvRanges};
 use crate::frame::{AckFrame, AckRanges};
-use crate::time::{Duration, Instant, micros};
+use crate::time::{Instant, Span, micros};
 
 /// What became of one arriving data frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub struct Receiver {
 #[derive(Debug)]
 struct AckPolicy {
     every: u32,
-    max_delay: Duration,
+    max_delay: Span,
     /// Data frames that arrived since the last ack was sent.
     unacked: u32,
     /// Something arrived that the peer has not been told about.
@@ -86,7 +86,7 @@ impl Receiver {
             canary: config.canary,
             ack: AckPolicy {
                 every: config.ack_every,
-                max_delay: config.max_ack_delay,
+                max_delay: Span::of(config.max_ack_delay),
                 unacked: 0,
                 pending: false,
                 urgent: false,
@@ -293,7 +293,7 @@ impl AckPolicy {
         self.unacked = self.unacked.saturating_add(1);
         if !self.pending {
             self.pending = true;
-            self.deadline = Some(now + self.max_delay);
+            self.deadline = Some(now + self.max_delay.get());
         }
         if urgent || self.unacked >= self.every {
             self.urgent = true;
@@ -312,6 +312,7 @@ impl AckPolicy {
 mod tests {
     use super::*;
     use crate::config::Transport;
+    use crate::time::Duration;
     use alloc::vec::Vec;
 
     fn receiver() -> Receiver {

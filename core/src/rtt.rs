@@ -3,7 +3,7 @@
 //! Only datagram transports retransmit on a timer; stream transports leave that to TCP and retransmit
 //! only when a session resumes over a new connection.
 
-use crate::time::Duration;
+use crate::time::{Duration, Span};
 
 /// Smoothed RTT, its variation, and the retransmission timeout derived from them.
 ///
@@ -19,19 +19,21 @@ use crate::time::Duration;
 /// ```
 #[derive(Debug, Clone)]
 pub struct RttEstimator {
-    smoothed: Duration,
-    variation: Duration,
-    latest: Duration,
+    // Spans, not Durations: a server holds one per session.
+    smoothed: Span,
+    variation: Span,
+    latest: Span,
     has_sample: bool,
     /// The longest the peer deliberately holds an ack back: always part of the wait.
-    max_ack_delay: Duration,
-    min_rto: Duration,
-    max_rto: Duration,
+    max_ack_delay: Span,
+    min_rto: Span,
+    max_rto: Span,
 }
 
 impl RttEstimator {
     /// An estimator that assumes `initial` until the first sample, with the RTO clamped to
-    /// `[min_rto, max_rto]` and including the peer's `max_ack_delay`.
+    /// `[min_rto, max_rto]` and including the peer's `max_ack_delay`. Durations are kept to the
+    /// nanosecond, saturating at 2^64 ns (584 years).
     pub fn new(
         initial: Duration,
         max_ack_delay: Duration,
@@ -39,13 +41,13 @@ impl RttEstimator {
         max_rto: Duration,
     ) -> Self {
         RttEstimator {
-            smoothed: initial,
-            variation: initial / 2,
-            latest: initial,
+            smoothed: Span::of(initial),
+            variation: Span::of(initial / 2),
+            latest: Span::of(initial),
             has_sample: false,
-            max_ack_delay,
-            min_rto,
-            max_rto: max_rto.max(min_rto),
+            max_ack_delay: Span::of(max_ack_delay),
+            min_rto: Span::of(min_rto),
+            max_rto: Span::of(max_rto.max(min_rto)),
         }
     }
 
@@ -54,54 +56,57 @@ impl RttEstimator {
     pub fn on_sample(&mut self, measured: Duration, ack_delay: Duration) {
         // The peer's hold time is not network delay, but it may not claim more than it promised
         // (RFC 9002 §5.3), nor more than the whole measurement.
-        let ack_delay = ack_delay.min(self.max_ack_delay);
+        let ack_delay = ack_delay.min(self.max_ack_delay.get());
         let rtt = if measured > ack_delay {
             measured - ack_delay
         } else {
             measured
         };
-        self.latest = rtt;
+        self.latest = Span::of(rtt);
         if !self.has_sample {
             self.has_sample = true;
-            self.smoothed = rtt;
-            self.variation = rtt / 2;
+            self.smoothed = Span::of(rtt);
+            self.variation = Span::of(rtt / 2);
             return;
         }
-        let diff = self.smoothed.abs_diff(rtt);
+        let smoothed = self.smoothed.get();
+        let diff = smoothed.abs_diff(rtt);
         // RTTVAR = 3/4 RTTVAR + 1/4 |SRTT - R|; SRTT = 7/8 SRTT + 1/8 R.
-        self.variation = (self.variation * 3 + diff) / 4;
-        self.smoothed = (self.smoothed * 7 + rtt) / 8;
+        self.variation = Span::of((self.variation.get() * 3 + diff) / 4);
+        self.smoothed = Span::of((smoothed * 7 + rtt) / 8);
     }
 
     /// The smoothed round-trip time.
     pub fn smoothed(&self) -> Duration {
-        self.smoothed
+        self.smoothed.get()
     }
 
     /// The most recent sample.
     pub fn latest(&self) -> Duration {
-        self.latest
+        self.latest.get()
     }
 
     /// The retransmission timeout before any backoff: SRTT + 4·RTTVAR (at least 1 ms) plus the
     /// peer's maximum ack delay (RFC 9002's PTO), clamped to `[min_rto, max_rto]`.
     pub fn rto(&self) -> Duration {
-        let variation = (self.variation * 4).max(Duration::from_millis(1));
-        (self.smoothed + variation + self.max_ack_delay).clamp(self.min_rto, self.max_rto)
+        let variation = (self.variation.get() * 4).max(Duration::from_millis(1));
+        (self.smoothed.get() + variation + self.max_ack_delay.get())
+            .clamp(self.min_rto.get(), self.max_rto.get())
     }
 
     /// The retransmission timeout after `backoff` consecutive expiries (doubling each time), clamped.
     pub fn rto_with_backoff(&self, backoff: u32) -> Duration {
+        let max = self.max_rto.get();
         self.rto()
             .checked_mul(1u32 << backoff.min(16))
-            .unwrap_or(self.max_rto)
-            .min(self.max_rto)
+            .unwrap_or(max)
+            .min(max)
     }
 
     /// How long after sending a message, with something sent later already acknowledged, it is
     /// declared lost: 9/8 of the larger of the smoothed and latest RTT (RFC 9002's time threshold).
     pub fn loss_delay(&self) -> Duration {
-        (self.smoothed.max(self.latest) * 9 / 8).max(Duration::from_millis(1))
+        (self.smoothed.max(self.latest).get() * 9 / 8).max(Duration::from_millis(1))
     }
 }
 

@@ -318,47 +318,66 @@ impl HeldClose {
 }
 
 /// Pending requests, indexed both ways: by sequence number for replies, by deadline so the next
-/// one due is found without a scan (the server asks on every timer update).
+/// one due is found without a scan (the server asks on every timer update). Made at the first
+/// request and let go when none is left: most sessions never make one, and a server holds a
+/// `Requests` per session.
 #[derive(Debug, Default)]
-pub(crate) struct Requests {
+pub(crate) struct Requests(Option<Box<Pending>>);
+
+#[derive(Debug, Default)]
+struct Pending {
     by_seq: BTreeMap<Seq, Instant>,
     by_deadline: alloc::collections::BTreeSet<(Instant, Seq)>,
 }
 
 impl Requests {
     pub(crate) fn insert(&mut self, seq: Seq, deadline: Instant) {
-        if let Some(old) = self.by_seq.insert(seq, deadline) {
-            self.by_deadline.remove(&(old, seq));
+        let p = self.0.get_or_insert_with(Box::default);
+        if let Some(old) = p.by_seq.insert(seq, deadline) {
+            p.by_deadline.remove(&(old, seq));
         }
-        self.by_deadline.insert((deadline, seq));
+        p.by_deadline.insert((deadline, seq));
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_seq.len()
+        self.0.as_ref().map_or(0, |p| p.by_seq.len())
     }
 
     pub(crate) fn answered(&mut self, seq: Seq) {
-        if let Some(deadline) = self.by_seq.remove(&seq) {
-            self.by_deadline.remove(&(deadline, seq));
+        if let Some(p) = &mut self.0
+            && let Some(deadline) = p.by_seq.remove(&seq)
+        {
+            p.by_deadline.remove(&(deadline, seq));
+            self.let_go_if_empty();
         }
     }
 
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.by_deadline.first().map(|(d, _)| *d)
+        self.0.as_ref()?.by_deadline.first().map(|(d, _)| *d)
     }
 
     /// Removes and returns the requests due at `now`.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Seq> {
         let mut due = Vec::new();
-        while let Some(&(deadline, seq)) = self.by_deadline.first() {
+        let Some(p) = &mut self.0 else {
+            return due;
+        };
+        while let Some(&(deadline, seq)) = p.by_deadline.first() {
             if deadline > now {
                 break;
             }
-            self.by_deadline.pop_first();
-            self.by_seq.remove(&seq);
+            p.by_deadline.pop_first();
+            p.by_seq.remove(&seq);
             due.push(seq);
         }
+        self.let_go_if_empty();
         due
+    }
+
+    fn let_go_if_empty(&mut self) {
+        if self.0.as_ref().is_some_and(|p| p.by_seq.is_empty()) {
+            self.0 = None;
+        }
     }
 }
 

@@ -74,6 +74,21 @@ impl Sub<Instant> for Instant {
     }
 }
 
+/// A [`Duration`] kept in 8 bytes instead of 16, for state held per session: whole nanoseconds,
+/// saturating at 2^64 ns (584 years), which no timeout or round-trip time reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) struct Span(u64);
+
+impl Span {
+    pub(crate) fn of(d: Duration) -> Self {
+        Span(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn get(self) -> Duration {
+        Duration::from_nanos(self.0)
+    }
+}
+
 /// The earlier of two optional deadlines; `None` only if both are.
 pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
@@ -96,6 +111,16 @@ mod tests {
         let t = Instant::from_nanos(u64::MAX - 1);
         assert_eq!(t + Duration::from_secs(1), Instant::from_nanos(u64::MAX));
         assert_eq!(t.checked_add(Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn a_span_keeps_a_duration_to_the_nanosecond_and_saturates_past_584_years() {
+        let d = Duration::new(3, 141_592_653);
+        assert_eq!(Span::of(d).get(), d);
+        assert_eq!(
+            Span::of(Duration::MAX).get(),
+            Duration::from_nanos(u64::MAX)
+        );
     }
 
     #[test]
