@@ -265,7 +265,7 @@ pub struct StreamDecoder {
     preface_done: bool,
     limits: DecodeLimits,
     /// Set on the first error; every later call returns it.
-    poisoned: Option<DecodeError>,
+    poisoned: Option<Box<DecodeError>>,
 }
 
 /// Where frames cut across chunks are made whole.
@@ -363,12 +363,12 @@ impl StreamDecoder {
     /// the decoder.
     #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
-        if let Some(e) = self.poisoned {
+        if let Some(e) = self.poisoned.as_deref().copied() {
             return Err(e);
         }
         match self.decode_next() {
             Err(e) => {
-                self.poisoned = Some(e);
+                self.poisoned = Some(Box::new(e));
                 self.carry = None;
                 self.chunk = Bytes::new();
                 Err(e)

@@ -424,19 +424,29 @@ pub(crate) fn session_event(event: Event, requests: &mut Requests) -> SessionEve
 /// One connection's state: its framing, its liveness, and where its handshake stands.
 #[derive(Debug)]
 pub(crate) struct Link {
-    decoder: Option<StreamDecoder>,
+    framing: Framing,
     preface_sent: bool,
     pub(crate) liveness: Liveness,
     /// Handshake frames to write before anything else.
     pub(crate) outbox: Outbox,
     /// Pongs owed to the peer's pings.
-    pongs: PongBacklog,
+    /// Made when a ping arrives and let go once its pongs are written: an idle connection owes
+    /// none between heartbeats.
+    pongs: Option<Box<PongBacklog>>,
     pub(crate) established: bool,
     /// Datagrams that did not decode (corrupted, truncated, foreign).
     pub(crate) malformed: u64,
     pub(crate) arbiter: Option<Arbiter>,
     pub(crate) local_nonce: u64,
-    limits: DecodeLimits,
+}
+
+/// How a link cuts what arrives into frames.
+#[derive(Debug)]
+enum Framing {
+    /// A byte stream, with its decoder (which holds the limits).
+    Stream(StreamDecoder),
+    /// One frame per datagram.
+    Datagram(DecodeLimits),
 }
 
 /// A link's handshake frames waiting to go out, the newest two at most. Made when the first is
@@ -494,16 +504,18 @@ impl Link {
         now: Instant,
     ) -> Self {
         Link {
-            decoder: (transport == Transport::Stream).then(|| StreamDecoder::new(limits)),
+            framing: match transport {
+                Transport::Stream => Framing::Stream(StreamDecoder::new(limits)),
+                Transport::Datagram => Framing::Datagram(limits),
+            },
             preface_sent: false,
             liveness: Liveness::new(liveness, now),
             outbox: Outbox::default(),
-            pongs: PongBacklog::default(),
+            pongs: None,
             established: false,
             malformed: 0,
             arbiter: None,
             local_nonce,
-            limits,
         }
     }
 
@@ -514,13 +526,13 @@ impl Link {
         data: Bytes,
         mut on: impl FnMut(&mut Self, Incoming),
     ) {
-        match &mut self.decoder {
-            Some(decoder) => {
+        match &mut self.framing {
+            Framing::Stream(decoder) => {
                 decoder.feed_bytes(data);
                 loop {
-                    let next = match &mut self.decoder {
-                        Some(d) => d.next_frame(),
-                        None => return,
+                    let next = match &mut self.framing {
+                        Framing::Stream(d) => d.next_frame(),
+                        Framing::Datagram(_) => return,
                     };
                     match next {
                         Ok(Some(frame)) => {
@@ -538,7 +550,7 @@ impl Link {
                 }
             }
             // A mangled datagram is dropped like a lost one, and proves nothing about the peer.
-            None => match framing::decode_datagram(data, &self.limits) {
+            Framing::Datagram(limits) => match framing::decode_datagram(data, limits) {
                 Ok(frame) => {
                     self.liveness.on_receive(now);
                     if let Some(frame) = self.intercept(now, frame) {
@@ -559,7 +571,7 @@ impl Link {
             Frame::Ping { .. } if !self.established => Some(frame),
             Frame::Pong { .. } if !self.established => None,
             Frame::Ping { id } => {
-                self.pongs.answer(id);
+                self.pongs.get_or_insert_with(Box::default).answer(id);
                 None
             }
             Frame::Pong { id } => {
@@ -568,6 +580,15 @@ impl Link {
             }
             other => Some(other),
         }
+    }
+
+    /// The next pong owed, letting the backlog go once it is empty.
+    fn next_pong(&mut self) -> Option<u64> {
+        let id = self.pongs.as_deref_mut()?.next();
+        if id.is_none() {
+            self.pongs = None;
+        }
+        id
     }
 
     /// Writes the link's own frames (preface, handshake, pings, pongs) and then, once established,
@@ -580,7 +601,7 @@ impl Link {
         budget: usize,
     ) -> usize {
         let start = buf.len();
-        let stream = self.decoder.is_some();
+        let stream = matches!(self.framing, Framing::Stream(_));
         if stream && !self.preface_sent {
             framing::encode_preface(buf);
             self.preface_sent = true;
@@ -589,7 +610,7 @@ impl Link {
         while !one(buf) {
             let frame = match self.outbox.pop_front() {
                 Some(f) => f,
-                None => match self.pongs.next() {
+                None => match self.next_pong() {
                     Some(id) => Frame::Pong { id },
                     None => match self.liveness.poll_ping(now).filter(|_| self.established) {
                         Some(id) => Frame::Ping { id },
@@ -619,9 +640,9 @@ impl Link {
 
     /// Whether the link has something of its own to write.
     pub(crate) fn wants_transmit(&self) -> bool {
-        (self.decoder.is_some() && !self.preface_sent)
+        (matches!(self.framing, Framing::Stream(_)) && !self.preface_sent)
             || !self.outbox.is_empty()
-            || !self.pongs.is_empty()
+            || self.pongs.as_ref().is_some_and(|p| !p.is_empty())
     }
 
     pub(crate) fn queue(&mut self, frame: Frame) {
