@@ -10,9 +10,12 @@
 //! the stream preface and a hello, and the server's welcome is read and thrown away. Figures:
 //!
 //! 1. a connected session right after its handshake;
-//! 2. the same after one 64-byte message each way, each acknowledged (queues that grew once keep
-//!    their capacity, so this is what a session that has done something costs while idle);
-//! 3. the session alone once its connection is gone (retained for its client to resume).
+//! 2. the same after one 64-byte message each way, each acknowledged (queues that grew keep their
+//!    room while the session is busy);
+//! 3. the same after a heartbeat interval of silence, when each connection's heartbeat goes out
+//!    and its channel lets go of that room: what a session that has done something costs idle;
+//! 4. the session alone once its connection is gone (retained for its client to resume; a
+//!    detached channel lets go of its queues' room too).
 //!
 //! Only the core's state is counted: the adapter's socket, its read and write buffers and the
 //! task of each connection come on top. The bytes are what was asked of the allocator; the
@@ -177,6 +180,19 @@ fn main() {
         "connected, idle after one message each way",
         start,
         exchanged,
+        n,
+    );
+
+    // A heartbeat interval of silence: each connection's heartbeat goes out, and with it the
+    // channel lets go of the room its queues grew.
+    let now = now + steadfast_core::liveness::LivenessConfig::default().heartbeat_interval;
+    server.handle_timeout(now);
+    drain(&mut server, now, &mut out, &mut ids);
+    let quiet = live();
+    report(
+        "  the same after a heartbeat interval of silence",
+        start,
+        quiet,
         n,
     );
 

@@ -171,6 +171,15 @@ impl Channel {
         })
     }
 
+    /// Lets go of the spare room of its queues (events, unacknowledged messages, the reorder
+    /// buffer), keeping their contents: for a channel that is idle for a while, such as a server
+    /// session retained while its client is away.
+    pub(crate) fn shrink_queues(&mut self) {
+        self.events.shrink_to_fit();
+        self.send.shrink_queues();
+        self.recv.shrink_queues();
+    }
+
     /// What the decoders accept, from the configuration.
     fn limits(&self) -> DecodeLimits {
         DecodeLimits {

@@ -73,6 +73,11 @@ struct AckPolicy {
 }
 
 impl Receiver {
+    /// Lets go of the reorder buffer's spare room.
+    pub(crate) fn shrink_queues(&mut self) {
+        self.reorder.shrink_to_fit();
+    }
+
     /// A receiver expecting sequence number 0 first.
     pub fn new(config: &Config) -> Self {
         Receiver {

@@ -255,6 +255,11 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Lets go of the unacknowledged queue's spare room.
+    pub(crate) fn shrink_queues(&mut self) {
+        self.slots.shrink_to_fit();
+    }
+
     /// An empty sender whose first message gets sequence number 0.
     pub fn new(config: &Config) -> Self {
         Sender {

@@ -855,6 +855,9 @@ impl Server {
             self.config.disconnected_max_queued_messages,
             self.config.disconnected_max_queued_bytes,
         );
+        // Retained for a resume that may never come: it keeps what it holds, not the room its
+        // queues grew while it was busy.
+        s.channel.shrink_queues();
         self.events.push_back(ServerEvent::Session {
             session: id,
             event: SessionEvent::Disconnected { cause },

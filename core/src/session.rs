@@ -607,13 +607,21 @@ impl Link {
             self.preface_sent = true;
         }
         let one = |buf: &BytesMut| !stream && buf.len() > start;
+        let mut channel = channel;
         while !one(buf) {
             let frame = match self.outbox.pop_front() {
                 Some(f) => f,
                 None => match self.next_pong() {
                     Some(id) => Frame::Pong { id },
                     None => match self.liveness.poll_ping(now).filter(|_| self.established) {
-                        Some(id) => Frame::Ping { id },
+                        Some(id) => {
+                            // A heartbeat: nothing went out for a while. The channel lets go of
+                            // the room its queues grew while busy (once per idle interval).
+                            if let Some(ch) = channel.as_deref_mut() {
+                                ch.shrink_queues();
+                            }
+                            Frame::Ping { id }
+                        }
                         None => break,
                     },
                 },
