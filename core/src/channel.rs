@@ -180,6 +180,12 @@ impl Channel {
         self.recv.shrink_queues();
     }
 
+    /// The spare room of its queues, in elements: what [`Channel::shrink_queues`] gives back.
+    #[cfg(test)]
+    pub(crate) fn queue_room(&self) -> usize {
+        self.events.capacity() - self.events.len() + self.send.queue_room() + self.recv.queue_room()
+    }
+
     /// What the decoders accept, from the configuration.
     fn limits(&self) -> DecodeLimits {
         DecodeLimits {

@@ -73,6 +73,11 @@ struct AckPolicy {
 }
 
 impl Receiver {
+    #[cfg(test)]
+    pub(crate) fn queue_room(&self) -> usize {
+        self.reorder.capacity() - self.reorder.len()
+    }
+
     /// Lets go of the reorder buffer's spare room.
     pub(crate) fn shrink_queues(&mut self) {
         self.reorder.shrink_to_fit();

@@ -260,6 +260,11 @@ impl Sender {
         self.slots.shrink_to_fit();
     }
 
+    #[cfg(test)]
+    pub(crate) fn queue_room(&self) -> usize {
+        self.slots.capacity() - self.slots.len()
+    }
+
     /// An empty sender whose first message gets sequence number 0.
     pub fn new(config: &Config) -> Self {
         Sender {

@@ -1709,6 +1709,85 @@ mod tests {
         assert!(s.orphans.is_empty());
     }
 
+    /// Drains what the server wants written (thrown away) and its events; returns the sessions
+    /// that connected.
+    fn drain(s: &mut Server, t: Instant) -> Vec<SessionId> {
+        let mut buf = BytesMut::new();
+        while s.poll_transmit(t, &mut buf).is_some() {
+            buf.clear();
+        }
+        let mut connected = Vec::new();
+        while let Some(e) = s.poll_event() {
+            if let ServerEvent::Session {
+                session,
+                event: SessionEvent::Connected { .. },
+            } = e
+            {
+                connected.push(session);
+            }
+        }
+        connected
+    }
+
+    fn stream(frames: &[Frame], preface: bool) -> Bytes {
+        let mut wire = BytesMut::new();
+        if preface {
+            crate::framing::encode_preface(&mut wire);
+        }
+        for f in frames {
+            crate::framing::encode_stream_frame(f, &mut wire);
+        }
+        wire.freeze()
+    }
+
+    #[test]
+    fn a_quiet_session_gives_back_the_room_its_queues_grew() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        s.on_connection(t, 1);
+        let hello = Frame::Hello(HelloFrame {
+            nonce: 1,
+            recv_window: 1024,
+            resume: None,
+            credentials: Bytes::new(),
+        });
+        s.handle_input(t, 1, stream(&[hello], true));
+        let [id] = drain(&mut s, t)[..] else {
+            panic!("one session");
+        };
+        let burst = |s: &mut Server, n: usize| {
+            for _ in 0..n {
+                s.send(id, 0, Mode::Ordered, Bytes::from_static(b"x"))
+                    .expect("room");
+            }
+        };
+        let room = |s: &Server| s.sessions[&id].channel.queue_room();
+        burst(&mut s, 100);
+        drain(&mut s, t);
+        let ack = Frame::Ack(crate::frame::AckFrame {
+            cumulative: 100,
+            delay_micros: 0,
+            ranges: Default::default(),
+        });
+        s.handle_input(t, 1, stream(&[ack], false));
+        drain(&mut s, t);
+        assert!(room(&s) >= 100, "busy, its queues keep their room");
+
+        // Nothing sent for a heartbeat interval: the heartbeat goes out, the room comes back.
+        let t = t + crate::liveness::LivenessConfig::default().heartbeat_interval;
+        s.handle_timeout(t);
+        drain(&mut s, t);
+        assert_eq!(room(&s), 0);
+
+        // Busy again, then the client goes away: what is unacknowledged stays, the room goes.
+        burst(&mut s, 100);
+        drain(&mut s, t);
+        s.on_disconnected(t, 1);
+        drain(&mut s, t);
+        assert_eq!(room(&s), 0);
+        assert_eq!(s.sessions[&id].channel.sender().queued_messages(), 100);
+    }
+
     proptest! {
         /// The timer heap agrees with a set of `(deadline, key)` pairs, whatever is armed, moved,
         /// disarmed, freed and fired, in whatever order.
