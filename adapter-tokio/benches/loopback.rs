@@ -7,7 +7,9 @@
 //! Sections, each printed as a table (about two and a half minutes in all on a 2-core machine):
 //!
 //! - **throughput**: one direction, client to server, for 64 B and 64 KiB messages: steadfast-tokio
-//!   (ordered, acks on), raw tokio `TcpStream` + `BufWriter` (one `write_all` of a pre-framed
+//!   (ordered, acks on; once with a handle call per message and per event, once with the batch
+//!   calls `send_many` and `next_events`, 64 at a time), raw tokio `TcpStream` + `BufWriter` (one
+//!   `write_all` of a pre-framed
 //!   message: a 4-byte length and the payload),
 //!   `FramedWrite<LengthDelimitedCodec>` with feed-then-flush, and rumqttc publishing QoS 1 through
 //!   an in-process rumqttd broker to a QoS 1 subscriber. The sender sends for a fixed time, then a
@@ -29,8 +31,8 @@
 //!   bytes. HdrHistogram, p50/p99/p99.9/max; the first 10% of each run is warm-up, not recorded.
 //!   Tail latencies on a shared 2-core machine swing from run to run (the pacing thread competes
 //!   with the runtime's two workers), so each figure is the median of several runs.
-//! - **runtimes**: steadfast-smol and steadfast-async-std against raw TCP on their own runtime
-//!   (`BufWriter`, the same framing), 64 B, one direction.
+//! - **runtimes**: steadfast-smol and steadfast-async-std (per-message and batch calls) against raw
+//!   TCP on their own runtime (`BufWriter`, the same framing), 64 B, one direction.
 //! - **recovery**: client to server through the chaos proxy with the default configuration, a
 //!   message every 2 ms. (a) A blackhole on the connection: time to the client's `Disconnected`,
 //!   then to the first message delivered after it (new connections work all along, so the path is
@@ -41,7 +43,7 @@
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (3), `LOOPBACK_RATES`
 //! (10000,100000),
-//! `LOOPBACK_KINDS` (steadfast,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
+//! `LOOPBACK_KINDS` (steadfast,batched,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
 //! counts; they need `perf` and permission to attach to this process).
 
@@ -70,6 +72,8 @@ const LARGE: usize = 64 << 10;
 const END: u8 = 0xff;
 /// How often a sender looks at the clock.
 const CHECK_EVERY: u64 = 16;
+/// Messages per `send_many`, and events per `next_events`, where the handles' batch calls are used.
+const BATCH: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Settings and results
@@ -108,7 +112,7 @@ impl Settings {
         };
         Settings {
             sections: list("LOOPBACK_ONLY", "throughput,wire,latency,runtimes,recovery"),
-            kinds: list("LOOPBACK_KINDS", "steadfast,raw,framed,mqtt"),
+            kinds: list("LOOPBACK_KINDS", "steadfast,batched,raw,framed,mqtt"),
             sizes: list("LOOPBACK_SIZES", "64,65536")
                 .iter()
                 .filter_map(|s| s.parse().ok())
@@ -342,21 +346,29 @@ type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Counts the server's arrivals until the marked last one: (arrivals, when the last arrived, the
 /// server handle back).
-async fn count_server(server: ServerHandle) -> (u64, Instant, ServerHandle) {
+async fn count_server(server: ServerHandle, batched: bool) -> (u64, Instant, ServerHandle) {
     let mut n = 0;
+    let mut events = Vec::with_capacity(BATCH);
     loop {
-        match server.next_event().await {
-            Some(ServerEvent::Session {
+        if batched {
+            assert!(
+                server.next_events(&mut events, BATCH).await > 0,
+                "the server stopped"
+            );
+        } else {
+            events.push(server.next_event().await.expect("the server stopped"));
+        }
+        for event in events.drain(..) {
+            if let ServerEvent::Session {
                 event: SessionEvent::Received(m),
                 ..
-            }) => {
+            } = event
+            {
                 n += 1;
                 if m.payload[0] == END {
                     return (n, Instant::now(), server);
                 }
             }
-            Some(_) => {}
-            None => panic!("the server stopped"),
         }
     }
 }
@@ -367,17 +379,28 @@ async fn steadfast_pump<J>(
     server: ServerHandle,
     size: usize,
     secs: Duration,
+    batched: bool,
     spawn: impl FnOnce(BoxFut<(u64, Instant, ServerHandle)>) -> J,
 ) -> Run
 where
     J: Future<Output = (u64, Instant, ServerHandle)>,
 {
     assert!(client.connected().await, "the client connected");
-    let receiver = spawn(Box::pin(count_server(server)));
+    let receiver = spawn(Box::pin(count_server(server, batched)));
     let (body, end) = payloads(size);
     let start = Instant::now();
     let mut sent = 0;
+    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
     while start.elapsed() < secs {
+        if batched {
+            batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
+            client
+                .send_many(0, Mode::Ordered, &mut batch)
+                .await
+                .expect("send");
+            sent += BATCH as u64;
+            continue;
+        }
         for _ in 0..CHECK_EVERY {
             client
                 .send(0, Mode::Ordered, body.clone())
@@ -440,17 +463,25 @@ async fn raw_count_futures_io<S: AsyncRead + Unpin>(mut stream: S) -> (u64, Inst
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Steadfast,
+    Batched,
     Raw,
     Framed,
     Mqtt,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Steadfast, Kind::Raw, Kind::Framed, Kind::Mqtt];
+    const ALL: [Kind; 5] = [
+        Kind::Steadfast,
+        Kind::Batched,
+        Kind::Raw,
+        Kind::Framed,
+        Kind::Mqtt,
+    ];
 
     fn key(self) -> &'static str {
         match self {
             Kind::Steadfast => "steadfast",
+            Kind::Batched => "batched",
             Kind::Raw => "raw",
             Kind::Framed => "framed",
             Kind::Mqtt => "mqtt",
@@ -460,6 +491,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Steadfast => "steadfast-tokio (acks on)",
+            Kind::Batched => "steadfast-tokio, batch calls",
             Kind::Raw => "raw TcpStream + BufWriter",
             Kind::Framed => "Framed<LengthDelimited> feed+flush",
             Kind::Mqtt => "rumqttc QoS 1 via rumqttd",
@@ -467,13 +499,13 @@ impl Kind {
     }
 }
 
-async fn tokio_steadfast(size: usize, secs: Duration, proxy: bool) -> Run {
+async fn tokio_steadfast(size: usize, secs: Duration, proxy: bool, batched: bool) -> Run {
     let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
         .await
         .expect("listen");
     let (addr, proxy) = maybe_proxy(server.local_addr(), proxy).await;
     let client = steadfast_tokio::connect(ClientOptions::new(vec![addr])).expect("connect");
-    let mut run = steadfast_pump(client, server, size, secs, |f| {
+    let mut run = steadfast_pump(client, server, size, secs, batched, |f| {
         // Spawned now, not when first awaited: the receiver must run while the sender sends.
         let receiver = tokio::spawn(f);
         async move { receiver.await.expect("receiver") }
@@ -704,7 +736,8 @@ fn tokio_run(
 ) -> Run {
     rt.block_on(async {
         match kind {
-            Kind::Steadfast => tokio_steadfast(size, secs, proxy).await,
+            Kind::Steadfast => tokio_steadfast(size, secs, proxy, false).await,
+            Kind::Batched => tokio_steadfast(size, secs, proxy, true).await,
             Kind::Raw => tokio_raw(size, secs, proxy).await,
             Kind::Framed => tokio_framed(size, secs, proxy).await,
             Kind::Mqtt => tokio_mqtt(broker, run_id, size, secs, proxy).await,
@@ -721,7 +754,7 @@ enum OtherRt {
     AsyncStd,
 }
 
-fn other_steadfast(which: OtherRt, size: usize, secs: Duration) -> Run {
+fn other_steadfast(which: OtherRt, size: usize, secs: Duration, batched: bool) -> Run {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     match which {
         OtherRt::Smol => smol::block_on(async {
@@ -730,7 +763,7 @@ fn other_steadfast(which: OtherRt, size: usize, secs: Duration) -> Run {
                 .expect("listen");
             let client = steadfast_smol::connect(ClientOptions::new(vec![server.local_addr()]))
                 .expect("connect");
-            steadfast_pump(client, server, size, secs, smol::spawn).await
+            steadfast_pump(client, server, size, secs, batched, smol::spawn).await
         }),
         OtherRt::AsyncStd => async_std::task::block_on(async {
             let server = steadfast_async_std::listen(any, ServerOptions::new())
@@ -739,7 +772,7 @@ fn other_steadfast(which: OtherRt, size: usize, secs: Duration) -> Run {
             let client =
                 steadfast_async_std::connect(ClientOptions::new(vec![server.local_addr()]))
                     .expect("connect");
-            steadfast_pump(client, server, size, secs, async_std::task::spawn).await
+            steadfast_pump(client, server, size, secs, batched, async_std::task::spawn).await
         }),
     }
 }
@@ -1199,6 +1232,10 @@ fn main() {
             get(Kind::Steadfast, SMALL) / get(Kind::Framed, SMALL)
         );
         println!(
+            "    64 B   batch calls / Framed<LengthDelimited> {:.2}  (>= 1.0)",
+            get(Kind::Batched, SMALL) / get(Kind::Framed, SMALL)
+        );
+        println!(
             "    64 B   steadfast / rumqttc QoS 1            {:.1}  (>= 10)",
             get(Kind::Steadfast, SMALL) / get(Kind::Mqtt, SMALL)
         );
@@ -1309,13 +1346,12 @@ fn main() {
         println!("{THROUGHPUT_HEADER}");
         for (which, name) in [(OtherRt::Smol, "smol"), (OtherRt::AsyncStd, "async-std")] {
             let mut rates = Vec::new();
-            for steadfast in [true, false] {
-                let go = |secs| {
-                    if steadfast {
-                        other_steadfast(which, SMALL, secs)
-                    } else {
-                        other_raw(which, SMALL, secs)
-                    }
+            // Per-message calls, batch calls, raw TCP.
+            for variant in 0..3 {
+                let go = |secs| match variant {
+                    0 => other_steadfast(which, SMALL, secs, false),
+                    1 => other_steadfast(which, SMALL, secs, true),
+                    _ => other_raw(which, SMALL, secs),
                 };
                 go(Duration::from_millis(200));
                 let mut runs = Vec::new();
@@ -1326,16 +1362,17 @@ fn main() {
                     runs.push(run);
                 }
                 rates.push(median(runs.iter().map(Run::rate).collect()));
-                let label = if steadfast {
-                    format!("steadfast-{name}")
-                } else {
-                    format!("raw {name} TcpStream + BufWriter")
+                let label = match variant {
+                    0 => format!("steadfast-{name}"),
+                    1 => format!("steadfast-{name}, batch calls"),
+                    _ => format!("raw {name} TcpStream + BufWriter"),
                 };
                 println!("{}", throughput_row(&label, &runs));
             }
             println!(
-                "    steadfast-{name} / raw {name}: {:.3} (goal >= 0.85)",
-                rates[0] / rates[1]
+                "    steadfast-{name} / raw {name}: {:.3}; with batch calls {:.3} (goal >= 0.85)",
+                rates[0] / rates[2],
+                rates[1] / rates[2]
             );
         }
     }

@@ -63,3 +63,111 @@ async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_b
         "a queue of 8 never filled: backpressure went untested"
     );
 }
+
+/// The server's next `Received` payloads, taken in batches, until `count` arrived; also the session.
+async fn receive_in_batches(
+    server: &steadfast_tokio::ServerHandle,
+    count: u64,
+) -> (Vec<Bytes>, steadfast_tokio::core::identity::SessionId) {
+    let mut got = Vec::new();
+    let mut session = None;
+    let mut events = Vec::new();
+    while (got.len() as u64) < count {
+        let n = tokio::time::timeout(Duration::from_secs(20), server.next_events(&mut events, 64))
+            .await
+            .expect("events within 20 s");
+        assert!(n > 0 && n <= 64, "a batch of 1 to 64 events, not {n}");
+        assert_eq!(events.len(), n);
+        for event in events.drain(..) {
+            if let ServerEvent::Session {
+                session: s,
+                event: SessionEvent::Received(m),
+            } = event
+            {
+                session = Some(s);
+                got.push(m.payload);
+            }
+        }
+    }
+    (got, session.expect("a session"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_sends_and_events_keep_order_and_wait_for_room_in_a_queue_of_eight() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let mut options = ClientOptions::new(vec![server.local_addr()]);
+    options.config.channel.max_queued_messages = 8;
+    let client = steadfast_tokio::connect(options).unwrap();
+    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+
+    // Client to server: one batch far larger than the queue, so it must wait for room.
+    let mut batch: std::collections::VecDeque<Bytes> = (0..MESSAGES).map(numbered).collect();
+    let sending = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .send_many(0, Mode::Ordered, &mut batch)
+                .await
+                .map(|()| batch.len())
+        })
+    };
+    let (got, session) = receive_in_batches(&server, MESSAGES).await;
+    assert_eq!(sending.await.unwrap(), Ok(0), "every payload was taken");
+    let want: Vec<Bytes> = (0..MESSAGES).map(numbered).collect();
+    assert_eq!(got, want, "in order, exactly once");
+
+    // Server to client, the same way back.
+    let mut batch: std::collections::VecDeque<Bytes> = (0..MESSAGES).map(numbered).collect();
+    let sending = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .send_many(session, 0, Mode::Ordered, &mut batch)
+                .await
+                .map(|()| batch.len())
+        })
+    };
+    let mut got = Vec::new();
+    let mut events = Vec::new();
+    while (got.len() as u64) < MESSAGES {
+        tokio::time::timeout(Duration::from_secs(20), client.next_events(&mut events, 64))
+            .await
+            .expect("events within 20 s");
+        for event in events.drain(..) {
+            if let SessionEvent::Received(m) = event {
+                got.push(m.payload);
+            }
+        }
+    }
+    assert_eq!(sending.await.unwrap(), Ok(0));
+    assert_eq!(got, want, "in order, exactly once, back to the client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stops_at_the_payload_refused_and_keeps_the_rest_unsent() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    assert!(client.connected().await);
+    client.close(steadfast_tokio::core::CLOSE_NORMAL, Bytes::new());
+    client.closed().await;
+
+    let mut batch: std::collections::VecDeque<Bytes> =
+        [&b"a"[..], b"b", b"c"].map(Bytes::from_static).into();
+    match client.send_many(0, Mode::Ordered, &mut batch).await {
+        Err(steadfast_tokio::SendError::Closed(p)) => assert_eq!(&p[..], b"a"),
+        other => panic!("a closed session refuses the first payload: {other:?}"),
+    }
+    assert_eq!(batch, [&b"b"[..], b"c"], "the rest stay, unsent");
+
+    // After the session's end, a batch of events gives what is left, then 0.
+    let mut events = Vec::new();
+    while client.next_events(&mut events, 8).await > 0 {}
+    assert!(
+        matches!(events.last(), Some(SessionEvent::Closed { .. })),
+        "the last event is the close: {events:?}"
+    );
+}

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`client`] | [`ClientHandle`] and the [`ClientDriver`] future that owns a client's connection |
 //! | [`server`] | [`ServerHandle`], the accept-and-timer future and one task per connection |
+//! | `batch` | many sends or many events per lock of the shared state |
 //! | `read` | a connection's reads, cut where its frames end so that large frames arrive whole |
 //! | `shared` | the state the application's threads and the driver share, behind one mutex |
 //! | `sync` | the `std`/`loom` switch for that state's primitives |
@@ -28,6 +29,7 @@ use core::pin::Pin;
 use core::task::{Context, Poll};
 use std::io;
 
+mod batch;
 pub mod client;
 mod read;
 mod requests;

@@ -11,6 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
+use super::batch::{Run, take_events};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -325,6 +326,41 @@ impl ServerHandle {
         pollster::block_on(self.send(session, stream, mode, payload))
     }
 
+    /// Sends `payloads` to `session` on `stream` in order, front first, waiting for room while its
+    /// queue is full: [`ServerHandle::send`] for a batch, with one lock and one write-out per run
+    /// of sends that fit instead of one per message.
+    ///
+    /// Each payload sent is taken from `payloads`. On an error the refused payload comes back in
+    /// it, and the ones after it stay in `payloads`, unsent.
+    pub async fn send_many(
+        &self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payloads: &mut VecDeque<Bytes>,
+    ) -> Result<(), SendError> {
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, wakes| {
+                let (run, sent) = Run::send(payloads, |p| s.server.send(session, stream, mode, p));
+                if sent {
+                    s.flush(wakes);
+                }
+                match run {
+                    Run::Done => Poll::Ready(Ok(())),
+                    Run::Failed(e) => Poll::Ready(Err(e)),
+                    Run::Full if !s.shutdown => {
+                        register_in(&mut s.capacity, cx.waker());
+                        Poll::Pending
+                    }
+                    Run::Full => Poll::Ready(Err(SendError::QueueFull(
+                        payloads.pop_front().unwrap_or_default(),
+                    ))),
+                }
+            })
+        })
+        .await
+    }
+
     /// Sends one payload to many sessions (fan-out); returns the sends that were refused.
     pub fn broadcast(
         &self,
@@ -389,6 +425,30 @@ impl ServerHandle {
     /// The next event, without waiting.
     pub fn try_event(&self) -> Option<ServerEvent> {
         self.shared.with(|s, _| s.events.pop_front())
+    }
+
+    /// Waits for an event, then moves up to `max` of those ready into `into` under one lock:
+    /// [`ServerHandle::next_event`] for a batch. Returns how many it moved; 0 once the server has
+    /// shut down and every event was taken (or if `max` is 0).
+    pub async fn next_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
+        core::future::poll_fn(|cx| {
+            self.shared.with(
+                |s, _| match take_events(into, max, || s.events.pop_front()) {
+                    0 if max > 0 && !s.shutdown => {
+                        register(&mut s.event_waiter, cx.waker());
+                        Poll::Pending
+                    }
+                    n => Poll::Ready(n),
+                },
+            )
+        })
+        .await
+    }
+
+    /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
+    pub fn try_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
+        self.shared
+            .with(|s, _| take_events(into, max, || s.events.pop_front()))
     }
 
     /// Polls for the next event (for building a `Stream`).

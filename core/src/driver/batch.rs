@@ -1,0 +1,116 @@
+//! Batches: many sends, or many events, per lock of the shared state.
+//!
+//! A handle's single-message calls lock the session once per message and may wake its driver once
+//! per message. At small messages and high rates that lock and wake-up cost more than the core's
+//! work; an application that has several messages at hand (a fan-out, a drained work queue) sends
+//! them as one run, the way `Framed`'s feed-then-flush does. Both handles share the shape written
+//! here.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use bytes::Bytes;
+
+use crate::mode::Sent;
+use crate::send::SendError;
+
+/// How a run of sends under one lock ended.
+pub(crate) enum Run {
+    /// Every payload was sent.
+    Done,
+    /// The send queue filled up; the payload it refused is back at the front.
+    Full,
+    /// A payload was refused for good; the ones after it stay queued.
+    Failed(SendError),
+}
+
+impl Run {
+    /// Sends from the front of `payloads` until they are all sent, the queue is full, or one is
+    /// refused. Returns how the run ended and whether anything was sent (the driver must hear).
+    pub(crate) fn send(
+        payloads: &mut VecDeque<Bytes>,
+        mut send: impl FnMut(Bytes) -> Result<Sent, SendError>,
+    ) -> (Run, bool) {
+        let mut sent = false;
+        while let Some(p) = payloads.pop_front() {
+            match send(p) {
+                Ok(_) => sent = true,
+                Err(SendError::QueueFull(p)) => {
+                    payloads.push_front(p);
+                    return (Run::Full, sent);
+                }
+                Err(e) => return (Run::Failed(e), sent),
+            }
+        }
+        (Run::Done, sent)
+    }
+}
+
+/// Moves up to `max` events from `take` into `into`; returns how many.
+pub(crate) fn take_events<E>(
+    into: &mut Vec<E>,
+    max: usize,
+    mut take: impl FnMut() -> Option<E>,
+) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some(e) = take() else { break };
+        into.push(e);
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Seq;
+
+    fn payloads(n: u8) -> VecDeque<Bytes> {
+        (0..n).map(|i| Bytes::from(alloc::vec![i])).collect()
+    }
+
+    #[test]
+    fn a_run_stops_at_a_full_queue_and_keeps_the_refused_payload_first() {
+        let mut q = payloads(5);
+        let mut room = 3;
+        let (run, sent) = Run::send(&mut q, |p| {
+            if room == 0 {
+                return Err(SendError::QueueFull(p));
+            }
+            room -= 1;
+            Ok(Sent::Reliable(Seq::from(p[0])))
+        });
+        assert!(matches!(run, Run::Full));
+        assert!(sent);
+        assert_eq!(q, payloads(5).split_off(3), "3 and 4 wait, in order");
+    }
+
+    #[test]
+    fn a_refused_payload_leaves_the_run_and_the_rest_stay_queued() {
+        let mut q = payloads(4);
+        let (run, sent) = Run::send(&mut q, |p| {
+            if p[0] == 1 {
+                Err(SendError::Closed(p))
+            } else {
+                Ok(Sent::Unreliable)
+            }
+        });
+        match run {
+            Run::Failed(SendError::Closed(p)) => assert_eq!(&p[..], [1]),
+            _ => panic!("the second payload was refused"),
+        }
+        assert!(sent, "the first one went");
+        assert_eq!(q, payloads(4).split_off(2));
+    }
+
+    #[test]
+    fn taking_events_stops_at_the_limit_or_when_none_are_left() {
+        let mut source: VecDeque<u32> = (0..5).collect();
+        let mut into = Vec::new();
+        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 3);
+        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 2);
+        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 0);
+        assert_eq!(into, [0, 1, 2, 3, 4]);
+    }
+}
