@@ -499,12 +499,9 @@ impl Client {
             epoch: self.epoch,
         };
         self.durable(|s| s.identity(identity));
-        self.channel.sender_mut().set_in_flight_limit(
-            self.config
-                .channel
-                .in_flight_limit()
-                .min(w.recv_window.max(1)),
-        );
+        self.channel
+            .sender_mut()
+            .set_in_flight_limit(self.config.channel.in_flight_limit(w.recv_window));
         self.reconnect.on_connected(now);
         self.issued_attempt = None;
         match self.channel.resume(now, w.received) {

@@ -105,9 +105,11 @@ impl Config {
     ///
     /// A datagram transport sends at most 256 messages ahead: a burst any larger arrives so
     /// scrambled by per-packet jitter that the de-duplication bound turns reordering into loss.
+    /// A stream may have its whole queue in flight: a receiver that takes a 64 KiB read's worth
+    /// of small frames at once would otherwise leave the sender idle until its ack came back.
     pub fn new(transport: Transport) -> Self {
         let max_in_flight = match transport {
-            Transport::Stream => 1024,
+            Transport::Stream => 4096,
             Transport::Datagram => 256,
         };
         Config {
@@ -137,10 +139,15 @@ impl Config {
         self.max_frame_size.saturating_sub(MAX_DATA_HEADER_LEN)
     }
 
-    /// The most messages the sender can have in flight: its own limit, and never more than the
-    /// receiver's window (the peer would drop the excess unacknowledged).
-    pub fn in_flight_limit(&self) -> u64 {
-        self.max_in_flight.min(self.recv_window)
+    /// The most messages the sender can have in flight to a peer whose receive window is
+    /// `peer_window`: its own limit and, over datagrams, never more than that window (the peer
+    /// would drop the excess unacknowledged). A stream delivers in order, so each frame arrives at
+    /// the peer's watermark, where the window never binds.
+    pub fn in_flight_limit(&self, peer_window: u64) -> u64 {
+        match self.transport {
+            Transport::Stream => self.max_in_flight,
+            Transport::Datagram => self.max_in_flight.min(peer_window.max(1)),
+        }
     }
 
     /// Checks that every bound is usable.
@@ -252,10 +259,21 @@ mod tests {
     }
 
     #[test]
-    fn the_in_flight_limit_never_exceeds_the_receive_window() {
+    fn over_datagrams_the_in_flight_limit_never_exceeds_the_peers_window() {
+        let mut c = Config::new(Transport::Datagram);
+        c.max_in_flight = 5000;
+        assert_eq!(c.in_flight_limit(100), 100);
+        assert_eq!(
+            c.in_flight_limit(0),
+            1,
+            "a zero window still lets one through"
+        );
+    }
+
+    #[test]
+    fn over_a_stream_the_in_flight_limit_is_the_senders_own() {
         let mut c = Config::new(Transport::Stream);
         c.max_in_flight = 5000;
-        c.recv_window = 100;
-        assert_eq!(c.in_flight_limit(), 100);
+        assert_eq!(c.in_flight_limit(100), 5000);
     }
 }

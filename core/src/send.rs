@@ -293,7 +293,7 @@ impl Sender {
             max_messages: config.max_queued_messages,
             max_bytes: config.max_queued_bytes,
             max_payload: config.max_payload(),
-            in_flight_limit: config.in_flight_limit(),
+            in_flight_limit: config.in_flight_limit(config.recv_window),
         }
     }
 

@@ -399,6 +399,10 @@ impl Server {
         flush: bool,
         f: impl FnOnce(&mut dyn Store) -> Result<(), StoreError>,
     ) -> Result<(), u64> {
+        // Sessions have stores only on a server with shared ones: no lookup per message otherwise.
+        if self.stores.is_none() {
+            return Ok(());
+        }
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(());
         };
@@ -485,10 +489,12 @@ impl Server {
                 self.mark_ready(conn);
             }
             (frame, Some(id)) => {
+                // One lookup for the frame and the events it made: this is every message's path.
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.channel.handle_frame(now, frame);
+                    let drained = drain_events(id, s, self.now, &mut self.events);
+                    self.after_drain(id, drained);
                 }
-                self.drain_session(id);
             }
             // Anything but a hello on a connection with no session: the peer believes in an attach
             // this server does not hold (it restarted, or forgot a datagram binding). Tell it, or
@@ -578,12 +584,9 @@ impl Server {
             self.config.channel.max_queued_messages,
             self.config.channel.max_queued_bytes,
         );
-        s.channel.sender_mut().set_in_flight_limit(
-            self.config
-                .channel
-                .in_flight_limit()
-                .min(hello.recv_window.max(1)),
-        );
+        s.channel
+            .sender_mut()
+            .set_in_flight_limit(self.config.channel.in_flight_limit(hello.recv_window));
         let resumed = s.channel.resume(now, resume.received);
         if let Some(old) = old
             && let Some(oc) = self.conns.get_mut(&old)
@@ -715,12 +718,9 @@ impl Server {
             }
             channel.record_arrivals();
         }
-        channel.sender_mut().set_in_flight_limit(
-            self.config
-                .channel
-                .in_flight_limit()
-                .min(hello.recv_window.max(1)),
-        );
+        channel
+            .sender_mut()
+            .set_in_flight_limit(self.config.channel.in_flight_limit(hello.recv_window));
         self.sessions.insert(
             id,
             Box::new(Session {
@@ -1308,43 +1308,28 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        let mut ended = false;
-        let mut acknowledged = None;
-        while let Some(e) = s.channel.poll_event() {
-            if let Event::Acknowledged { below } = e {
-                acknowledged = Some(below);
-            }
-            let e = match (s.conn, matches!(e, Event::Closed { .. })) {
-                // A local close on a live connection waits to see whether the client closed too.
-                (Some(_), true) => match HeldClose::hold(e, self.now) {
-                    Ok(held) => {
-                        s.held = Some(Box::new(held));
-                        continue;
-                    }
-                    Err(e) => e,
-                },
-                _ => e,
-            };
-            ended |= matches!(e, Event::Closed { .. });
-            let event = session_event(e, &mut s.requests);
-            self.events
-                .push_back(ServerEvent::Session { session: id, event });
-        }
+        let drained = drain_events(id, s, self.now, &mut self.events);
+        self.after_drain(id, drained);
+    }
+
+    /// What follows a session's events: its acknowledgement recorded, its end carried out.
+    fn after_drain(&mut self, id: SessionId, (ended, acknowledged): (bool, Option<Seq>)) {
         if let Some(below) = acknowledged {
             // Not flushed: a server that takes the session over after a crash that lost this
             // learns the same from the client's hello.
             let _ = self.record(id, false, |s| s.acknowledged(below));
         }
+        if !ended {
+            return;
+        }
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if ended {
-            match s.conn.and_then(|c| self.conns.get_mut(&c)) {
-                // Let the close frame go out; the session goes with its connection.
-                Some(c) => c.closing = true,
-                None => {
-                    self.remove_session(id);
-                }
+        match s.conn.and_then(|c| self.conns.get_mut(&c)) {
+            // Let the close frame go out; the session goes with its connection.
+            Some(c) => c.closing = true,
+            None => {
+                self.remove_session(id);
             }
         }
     }
@@ -1501,6 +1486,38 @@ fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
 }
 
 /// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
+/// Moves a session's channel events to the server's queue as session events; returns whether the
+/// session ended and the acknowledgement point they moved to, if it moved.
+fn drain_events(
+    id: SessionId,
+    s: &mut Session,
+    now: Instant,
+    events: &mut VecDeque<ServerEvent>,
+) -> (bool, Option<Seq>) {
+    let mut ended = false;
+    let mut acknowledged = None;
+    while let Some(e) = s.channel.poll_event() {
+        if let Event::Acknowledged { below } = e {
+            acknowledged = Some(below);
+        }
+        let e = match (s.conn, matches!(e, Event::Closed { .. })) {
+            // A local close on a live connection waits to see whether the client closed too.
+            (Some(_), true) => match HeldClose::hold(e, now) {
+                Ok(held) => {
+                    s.held = Some(Box::new(held));
+                    continue;
+                }
+                Err(e) => e,
+            },
+            _ => e,
+        };
+        ended |= matches!(e, Event::Closed { .. });
+        let event = session_event(e, &mut s.requests);
+        events.push_back(ServerEvent::Session { session: id, event });
+    }
+    (ended, acknowledged)
+}
+
 fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
     if !c.queued {
         c.queued = true;

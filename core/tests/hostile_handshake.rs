@@ -277,8 +277,11 @@ fn a_frame_announced_over_the_size_limit_closes_the_connection_before_its_body_i
 
 #[test]
 fn a_client_advertising_a_huge_window_gets_no_more_in_flight_than_the_servers_own_limit() {
-    let c = config();
-    let limit = c.channel.in_flight_limit();
+    let mut c = config();
+    // Below the queue bound, so that the two bounds show apart.
+    c.channel.max_in_flight = 1000;
+    let limit = c.channel.in_flight_limit(varint::MAX);
+    assert_eq!(limit, 1000);
     let mut b = Bench::new(c);
     let (id, _) = b.session(1, varint::MAX);
     let mut accepted = 0u64;
