@@ -22,7 +22,7 @@ pub type RecvRanges = RangeSet<RECV_RANGES>;
 /// The longest data frame header: a type byte and three 8-byte varints (stream, sequence, ack).
 pub const MAX_DATA_HEADER_LEN: usize = 1 + 3 * 8;
 
-/// The smallest `max_frame_size` accepted: room for the largest ack frame (8 ranges, under 160 bytes) and
+/// The smallest `max_frame_size` accepted: room for the largest ack frame (6 ranges, under 128 bytes) and
 /// the largest close frame (a 256-byte reason).
 pub const MIN_FRAME_SIZE: usize = 1024;
 
