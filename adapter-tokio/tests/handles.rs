@@ -171,3 +171,96 @@ async fn a_batch_stops_at_the_payload_refused_and_keeps_the_rest_unsent() {
         "the last event is the close: {events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_authenticates_inline_and_hands_a_reply_to_the_awaiting_request_not_to_events() {
+    let options = ServerOptions::new().authenticate_with(|credentials| credentials == b"open");
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let connect = |credentials: &'static [u8]| {
+        let mut options = ClientOptions::new(vec![server.local_addr()]);
+        options.config.credentials = Bytes::from_static(credentials);
+        steadfast_tokio::connect(options).unwrap()
+    };
+
+    // Refused inline: the application never sees an Authenticate event.
+    let refused = connect(b"wrong");
+    let lost = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match refused.next_event().await {
+                Some(SessionEvent::SessionLost { reason, .. }) => return reason,
+                Some(_) => {}
+                None => panic!("the session ended without saying why"),
+            }
+        }
+    })
+    .await
+    .expect("refused within 20 s");
+    assert!(
+        matches!(
+            lost,
+            steadfast_tokio::LostReason::Refused {
+                code: steadfast_tokio::core::session::RefuseCode::AuthenticationFailed,
+                ..
+            }
+        ),
+        "{lost:?}"
+    );
+
+    // Accepted inline; the client answers the server's request.
+    let client = connect(b"open");
+    assert!(client.connected().await);
+    let answering = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(event) = client.next_event().await {
+                if let SessionEvent::Received(m) = event {
+                    let mut answer = b"re: ".to_vec();
+                    answer.extend_from_slice(&m.payload);
+                    client.reply(m.seq, Bytes::from(answer)).unwrap();
+                }
+            }
+        })
+    };
+    let session = client.session().expect("a session");
+    let reply = server
+        .request(
+            session,
+            0,
+            Bytes::from_static(b"ping"),
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("the reply");
+    assert_eq!(&reply[..], b"re: ping");
+
+    // Neither the verdicts nor the reply reached the application's events.
+    let mut events = Vec::new();
+    server.try_events(&mut events, usize::MAX);
+    for event in &events {
+        assert!(
+            !matches!(
+                event,
+                ServerEvent::Authenticate { .. }
+                    | ServerEvent::Session {
+                        event: SessionEvent::Reply { .. },
+                        ..
+                    }
+            ),
+            "routed by the driver, yet handed out: {event:?}"
+        );
+    }
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            ServerEvent::Session {
+                event: SessionEvent::Connected { .. },
+                ..
+            }
+        )),
+        "the accepted session's connect is an event: {events:?}"
+    );
+    client.close(steadfast_tokio::core::CLOSE_NORMAL, Bytes::new());
+    answering.await.unwrap();
+}

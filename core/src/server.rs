@@ -1013,6 +1013,18 @@ impl Server {
         None
     }
 
+    /// Moves every queued event to the back of `into`, oldest first: [`Server::poll_event`] for all
+    /// of them, in one bulk move where no session store must hear of them one by one.
+    pub fn take_events(&mut self, into: &mut VecDeque<ServerEvent>) {
+        if self.stores.is_none() {
+            into.append(&mut self.events);
+            return;
+        }
+        while let Some(e) = self.poll_event() {
+            into.push_back(e);
+        }
+    }
+
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         let event = self.events.pop_front()?;

@@ -78,6 +78,16 @@ impl Default for ServerOptions {
     }
 }
 
+/// What routing did with an event.
+enum Routed {
+    /// Left in the queue for the application.
+    Kept,
+    /// Taken out of the queue: it answered an awaited request.
+    Taken,
+    /// Taken out of the queue and answered inline, which gives the core more to write.
+    Answered,
+}
+
 /// One connection's bytes waiting for its task to write them.
 struct Slot {
     out: BytesMut,
@@ -128,8 +138,17 @@ impl State {
                 wakes.wake(&mut slot.waker);
             }
             let mut answered = false;
-            while let Some(event) = self.server.poll_event() {
-                answered |= self.route(now, event, wakes);
+            let mut i = self.events.len();
+            self.server.take_events(&mut self.events);
+            while i < self.events.len() {
+                match self.route(now, i, wakes) {
+                    Routed::Kept => {
+                        i += 1;
+                        wakes.wake(&mut self.event_waiter);
+                    }
+                    Routed::Taken => {}
+                    Routed::Answered => answered = true,
+                }
             }
             // An inline authentication verdict makes more to write.
             if !answered {
@@ -147,22 +166,25 @@ impl State {
         }
     }
 
-    /// Routes one event; `true` if it was answered inline.
-    fn route(&mut self, now: crate::time::Instant, event: ServerEvent, wakes: &mut Wakes) -> bool {
-        let (session, event) = match event {
+    /// Routes the event at `i` of the application's queue where it stands: the driver acts on what
+    /// it must (wakes senders, answers awaited requests, authenticates inline) and leaves the rest
+    /// for the application, so a message's event is moved into this queue once, in bulk.
+    fn route(&mut self, now: crate::time::Instant, i: usize, wakes: &mut Wakes) -> Routed {
+        let (session, event) = match &self.events[i] {
             ServerEvent::Authenticate { conn, credentials } => {
-                if let Some(check) = &self.authenticator {
-                    let accept = check(&credentials);
-                    tracing::debug!(conn, accept, "authenticated");
-                    self.server.authenticate(now, conn, accept);
-                    return true;
-                }
-                self.push(ServerEvent::Authenticate { conn, credentials }, wakes);
-                return false;
+                let Some(check) = &self.authenticator else {
+                    return Routed::Kept;
+                };
+                let (conn, accept) = (*conn, check(credentials));
+                self.events.remove(i);
+                tracing::debug!(conn, accept, "authenticated");
+                self.server.authenticate(now, conn, accept);
+                return Routed::Answered;
             }
-            ServerEvent::Session { session, event } => (session, event),
+            ServerEvent::Session { session, event } => (*session, event),
         };
-        match &event {
+        let mut ended = false;
+        match event {
             SessionEvent::Connected {
                 resumed,
                 retransmitted,
@@ -177,33 +199,33 @@ impl State {
                 if self.requests.awaits(&(session, *to)) =>
             {
                 let key = (session, *to);
-                let result = match event {
-                    SessionEvent::Reply { payload, .. } => Ok(payload),
+                let result = match self.events.remove(i) {
+                    Some(ServerEvent::Session {
+                        event: SessionEvent::Reply { payload, .. },
+                        ..
+                    }) => Ok(payload),
                     _ => Err(RequestError::TimedOut),
                 };
                 self.requests.answer(key, result, wakes);
-                return false;
+                return Routed::Taken;
             }
             SessionEvent::SessionLost {
                 reason,
                 unacknowledged,
             } => {
                 tracing::info!(%session, ?reason, handed_back = unacknowledged.len(), "session lost");
-                self.end_requests(session, wakes);
+                ended = true;
             }
             SessionEvent::Closed { reason, .. } => {
                 tracing::debug!(%session, ?reason, "session closed");
-                self.end_requests(session, wakes);
+                ended = true;
             }
             _ => {}
         }
-        self.push(ServerEvent::Session { session, event }, wakes);
-        false
-    }
-
-    fn push(&mut self, event: ServerEvent, wakes: &mut Wakes) {
-        self.events.push_back(event);
-        wakes.wake(&mut self.event_waiter);
+        if ended {
+            self.end_requests(session, wakes);
+        }
+        Routed::Kept
     }
 
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
