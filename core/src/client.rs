@@ -576,6 +576,18 @@ impl Client {
         (n > 0).then_some(n)
     }
 
+    /// Moves every queued event to the back of `into`, oldest first: [`Client::poll_event`] for
+    /// all of them, in one bulk move where no store must hear of the session's end.
+    pub fn take_events(&mut self, into: &mut VecDeque<SessionEvent>) {
+        if self.store.is_none() {
+            into.append(&mut self.events);
+            return;
+        }
+        while let Some(e) = self.poll_event() {
+            into.push_back(e);
+        }
+    }
+
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         let event = self.events.pop_front()?;

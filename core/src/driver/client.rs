@@ -77,10 +77,14 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Routes the core's events: request replies to their futures, the rest to the application.
+    /// Routes the core's events where they stand in the application's queue, moved into it in
+    /// bulk: request replies to their futures, the rest left for the application.
     fn drain_events(&mut self, wakes: &mut Wakes) {
-        while let Some(event) = self.client.poll_event() {
-            match &event {
+        let mut i = self.events.len();
+        self.client.take_events(&mut self.events);
+        while i < self.events.len() {
+            let mut ended = false;
+            match &self.events[i] {
                 SessionEvent::Connected {
                     session,
                     resumed,
@@ -98,8 +102,8 @@ impl State {
                     if self.requests.awaits(to) =>
                 {
                     let to = *to;
-                    let result = match event {
-                        SessionEvent::Reply { payload, .. } => Ok(payload),
+                    let result = match self.events.remove(i) {
+                        Some(SessionEvent::Reply { payload, .. }) => Ok(payload),
                         _ => Err(RequestError::TimedOut),
                     };
                     self.requests.answer(to, result, wakes);
@@ -110,15 +114,18 @@ impl State {
                     unacknowledged,
                 } => {
                     tracing::warn!(?reason, handed_back = unacknowledged.len(), "session lost");
-                    self.end(wakes);
+                    ended = true;
                 }
                 SessionEvent::Closed { reason, .. } => {
                     tracing::info!(?reason, "session closed");
-                    self.end(wakes);
+                    ended = true;
                 }
                 _ => {}
             }
-            self.events.push_back(event);
+            if ended {
+                self.end(wakes);
+            }
+            i += 1;
             wakes.wake(&mut self.event_waiter);
         }
     }
