@@ -8,7 +8,8 @@
 //!
 //! - **throughput**: one direction, client to server, for 64 B and 64 KiB messages: steadfast-tokio
 //!   (ordered, acks on; once with a handle call per message and per event, once with the batch
-//!   calls `send_many` and `next_events`, 64 at a time), raw tokio `TcpStream` + `BufWriter` (one
+//!   calls `send_many` and `next_events`, 64 at a time; and server to client with the batch
+//!   calls, the fan-out direction), raw tokio `TcpStream` + `BufWriter` (one
 //!   `write_all` of a pre-framed
 //!   message: a 4-byte length and the payload),
 //!   `FramedWrite<LengthDelimitedCodec>` with feed-then-flush, and rumqttc publishing QoS 1 through
@@ -43,7 +44,7 @@
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (3), `LOOPBACK_RATES`
 //! (10000,100000),
-//! `LOOPBACK_KINDS` (steadfast,batched,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
+//! `LOOPBACK_KINDS` (steadfast,batched,down,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
 //! counts; they need `perf` and permission to attach to this process).
 
@@ -112,7 +113,7 @@ impl Settings {
         };
         Settings {
             sections: list("LOOPBACK_ONLY", "throughput,wire,latency,runtimes,recovery"),
-            kinds: list("LOOPBACK_KINDS", "steadfast,batched,raw,framed,mqtt"),
+            kinds: list("LOOPBACK_KINDS", "steadfast,batched,down,raw,framed,mqtt"),
             sizes: list("LOOPBACK_SIZES", "64,65536")
                 .iter()
                 .filter_map(|s| s.parse().ok())
@@ -464,15 +465,17 @@ async fn raw_count_futures_io<S: AsyncRead + Unpin>(mut stream: S) -> (u64, Inst
 enum Kind {
     Steadfast,
     Batched,
+    Down,
     Raw,
     Framed,
     Mqtt,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Steadfast,
         Kind::Batched,
+        Kind::Down,
         Kind::Raw,
         Kind::Framed,
         Kind::Mqtt,
@@ -482,6 +485,7 @@ impl Kind {
         match self {
             Kind::Steadfast => "steadfast",
             Kind::Batched => "batched",
+            Kind::Down => "down",
             Kind::Raw => "raw",
             Kind::Framed => "framed",
             Kind::Mqtt => "mqtt",
@@ -492,6 +496,7 @@ impl Kind {
         match self {
             Kind::Steadfast => "steadfast-tokio (acks on)",
             Kind::Batched => "steadfast-tokio, batch calls",
+            Kind::Down => "steadfast-tokio server->client, batch",
             Kind::Raw => "raw TcpStream + BufWriter",
             Kind::Framed => "Framed<LengthDelimited> feed+flush",
             Kind::Mqtt => "rumqttc QoS 1 via rumqttd",
@@ -513,6 +518,70 @@ async fn tokio_steadfast(size: usize, secs: Duration, proxy: bool, batched: bool
     .await;
     run.wire = proxy_bytes(&proxy);
     run
+}
+
+/// The other direction, the fan-out direction: the server sends to the session with
+/// `send_many`, the client counts with `next_events`.
+async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .expect("listen");
+    let (addr, proxy) = maybe_proxy(server.local_addr(), proxy).await;
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![addr])).expect("connect");
+    assert!(client.connected().await, "the client connected");
+    let session = client.session().expect("a session");
+    let receiver = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut events = Vec::with_capacity(BATCH);
+            loop {
+                assert!(
+                    client.next_events(&mut events, BATCH).await > 0,
+                    "session over"
+                );
+                for event in events.drain(..) {
+                    if let SessionEvent::Received(m) = event {
+                        n += 1;
+                        if m.payload[0] == END {
+                            return (n, Instant::now());
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let (body, end) = payloads(size);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+    while start.elapsed() < secs {
+        batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
+        server
+            .send_many(session, 0, Mode::Ordered, &mut batch)
+            .await
+            .expect("send");
+        sent += BATCH as u64;
+    }
+    server
+        .send(session, 0, Mode::Ordered, end)
+        .await
+        .expect("send");
+    sent += 1;
+    let (n, last) = receiver.await.expect("receiver");
+    assert_eq!(n, sent, "every message arrived once");
+    let client_stats = ClientHandle::inspect(&client, |c| *c.channel().stats());
+    let server_stats = ServerHandle::inspect(&server, |s| s.channel(session).map(|c| *c.stats()))
+        .expect("the session's channel");
+    server.shutdown();
+    Run {
+        msgs: n,
+        elapsed: last - start,
+        size,
+        stats: Some((client_stats, server_stats)),
+        wire: proxy_bytes(&proxy),
+        ..Run::default()
+    }
 }
 
 async fn tokio_raw(size: usize, secs: Duration, proxy: bool) -> Run {
@@ -738,6 +807,7 @@ fn tokio_run(
         match kind {
             Kind::Steadfast => tokio_steadfast(size, secs, proxy, false).await,
             Kind::Batched => tokio_steadfast(size, secs, proxy, true).await,
+            Kind::Down => tokio_steadfast_down(size, secs, proxy).await,
             Kind::Raw => tokio_raw(size, secs, proxy).await,
             Kind::Framed => tokio_framed(size, secs, proxy).await,
             Kind::Mqtt => tokio_mqtt(broker, run_id, size, secs, proxy).await,
@@ -1234,6 +1304,10 @@ fn main() {
         println!(
             "    64 B   batch calls / Framed<LengthDelimited> {:.2}  (>= 1.0)",
             get(Kind::Batched, SMALL) / get(Kind::Framed, SMALL)
+        );
+        println!(
+            "    64 B   server->client batch / Framed         {:.2}",
+            get(Kind::Down, SMALL) / get(Kind::Framed, SMALL)
         );
         println!(
             "    64 B   steadfast / rumqttc QoS 1            {:.1}  (>= 10)",
