@@ -4,6 +4,7 @@
 //! as an [`Instant`]. That is what makes a run in the simulator a pure function of its seed, and what lets
 //! a frozen process (a VM paused for migration) be told apart from a dead peer.
 
+use core::num::NonZeroU64;
 use core::ops::{Add, Sub};
 
 pub use core::time::Duration;
@@ -12,7 +13,11 @@ pub use core::time::Duration;
 ///
 /// Only differences between instants mean anything. The adapters map their runtime's clock onto it
 /// (nanoseconds since the endpoint started); the simulator maps virtual time onto it. Arithmetic
-/// saturates rather than wrapping: 2^64 ns is 584 years, so saturation never changes a real outcome.
+/// saturates rather than wrapping, at the last representable instant, 2^64 − 2 ns (584 years), so
+/// saturation never changes a real outcome.
+///
+/// An `Option<Instant>` takes 8 bytes, not 16 (the nanoseconds are kept one up, so zero is free to
+/// mean `None`): sessions keep several optional deadlines each.
 ///
 /// ```
 /// use steadfast_core::time::{Duration, Instant};
@@ -21,22 +26,29 @@ pub use core::time::Duration;
 /// assert_eq!(later - start, Duration::from_millis(5));
 /// assert_eq!(start - later, Duration::ZERO); // never negative
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Instant(u64);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(NonZeroU64);
 
 impl Instant {
     /// The origin of the caller's clock.
-    pub const ZERO: Instant = Instant(0);
+    pub const ZERO: Instant = Instant(NonZeroU64::MIN);
 
-    /// The instant `nanos` nanoseconds after the origin.
+    /// The last representable instant: where arithmetic saturates.
+    const END: Instant = Instant(NonZeroU64::MAX);
+
+    /// The instant `nanos` nanoseconds after the origin (saturating at the end of representable
+    /// time).
     pub const fn from_nanos(nanos: u64) -> Self {
-        Instant(nanos)
+        match NonZeroU64::new(nanos.saturating_add(1)) {
+            Some(n) => Instant(n),
+            None => Instant::END,
+        }
     }
 
     /// The instant `d` after the origin, saturating at the end of representable time.
     pub const fn from_duration(d: Duration) -> Self {
         let n = d.as_nanos();
-        Instant(if n > u64::MAX as u128 {
+        Instant::from_nanos(if n > u64::MAX as u128 {
             u64::MAX
         } else {
             n as u64
@@ -45,12 +57,12 @@ impl Instant {
 
     /// Nanoseconds since the origin.
     pub const fn as_nanos(self) -> u64 {
-        self.0
+        self.0.get() - 1
     }
 
     /// How long after `earlier` this instant is; zero if it is not after it.
     pub const fn saturating_duration_since(self, earlier: Instant) -> Duration {
-        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+        Duration::from_nanos(self.0.get().saturating_sub(earlier.0.get()))
     }
 
     /// This instant moved `d` later, or `None` past the end of representable time.
@@ -60,10 +72,16 @@ impl Instant {
     }
 }
 
+impl Default for Instant {
+    fn default() -> Self {
+        Instant::ZERO
+    }
+}
+
 impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
-        self.checked_add(d).unwrap_or(Instant(u64::MAX))
+        self.checked_add(d).unwrap_or(Instant::END)
     }
 }
 
@@ -108,9 +126,18 @@ mod tests {
 
     #[test]
     fn adding_past_the_end_of_time_saturates_instead_of_wrapping() {
-        let t = Instant::from_nanos(u64::MAX - 1);
+        let t = Instant::from_nanos(u64::MAX - 2);
         assert_eq!(t + Duration::from_secs(1), Instant::from_nanos(u64::MAX));
         assert_eq!(t.checked_add(Duration::from_secs(1)), None);
+        assert_eq!(Instant::from_nanos(u64::MAX).as_nanos(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn an_optional_instant_takes_no_more_room_than_an_instant() {
+        assert_eq!(core::mem::size_of::<Option<Instant>>(), 8);
+        assert_eq!(Instant::ZERO.as_nanos(), 0);
+        assert_eq!(Instant::default(), Instant::ZERO);
+        assert!(Instant::from_nanos(1) > Instant::ZERO);
     }
 
     #[test]
