@@ -30,7 +30,9 @@
 //!
 //! Handles are `Send + Sync` and cheap to clone: replies and sends work from plain worker threads too
 //! (`try_send`, `reply`), while the driver task keeps acknowledging and heartbeating however busy they
-//! are.
+//! are. An application with several messages at hand sends them with `send_many` and takes events
+//! with `next_events`: one lock of the session per batch instead of one per message, which at small
+//! messages is a large part of what a send or an event costs.
 //!
 //! With the `tls` feature, `connect_tls` and `listen_tls` run the same sessions over TLS (rustls);
 //! see the `tls` module. Without TLS, anyone on the path can read, inject and take over a session:
