@@ -414,14 +414,25 @@ where
     sent += 1;
     let (n, last, server) = receiver.await;
     assert_eq!(n, sent, "every message arrived once");
+    finish(&client, &server, n, last - start, size)
+}
+
+/// A steadfast run's result, with both channels' statistics; shuts the server down.
+fn finish(
+    client: &ClientHandle,
+    server: &ServerHandle,
+    msgs: u64,
+    elapsed: Duration,
+    size: usize,
+) -> Run {
     let session = client.session().expect("a session");
-    let client_stats = ClientHandle::inspect(&client, |c| *c.channel().stats());
-    let server_stats = ServerHandle::inspect(&server, |s| s.channel(session).map(|c| *c.stats()))
+    let client_stats = ClientHandle::inspect(client, |c| *c.channel().stats());
+    let server_stats = ServerHandle::inspect(server, |s| s.channel(session).map(|c| *c.stats()))
         .expect("the session's channel");
     server.shutdown();
     Run {
-        msgs: n,
-        elapsed: last - start,
+        msgs,
+        elapsed,
         size,
         stats: Some((client_stats, server_stats)),
         ..Run::default()
@@ -570,17 +581,9 @@ async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
     sent += 1;
     let (n, last) = receiver.await.expect("receiver");
     assert_eq!(n, sent, "every message arrived once");
-    let client_stats = ClientHandle::inspect(&client, |c| *c.channel().stats());
-    let server_stats = ServerHandle::inspect(&server, |s| s.channel(session).map(|c| *c.stats()))
-        .expect("the session's channel");
-    server.shutdown();
     Run {
-        msgs: n,
-        elapsed: last - start,
-        size,
-        stats: Some((client_stats, server_stats)),
         wire: proxy_bytes(&proxy),
-        ..Run::default()
+        ..finish(&client, &server, n, last - start, size)
     }
 }
 

@@ -8,9 +8,11 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::task::{Poll, Waker};
 
 use bytes::Bytes;
 
+use super::shared::register_in;
 use crate::mode::Sent;
 use crate::send::SendError;
 
@@ -43,6 +45,28 @@ impl Run {
             }
         }
         (Run::Done, sent)
+    }
+
+    /// What a batch send's poll answers after this run: done, refused, or, for a full queue on a
+    /// session still running, waiting for room (registered in `capacity`).
+    pub(crate) fn poll(
+        self,
+        over: bool,
+        payloads: &mut VecDeque<Bytes>,
+        capacity: &mut Vec<Waker>,
+        waker: &Waker,
+    ) -> Poll<Result<(), SendError>> {
+        match self {
+            Run::Done => Poll::Ready(Ok(())),
+            Run::Failed(e) => Poll::Ready(Err(e)),
+            Run::Full if !over => {
+                register_in(capacity, waker);
+                Poll::Pending
+            }
+            Run::Full => Poll::Ready(Err(SendError::QueueFull(
+                payloads.pop_front().unwrap_or_default(),
+            ))),
+        }
     }
 }
 

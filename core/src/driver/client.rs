@@ -276,17 +276,7 @@ impl ClientHandle {
                     s.drain_events(wakes);
                     wakes.wake(&mut s.driver);
                 }
-                match run {
-                    Run::Done => Poll::Ready(Ok(())),
-                    Run::Failed(e) => Poll::Ready(Err(e)),
-                    Run::Full if !s.over => {
-                        register_in(&mut s.capacity, cx.waker());
-                        Poll::Pending
-                    }
-                    Run::Full => Poll::Ready(Err(SendError::QueueFull(
-                        payloads.pop_front().unwrap_or_default(),
-                    ))),
-                }
+                run.poll(s.over, payloads, &mut s.capacity, cx.waker())
             })
         })
         .await

@@ -367,17 +367,7 @@ impl ServerHandle {
                 if sent {
                     s.flush(wakes);
                 }
-                match run {
-                    Run::Done => Poll::Ready(Ok(())),
-                    Run::Failed(e) => Poll::Ready(Err(e)),
-                    Run::Full if !s.shutdown => {
-                        register_in(&mut s.capacity, cx.waker());
-                        Poll::Pending
-                    }
-                    Run::Full => Poll::Ready(Err(SendError::QueueFull(
-                        payloads.pop_front().unwrap_or_default(),
-                    ))),
-                }
+                run.poll(s.shutdown, payloads, &mut s.capacity, cx.waker())
             })
         })
         .await
