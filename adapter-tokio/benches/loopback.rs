@@ -32,6 +32,8 @@
 //!   bytes. HdrHistogram, p50/p99/p99.9/max; the first 10% of each run is warm-up, not recorded.
 //!   Tail latencies on a shared 2-core machine swing from run to run (the pacing thread competes
 //!   with the runtime's two workers), so each figure is the median of several runs.
+//!   `LOOPBACK_PACER=sleep` makes the pacer sleep to each send instead of spinning for the last
+//!   200 µs: the runtime keeps both cores, and each send is a little late, which counts against it.
 //! - **runtimes**: steadfast-smol and steadfast-async-std (per-message and batch calls) against raw
 //!   TCP on their own runtime (`BufWriter`, the same framing), 64 B, one direction.
 //! - **recovery**: client to server through the chaos proxy with the default configuration, a
@@ -46,7 +48,8 @@
 //! (10000,100000),
 //! `LOOPBACK_KINDS` (steadfast,batched,down,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
-//! counts; they need `perf` and permission to attach to this process).
+//! counts; they need `perf` and permission to attach to this process), `LOOPBACK_PACER=sleep` (the
+//! latency section's pacer sleeps instead of spinning).
 
 use std::future::Future;
 use std::io::Read;
@@ -901,6 +904,9 @@ fn other_raw(which: OtherRt, size: usize, secs: Duration) -> Run {
 /// since `epoch`) and its index, whatever the moment it actually goes out.
 fn pace(rate: u64, total: u64, epoch: Instant, mut send: impl FnMut([u8; SMALL])) {
     let period = 1e9 / rate as f64;
+    // Spinning keeps the schedule to the microsecond but takes one of the machine's cores from the
+    // runtime under test; sleeping leaves the cores to it and sends a little late (which counts).
+    let sleeps = std::env::var("LOOPBACK_PACER").is_ok_and(|v| v == "sleep");
     for i in 0..total {
         let due = (i as f64 * period) as u64;
         loop {
@@ -908,7 +914,9 @@ fn pace(rate: u64, total: u64, epoch: Instant, mut send: impl FnMut([u8; SMALL])
             if now >= due {
                 break;
             }
-            if due - now > 200_000 {
+            if sleeps {
+                std::thread::sleep(Duration::from_nanos(due - now));
+            } else if due - now > 200_000 {
                 std::thread::sleep(Duration::from_nanos(due - now - 100_000));
             } else {
                 std::thread::yield_now();
