@@ -11,7 +11,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, take_events};
+use super::batch::{Run, events_or_wait, take_events};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -324,14 +324,10 @@ impl ClientHandle {
     /// over and every event was taken (or if `max` is 0).
     pub async fn next_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
-            self.shared
-                .with(|s, _| match take_events(into, max, || s.take_event()) {
-                    0 if max > 0 && !s.over => {
-                        register(&mut s.event_waiter, cx.waker());
-                        Poll::Pending
-                    }
-                    n => Poll::Ready(n),
-                })
+            self.shared.with(|s, _| {
+                let n = take_events(into, max, || s.take_event());
+                events_or_wait(n, max, s.over, &mut s.event_waiter, cx.waker())
+            })
         })
         .await
     }

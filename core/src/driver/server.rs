@@ -11,7 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, take_events};
+use super::batch::{Run, events_or_wait, take_events};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -444,15 +444,10 @@ impl ServerHandle {
     /// shut down and every event was taken (or if `max` is 0).
     pub async fn next_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
-            self.shared.with(
-                |s, _| match take_events(into, max, || s.events.pop_front()) {
-                    0 if max > 0 && !s.shutdown => {
-                        register(&mut s.event_waiter, cx.waker());
-                        Poll::Pending
-                    }
-                    n => Poll::Ready(n),
-                },
-            )
+            self.shared.with(|s, _| {
+                let n = take_events(into, max, || s.events.pop_front());
+                events_or_wait(n, max, s.shutdown, &mut s.event_waiter, cx.waker())
+            })
         })
         .await
     }
