@@ -1497,7 +1497,6 @@ fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
     )
 }
 
-/// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
 /// Moves a session's channel events to the server's queue as session events; returns whether the
 /// session ended and the acknowledgement point they moved to, if it moved.
 fn drain_events(
@@ -1530,6 +1529,7 @@ fn drain_events(
     (ended, acknowledged)
 }
 
+/// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
 fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
     if !c.queued {
         c.queued = true;

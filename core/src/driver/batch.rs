@@ -87,7 +87,7 @@ pub(crate) fn events_or_wait(
 }
 
 /// Moves up to `max` events from `take` into `into`; returns how many.
-pub(crate) fn take_events<E>(
+pub(crate) fn take_up_to<E>(
     into: &mut Vec<E>,
     max: usize,
     mut take: impl FnMut() -> Option<E>,
@@ -148,9 +148,9 @@ mod tests {
     fn taking_events_stops_at_the_limit_or_when_none_are_left() {
         let mut source: VecDeque<u32> = (0..5).collect();
         let mut into = Vec::new();
-        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 3);
-        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 2);
-        assert_eq!(take_events(&mut into, 3, || source.pop_front()), 0);
+        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 3);
+        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 2);
+        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 0);
         assert_eq!(into, [0, 1, 2, 3, 4]);
     }
 }

@@ -11,7 +11,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, events_or_wait, take_events};
+use super::batch::{Run, events_or_wait, take_up_to};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -80,8 +80,9 @@ impl State {
     /// Routes the core's events where they stand in the application's queue, moved into it in
     /// bulk: request replies to their futures, the rest left for the application.
     fn drain_events(&mut self, wakes: &mut Wakes) {
-        let mut i = self.events.len();
+        let before = self.events.len();
         self.client.take_events(&mut self.events);
+        let mut i = before;
         while i < self.events.len() {
             let mut ended = false;
             match &self.events[i] {
@@ -126,6 +127,8 @@ impl State {
                 self.end(wakes);
             }
             i += 1;
+        }
+        if self.events.len() > before {
             wakes.wake(&mut self.event_waiter);
         }
     }
@@ -325,7 +328,7 @@ impl ClientHandle {
     pub async fn next_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
             self.shared.with(|s, _| {
-                let n = take_events(into, max, || s.take_event());
+                let n = take_up_to(into, max, || s.take_event());
                 events_or_wait(n, max, s.over, &mut s.event_waiter, cx.waker())
             })
         })
@@ -335,7 +338,7 @@ impl ClientHandle {
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
         self.shared
-            .with(|s, _| take_events(into, max, || s.take_event()))
+            .with(|s, _| take_up_to(into, max, || s.take_event()))
     }
 
     /// Polls for the next event (for building a `Stream`).

@@ -11,7 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, events_or_wait, take_events};
+use super::batch::{Run, events_or_wait, take_up_to};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -138,17 +138,18 @@ impl State {
                 wakes.wake(&mut slot.waker);
             }
             let mut answered = false;
-            let mut i = self.events.len();
+            let before = self.events.len();
             self.server.take_events(&mut self.events);
+            let mut i = before;
             while i < self.events.len() {
                 match self.route(now, i, wakes) {
-                    Routed::Kept => {
-                        i += 1;
-                        wakes.wake(&mut self.event_waiter);
-                    }
+                    Routed::Kept => i += 1,
                     Routed::Taken => {}
                     Routed::Answered => answered = true,
                 }
+            }
+            if self.events.len() > before {
+                wakes.wake(&mut self.event_waiter);
             }
             // An inline authentication verdict makes more to write.
             if !answered {
@@ -445,7 +446,7 @@ impl ServerHandle {
     pub async fn next_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
             self.shared.with(|s, _| {
-                let n = take_events(into, max, || s.events.pop_front());
+                let n = take_up_to(into, max, || s.events.pop_front());
                 events_or_wait(n, max, s.shutdown, &mut s.event_waiter, cx.waker())
             })
         })
@@ -455,7 +456,7 @@ impl ServerHandle {
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
         self.shared
-            .with(|s, _| take_events(into, max, || s.events.pop_front()))
+            .with(|s, _| take_up_to(into, max, || s.events.pop_front()))
     }
 
     /// Polls for the next event (for building a `Stream`).
