@@ -7,13 +7,16 @@
 //!   happen as they would on a busy connection.
 //! - `full_path/length_delimited/{64,1024}`: tokio-util's `LengthDelimitedCodec` encoding the same
 //!   1024 payloads and decoding them again, and nothing else: the floor a framing layer costs.
+//! - `session_path/steadfast/{64,1024}`: the same, between a [`Client`] and a [`Server`] joined in
+//!   memory: what an adapter's connection tasks run per message (the link's decoding and
+//!   liveness, the session lookup, the server's event queue) on top of the channels.
 //! - `dedup/*`: the receiver's de-duplication and reordering (`Receiver::on_data`) with in-order,
 //!   swapped, worst-case (every other one missing, the de-dup set at its capacity) and duplicate
 //!   arrivals, and `RangeSet` lookups in a full set.
 //!
 //! For instruction counts, `CORE_BENCH_BATCHES=<n>` skips criterion and runs `n` full-path batches
 //! of each size (and as many codec batches), so `valgrind --tool=callgrind` sees a fixed amount of
-//! work (`CORE_BENCH_SIZE=64` for one size): `CORE_BENCH_BATCHES=200 valgrind --tool=callgrind target/release/deps/core-<hash> --bench`.
+//! work (`CORE_BENCH_SIZE=64` for one size; `CORE_BENCH_PATH=session` for the session path): `CORE_BENCH_BATCHES=200 valgrind --tool=callgrind target/release/deps/core-<hash> --bench`.
 //!
 //! Run: `cargo bench -p steadfast-core --bench core`. After criterion's own report, the bench prints
 //! the ratio of steadfast's full-path throughput to `LengthDelimitedCodec`'s, from the medians
@@ -24,11 +27,14 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput};
+use steadfast_core::client::{Client, ClientConfig, Directive};
 use steadfast_core::config::RECV_RANGES;
 use steadfast_core::ranges::RangeSet;
 use steadfast_core::recv::{Arrival, Receiver};
+use steadfast_core::server::{Server, ServerConfig, ServerEvent};
+use steadfast_core::session::SessionEvent;
 use steadfast_core::time::{Duration, Instant};
-use steadfast_core::{Channel, Config, Event, Transport};
+use steadfast_core::{Channel, Config, Event, Mode, Transport};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 /// Messages per iteration.
@@ -101,6 +107,129 @@ impl Pair {
             }
         }
     }
+}
+
+/// A client and a server joined in memory, one connection, driven the way the adapters drive
+/// them; the clock moves only when an ack timer has to fire.
+struct SessionPair {
+    client: Client,
+    server: Server,
+    now: Instant,
+    buf: BytesMut,
+    delivered: u64,
+}
+
+impl SessionPair {
+    fn new() -> Self {
+        let now = Instant::ZERO;
+        let seeded =
+            |seed| Box::new(<rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed));
+        let mut client = Client::new(
+            ClientConfig::new(Config::new(Transport::Stream), 1),
+            now,
+            seeded(1),
+        )
+        .expect("default config");
+        let server = Server::new(
+            ServerConfig::new(Config::new(Transport::Stream)),
+            now,
+            seeded(2),
+        )
+        .expect("default config");
+        assert!(matches!(
+            client.poll_directive(now),
+            Some(Directive::Connect { .. })
+        ));
+        let mut pair = SessionPair {
+            client,
+            server,
+            now,
+            buf: BytesMut::with_capacity(128 << 10),
+            delivered: 0,
+        };
+        pair.server.on_connection(now, 0);
+        pair.client.on_connected(now);
+        pair.shuttle();
+        let mut connected = false;
+        while let Some(e) = pair.client.poll_event() {
+            connected |= matches!(e, SessionEvent::Connected { .. });
+        }
+        assert!(connected, "the handshake completed");
+        pair
+    }
+
+    /// Moves bytes both ways until neither end has any to write; true if any moved.
+    fn shuttle(&mut self) -> bool {
+        let mut moved = false;
+        loop {
+            let mut again = false;
+            self.buf.reserve(BATCH_ROOM);
+            while let Some(n) = self.client.poll_transmit(self.now, &mut self.buf) {
+                self.server
+                    .handle_input(self.now, 0, self.buf.split_to(n).freeze());
+                again = true;
+            }
+            while let Some(event) = self.server.poll_event() {
+                if let ServerEvent::Session {
+                    event: SessionEvent::Received(m),
+                    ..
+                } = event
+                {
+                    black_box(&m.payload);
+                    self.delivered += 1;
+                }
+            }
+            self.buf.reserve(BATCH_ROOM);
+            while let Some(t) = self.server.poll_transmit(self.now, &mut self.buf) {
+                let bytes = self.buf.split_to(self.buf.len()).freeze();
+                self.client
+                    .handle_input(self.now, bytes.slice(bytes.len() - t.len..));
+                again = true;
+            }
+            if !again {
+                return moved;
+            }
+            moved = true;
+        }
+    }
+
+    /// Sends `BATCH` copies of `payload` from the client and drives both ends until every one is
+    /// delivered and acknowledged.
+    fn batch(&mut self, payload: &Bytes) {
+        for _ in 0..BATCH {
+            self.client
+                .send(0, Mode::Ordered, payload.clone())
+                .expect("room for a batch");
+        }
+        loop {
+            let moved = self.shuttle();
+            while let Some(event) = self.client.poll_event() {
+                black_box(event);
+            }
+            if self.client.channel().sender().queued_messages() == 0 {
+                break;
+            }
+            if !moved {
+                self.now = self.now + Duration::from_millis(6);
+                self.client.handle_timeout(self.now);
+                self.server.handle_timeout(self.now);
+            }
+        }
+    }
+}
+
+fn session_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("session_path");
+    group.throughput(Throughput::Elements(BATCH));
+    for size in SIZES {
+        let payload = Bytes::from(vec![0xa5; size]);
+        group.bench_with_input(BenchmarkId::new("steadfast", size), &payload, |b, p| {
+            let mut pair = SessionPair::new();
+            b.iter(|| pair.batch(p));
+            assert!(pair.delivered > 0);
+        });
+    }
+    group.finish();
 }
 
 fn full_path(c: &mut Criterion) {
@@ -246,13 +375,22 @@ fn fixed_count(batches: u64) {
     let only: Option<usize> = std::env::var("CORE_BENCH_SIZE")
         .ok()
         .and_then(|v| v.parse().ok());
+    let session = std::env::var("CORE_BENCH_PATH").is_ok_and(|p| p == "session");
     for size in SIZES.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
         let payload = Bytes::from(vec![0xa5; size]);
-        let mut pair = Pair::new();
-        for _ in 0..batches {
-            pair.batch(&payload);
+        if session {
+            let mut pair = SessionPair::new();
+            for _ in 0..batches {
+                pair.batch(&payload);
+            }
+            assert_eq!(pair.delivered, batches * BATCH);
+        } else {
+            let mut pair = Pair::new();
+            for _ in 0..batches {
+                pair.batch(&payload);
+            }
+            assert_eq!(pair.delivered, batches * BATCH);
         }
-        assert_eq!(pair.delivered, batches * BATCH);
     }
 }
 
@@ -269,6 +407,7 @@ fn main() {
         .output_directory(&root)
         .configure_from_args();
     full_path(&mut c);
+    session_path(&mut c);
     dedup(&mut c);
     c.final_summary();
     println!("\nsteadfast full path / LengthDelimitedCodec encode+decode (throughput, medians):");

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use crate::Seq;
 use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
-use crate::frame::{AckFrame, CloseFrame, DecodeLimits, Frame, UnreliableFrame};
+use crate::frame::{AckFrame, CloseFrame, DataFrame, DecodeLimits, Frame, UnreliableFrame};
 use crate::framing::{self, StreamDecoder, WrittenSeqs};
 use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
@@ -125,6 +125,26 @@ pub struct Channel {
     stats: Stats,
     /// With a durable store, the messages that arrived since the owner last took them.
     arrivals: Option<Vec<crate::store::Stored>>,
+}
+
+/// Where the data path's events go: the channel's own queue, or straight to its owner.
+trait Sink {
+    fn put(&mut self, queue: &mut VecDeque<Event>, event: Event);
+}
+
+/// The channel's own queue.
+struct Queue;
+
+impl Sink for Queue {
+    fn put(&mut self, queue: &mut VecDeque<Event>, event: Event) {
+        queue.push_back(event);
+    }
+}
+
+impl<F: FnMut(Event)> Sink for F {
+    fn put(&mut self, _: &mut VecDeque<Event>, event: Event) {
+        self(event);
+    }
 }
 
 /// Both directions of at-most-once traffic.
@@ -567,57 +587,19 @@ impl Channel {
         }
         self.stats.frames_received += 1;
         match frame {
-            Frame::Data(d) => {
-                if let Some(cumulative) = d.ack {
-                    self.on_ack(now, cumulative, &[], Duration::ZERO);
-                    if !matches!(self.state, State::Open) {
-                        // Its ack was a violation: nothing it carries may reach the application.
-                        return;
-                    }
-                }
-                let kept = self.arrivals.is_some().then(|| crate::store::Stored {
-                    seq: d.seq,
-                    stream: d.stream,
-                    unordered: d.unordered,
-                    payload: d.payload.clone(),
-                });
-                let events = &mut self.events;
-                let arrival = self.recv.on_data(
-                    now,
-                    d.stream,
-                    d.seq,
-                    d.unordered,
-                    d.payload,
-                    &mut |stream, seq, payload| {
-                        events.push_back(Event::Received(Message {
-                            stream,
-                            seq,
-                            payload,
-                        }))
-                    },
-                );
-                match arrival {
-                    Arrival::Duplicate => self.stats.duplicates_received += 1,
-                    Arrival::BeyondWindow => self.stats.dropped_beyond_window += 1,
-                    Arrival::NoRoom => self.stats.dropped_no_room += 1,
-                    Arrival::Delivered | Arrival::Buffered => {
-                        if let (Some(list), Some(m)) = (&mut self.arrivals, kept) {
-                            list.push(m);
-                        }
-                    }
-                }
-            }
+            Frame::Data(d) => self.on_data_frame(now, d, &mut Queue),
             Frame::Ack(AckFrame {
                 cumulative,
                 delay_micros,
                 ranges,
             }) => {
-                self.on_ack(
+                let acked = self.on_ack(
                     now,
                     cumulative,
                     &ranges,
                     Duration::from_micros(delay_micros),
                 );
+                self.events.extend(acked);
             }
             Frame::Unreliable(u) => {
                 if self
@@ -642,23 +624,96 @@ impl Channel {
         }
     }
 
+    /// As [`Channel::handle_frame`], but a data frame's events (its piggybacked ack's
+    /// `Acknowledged`, the messages it delivers) go to `sink` instead of the event queue: a server
+    /// moves them straight into its own queue. Other frames, and a data frame while events wait in
+    /// the queue (they must come out first), queue theirs as `handle_frame` does.
+    pub(crate) fn handle_frame_into(
+        &mut self,
+        now: Instant,
+        frame: Frame,
+        sink: &mut impl FnMut(Event),
+    ) {
+        match frame {
+            Frame::Data(d) if self.events.is_empty() => {
+                let now = self.observe(now);
+                if !matches!(self.state, State::Open) {
+                    return;
+                }
+                self.stats.frames_received += 1;
+                self.on_data_frame(now, d, sink);
+            }
+            other => self.handle_frame(now, other),
+        }
+    }
+
+    /// A data frame: its ack, then its message. A violation closes the channel, queuing
+    /// [`Event::Closed`] in `self.events`; nothing after it reaches `sink`.
+    fn on_data_frame(&mut self, now: Instant, d: DataFrame, sink: &mut impl Sink) {
+        if let Some(cumulative) = d.ack {
+            if let Some(e) = self.on_ack(now, cumulative, &[], Duration::ZERO) {
+                sink.put(&mut self.events, e);
+            }
+            if !matches!(self.state, State::Open) {
+                // Its ack was a violation: nothing it carries may reach the application.
+                return;
+            }
+        }
+        let kept = self.arrivals.is_some().then(|| crate::store::Stored {
+            seq: d.seq,
+            stream: d.stream,
+            unordered: d.unordered,
+            payload: d.payload.clone(),
+        });
+        let events = &mut self.events;
+        let arrival = self.recv.on_data(
+            now,
+            d.stream,
+            d.seq,
+            d.unordered,
+            d.payload,
+            &mut |stream, seq, payload| {
+                sink.put(
+                    events,
+                    Event::Received(Message {
+                        stream,
+                        seq,
+                        payload,
+                    }),
+                )
+            },
+        );
+        match arrival {
+            Arrival::Duplicate => self.stats.duplicates_received += 1,
+            Arrival::BeyondWindow => self.stats.dropped_beyond_window += 1,
+            Arrival::NoRoom => self.stats.dropped_no_room += 1,
+            Arrival::Delivered | Arrival::Buffered => {
+                if let (Some(list), Some(m)) = (&mut self.arrivals, kept) {
+                    list.push(m);
+                }
+            }
+        }
+    }
+
+    /// Takes an ack; returns the `Acknowledged` event it makes, if its cumulative point moved.
     fn on_ack(
         &mut self,
         now: Instant,
         cumulative: Seq,
         ranges: &[core::ops::Range<Seq>],
         delay: Duration,
-    ) {
+    ) -> Option<Event> {
         match self.send.on_ack(now, cumulative, ranges, delay) {
             Ok(out) => {
                 self.stats.declared_lost += out.declared_lost;
-                if out.base_advanced {
-                    self.events.push_back(Event::Acknowledged {
-                        below: self.send.base(),
-                    });
-                }
+                out.base_advanced.then(|| Event::Acknowledged {
+                    below: self.send.base(),
+                })
             }
-            Err(e) => self.violation(ProtocolError::AckOfUnsent(e)),
+            Err(e) => {
+                self.violation(ProtocolError::AckOfUnsent(e));
+                None
+            }
         }
     }
 
@@ -723,7 +778,6 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::DataFrame;
 
     fn pair(transport: Transport) -> (Channel, Channel) {
         let a = Channel::new(Config::new(transport), Instant::ZERO).unwrap();

@@ -333,7 +333,37 @@ impl Server {
         let mut incoming = core::mem::take(&mut self.scratch);
         let events_before = self.events.len();
         let malformed = c.link.malformed;
-        c.link.input(now, data, |_, i| incoming.push(i));
+        // The session's own frames go straight to its channel, looked up once per read, and its
+        // events straight into the server's queue. The first frame that is the server's business
+        // (a handshake, a close) and every frame after it wait in `incoming`, in order.
+        let id = c.session;
+        let mut session = id.and_then(|id| self.sessions.get_mut(&id));
+        let (events, server_now) = (&mut self.events, self.now);
+        let mut drained = (false, None);
+        c.link
+            .input(now, data, |_, i| match (i, session.as_deref_mut(), id) {
+                (Incoming::Frame(f), Some(s), Some(id)) if incoming.is_empty() && !drained.0 => {
+                    if matches!(
+                        f,
+                        Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) | Frame::Close(_)
+                    ) {
+                        incoming.push(Incoming::Frame(f));
+                        return;
+                    }
+                    let (ended, acknowledged) = deliver_frame(id, s, now, server_now, f, events);
+                    drained = (ended, acknowledged.or(drained.1));
+                }
+                (i, ..) => incoming.push(i),
+            });
+        if let Some(id) = id
+            && drained != (false, None)
+        {
+            self.after_drain(id, drained);
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            self.scratch = incoming;
+            return;
+        };
         let malformed = c.link.malformed - malformed;
         if malformed > 0
             && let Some(s) = c.session.and_then(|id| self.sessions.get_mut(&id))
@@ -489,10 +519,8 @@ impl Server {
                 self.mark_ready(conn);
             }
             (frame, Some(id)) => {
-                // One lookup for the frame and the events it made: this is every message's path.
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    s.channel.handle_frame(now, frame);
-                    let drained = drain_events(id, s, self.now, &mut self.events);
+                    let drained = deliver_frame(id, s, now, self.now, frame, &mut self.events);
                     self.after_drain(id, drained);
                 }
             }
@@ -1499,6 +1527,31 @@ fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
 
 /// Moves a session's channel events to the server's queue as session events; returns whether the
 /// session ended and the acknowledgement point they moved to, if it moved.
+/// Hands one frame to a session's channel; the events it makes go into the server's queue, the
+/// data path's without a stop in the channel's own queue. Returns what [`drain_events`] returns.
+fn deliver_frame(
+    id: SessionId,
+    s: &mut Session,
+    now: Instant,
+    server_now: Instant,
+    frame: Frame,
+    events: &mut VecDeque<ServerEvent>,
+) -> (bool, Option<Seq>) {
+    let mut acknowledged = None;
+    let Session {
+        channel, requests, ..
+    } = s;
+    channel.handle_frame_into(now, frame, &mut |e| {
+        if let Event::Acknowledged { below } = e {
+            acknowledged = Some(below);
+        }
+        let event = session_event(e, requests);
+        events.push_back(ServerEvent::Session { session: id, event });
+    });
+    let (ended, later) = drain_events(id, s, server_now, events);
+    (ended, later.or(acknowledged))
+}
+
 fn drain_events(
     id: SessionId,
     s: &mut Session,

@@ -529,6 +529,7 @@ impl Link {
         match &mut self.framing {
             Framing::Stream(decoder) => {
                 decoder.feed_bytes(data);
+                let mut heard = false;
                 loop {
                     let next = match &mut self.framing {
                         Framing::Stream(d) => d.next_frame(),
@@ -536,7 +537,11 @@ impl Link {
                     };
                     match next {
                         Ok(Some(frame)) => {
-                            self.liveness.on_receive(now);
+                            // Every frame of one read arrived at the same `now`: once is enough.
+                            if !heard {
+                                self.liveness.on_receive(now);
+                                heard = true;
+                            }
                             if let Some(frame) = self.intercept(now, frame) {
                                 on(self, Incoming::Frame(frame));
                             }
