@@ -470,6 +470,11 @@ impl Channel {
         n
     }
 
+    /// Whether events wait for [`Channel::poll_event`].
+    pub(crate) fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()

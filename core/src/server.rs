@@ -1545,9 +1545,16 @@ fn deliver_frame(
         if let Event::Acknowledged { below } = e {
             acknowledged = Some(below);
         }
-        let event = session_event(e, requests);
+        let event = match e {
+            // The common case, spelled out so that it is built in place.
+            Event::Received(m) if m.stream < REPLY_STREAM => SessionEvent::Received(m),
+            e => session_event(e, requests),
+        };
         events.push_back(ServerEvent::Session { session: id, event });
     });
+    if !s.channel.has_events() {
+        return (false, acknowledged);
+    }
     let (ended, later) = drain_events(id, s, server_now, events);
     (ended, later.or(acknowledged))
 }
