@@ -421,6 +421,9 @@ impl Channel {
             let ack = self.recv.ack_pending().then(|| self.recv.watermark());
             let ack = ack.filter(|_| self.recv.ranges().is_empty());
             let acked_below = self.send.base();
+            if stream && self.write_fresh(now, buf, start, budget, ack, acked_below) > 0 {
+                continue;
+            }
             let Some(out) = self.send.peek() else { break };
             if stream {
                 let short = self.written.may_shorten(out.seq, acked_below);
@@ -473,6 +476,55 @@ impl Channel {
     /// Whether events wait for [`Channel::poll_event`].
     pub(crate) fn has_events(&self) -> bool {
         !self.events.is_empty()
+    }
+
+    /// Writes a run of never-sent data frames on a stream, the first carrying `ack` if any, until
+    /// the budget, the in-flight window or the queue runs out; returns how many were written.
+    /// What `write_frames` does for each message, without asking the queue for each one.
+    fn write_fresh(
+        &mut self,
+        now: Instant,
+        buf: &mut BytesMut,
+        start: usize,
+        budget: usize,
+        mut ack: Option<Seq>,
+        acked_below: Seq,
+    ) -> u64 {
+        let (written_seqs, recv) = (&mut self.written, &mut self.recv);
+        let mut piggybacked = 0;
+        let sent = self.send.send_fresh(now, |out| {
+            let written = buf.len() - start;
+            let short = written_seqs.may_shorten(out.seq, acked_below);
+            let len = framing::stream_data_frame_len_short(
+                short,
+                out.stream,
+                out.seq,
+                ack,
+                out.payload.len(),
+            );
+            if written > 0 && written + len > budget {
+                return false;
+            }
+            written_seqs.record(out.seq);
+            framing::encode_stream_data_frame_short(
+                short,
+                out.stream,
+                out.seq,
+                ack,
+                out.unordered,
+                out.payload,
+                buf,
+            );
+            if ack.take().is_some() {
+                recv.take_piggyback();
+                piggybacked += 1;
+            }
+            true
+        });
+        self.stats.acks_piggybacked += piggybacked;
+        self.stats.data_sent += sent;
+        self.stats.frames_sent += sent;
+        sent
     }
 
     /// The next event for the application.

@@ -409,6 +409,60 @@ impl Sender {
         }
     }
 
+    /// Puts never-sent messages on the wire in order, as [`Sender::peek`] and [`Sender::on_sent`]
+    /// would one at a time, while nothing waits for retransmission and the in-flight window has
+    /// room: `write` gets each one and says whether it went out (`false`: no room, stop there).
+    /// Returns how many went out.
+    pub(crate) fn send_fresh(
+        &mut self,
+        now: Instant,
+        mut write: impl FnMut(&Outgoing<'_>) -> bool,
+    ) -> u64 {
+        if !self.retransmit.is_empty() {
+            return 0;
+        }
+        let end = self
+            .end()
+            .min(self.base.saturating_add(self.in_flight_limit));
+        let first = self.next_unsent;
+        let mut seq = first;
+        // From the first unsent slot on, in order: one walk instead of a lookup per message.
+        let skip = usize::try_from(first - self.base).unwrap_or(usize::MAX);
+        for s in self.slots.range_mut(skip.min(self.slots.len())..) {
+            if seq >= end {
+                break;
+            }
+            let out = Outgoing {
+                stream: s.stream,
+                seq,
+                payload: &s.payload,
+                retransmission: false,
+                unordered: s.unordered,
+            };
+            if !write(&out) {
+                break;
+            }
+            if let Some(k) = s.key.take() {
+                self.conflation.remove(&(s.stream, k));
+            }
+            s.sent_at = Some(now);
+            s.sent_order = self.next_order;
+            s.transmissions = s.transmissions.saturating_add(1);
+            s.lost = false;
+            self.next_order += 1;
+            seq += 1;
+        }
+        let sent = seq - first;
+        if sent > 0 {
+            self.next_unsent = seq;
+            self.sent_end = self.sent_end.max(seq);
+            if self.transport == Transport::Datagram && self.rto_at.is_none() {
+                self.rto_at = Some(now + self.rtt.rto_with_backoff(self.rto_backoff));
+            }
+        }
+        sent
+    }
+
     /// Takes an ack: every sequence number below `cumulative` and in `ranges` has arrived;
     /// `ack_delay` is how long the peer held the ack back.
     pub fn on_ack(
