@@ -504,10 +504,12 @@ impl Sender {
                 newest = Some((slot.sent_order, at));
             }
         };
-        for seq in base..cumulative.max(base) {
-            if let Some(slot) = self.slots.get_mut((seq - base) as usize) {
-                mark(slot, &mut out);
-            }
+        // The cumulative part, walked in order rather than looked up one number at a time.
+        let below = usize::try_from(cumulative.saturating_sub(base))
+            .unwrap_or(usize::MAX)
+            .min(self.slots.len());
+        for slot in self.slots.range_mut(..below) {
+            mark(slot, &mut out);
         }
         for r in ranges {
             for seq in r.start.max(base)..r.end {
@@ -516,12 +518,11 @@ impl Sender {
                 }
             }
         }
-        while self.slots.front().is_some_and(|s| s.acked) {
-            if let Some(s) = self.slots.pop_front() {
-                self.queued_bytes -= s.payload.len();
-            }
-            self.base += 1;
+        let released = self.slots.iter().take_while(|s| s.acked).count();
+        for s in self.slots.drain(..released) {
+            self.queued_bytes -= s.payload.len();
         }
+        self.base += released as u64;
         out.base_advanced = self.base > base;
         // A stream connection re-sends from `base` after a rewind; never below what is acknowledged.
         self.next_unsent = self.next_unsent.max(self.base);
