@@ -11,7 +11,7 @@ use crate::Seq;
 use crate::config::{Config, ConfigError, Delivery, Transport};
 use crate::event::{CloseReason, Event, Message, ProtocolError};
 use crate::frame::{AckFrame, CloseFrame, DataFrame, DecodeLimits, Frame, UnreliableFrame};
-use crate::framing::{self, StreamDecoder, WrittenSeqs};
+use crate::framing::{self, StreamDataHead, StreamDecoder, WrittenSeqs};
 use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
@@ -495,26 +495,19 @@ impl Channel {
         let sent = self.send.send_fresh(now, |out| {
             let written = buf.len() - start;
             let short = written_seqs.may_shorten(out.seq, acked_below);
-            let len = framing::stream_data_frame_len_short(
-                short,
-                out.stream,
-                out.seq,
-                ack,
-                out.payload.len(),
-            );
-            if written > 0 && written + len > budget {
-                return false;
-            }
-            written_seqs.record(out.seq);
-            framing::encode_stream_data_frame_short(
+            let head = StreamDataHead::new(
                 short,
                 out.stream,
                 out.seq,
                 ack,
                 out.unordered,
-                out.payload,
-                buf,
+                out.payload.len(),
             );
+            if written > 0 && written + head.len() > budget {
+                return false;
+            }
+            written_seqs.record(out.seq);
+            head.write(out.payload, buf);
             if ack.take().is_some() {
                 recv.take_piggyback();
                 piggybacked += 1;

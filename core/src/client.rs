@@ -632,9 +632,12 @@ impl Client {
         if mode == Mode::Unreliable && !self.is_connected() {
             return Ok(Sent::Unreliable);
         }
-        let kept = self.store.is_some().then(|| payload.clone());
+        if self.store.is_none() {
+            return self.channel.send_on(stream, mode, payload);
+        }
+        let kept = payload.clone();
         let sent = self.channel.send_on(stream, mode, payload);
-        self.journal(&sent, stream, mode == Mode::Unordered, kept);
+        self.journal(&sent, stream, mode == Mode::Unordered, Some(kept));
         sent
     }
 

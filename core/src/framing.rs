@@ -198,17 +198,60 @@ pub fn encode_stream_data_frame_short<B: BufMut>(
     payload: &[u8],
     buf: &mut B,
 ) -> usize {
+    let head = StreamDataHead::new(short, stream, seq, ack, unordered, payload.len());
+    head.write(payload, buf);
+    head.len()
+}
+
+/// A stream data frame's length prefix and header, assembled on the stack before anything is
+/// written: its size is known first (for a write budget), and it is copied out once.
+pub(crate) struct StreamDataHead {
+    bytes: [u8; StreamDataHead::PREFIX + DataFrame::MAX_HEADER_LEN],
+    start: usize,
+    end: usize,
+    payload_len: usize,
+}
+
+impl StreamDataHead {
+    /// Room for the longest length prefix, before the header.
     const PREFIX: usize = 8;
-    let mut head = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
-    let header_len =
-        DataFrame::write_header(stream, seq, short, ack, unordered, &mut head[PREFIX..]);
-    let frame_len = len_u64(header_len + payload.len());
-    let prefix = varint::encoded_len(frame_len);
-    // Length and header assembled on the stack and copied out once, then the payload.
-    varint::write(frame_len, &mut head[PREFIX - prefix..]);
-    buf.put_slice(&head[PREFIX - prefix..PREFIX + header_len]);
-    buf.put_slice(payload);
-    prefix + header_len + payload.len()
+
+    /// The head of a frame carrying `payload_len` bytes, as [`encode_stream_data_frame_short`]
+    /// writes it.
+    pub(crate) fn new(
+        short: bool,
+        stream: u64,
+        seq: Seq,
+        ack: Option<Seq>,
+        unordered: bool,
+        payload_len: usize,
+    ) -> Self {
+        const PREFIX: usize = StreamDataHead::PREFIX;
+        let mut bytes = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
+        let header_len =
+            DataFrame::write_header(stream, seq, short, ack, unordered, &mut bytes[PREFIX..]);
+        let frame_len = len_u64(header_len + payload_len);
+        let prefix = varint::encoded_len(frame_len);
+        varint::write(frame_len, &mut bytes[PREFIX - prefix..]);
+        StreamDataHead {
+            bytes,
+            start: PREFIX - prefix,
+            end: PREFIX + header_len,
+            payload_len,
+        }
+    }
+
+    /// The whole frame's bytes on the wire, length prefix included.
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start + self.payload_len
+    }
+
+    /// Writes the head, then `payload` (the `payload_len` bytes it was made for).
+    pub(crate) fn write<B: BufMut>(&self, payload: &[u8], buf: &mut B) {
+        debug_assert_eq!(payload.len(), self.payload_len);
+        buf.put_slice(&self.bytes[self.start..self.end]);
+        buf.put_slice(payload);
+    }
 }
 
 /// The total bytes [`encode_stream_data_frame_short`] writes, length prefix included.
