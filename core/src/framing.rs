@@ -409,15 +409,20 @@ impl StreamDecoder {
         if let Some(e) = self.poisoned.as_deref().copied() {
             return Err(e);
         }
-        match self.decode_next() {
-            Err(e) => {
-                self.poisoned = Some(Box::new(e));
-                self.carry = None;
-                self.chunk = Bytes::new();
-                Err(e)
-            }
-            ok => ok,
+        // Returned as it came, not rebuilt in a match: a frame is moved once less.
+        let next = self.decode_next();
+        if let Err(e) = &next {
+            self.poison(*e);
         }
+        next
+    }
+
+    /// Keeps `e` for every later call and lets go of what was buffered.
+    #[cold]
+    fn poison(&mut self, e: DecodeError) {
+        self.poisoned = Some(Box::new(e));
+        self.carry = None;
+        self.chunk = Bytes::new();
     }
 
     /// How many received bytes are held, waiting to complete a frame.
