@@ -580,7 +580,12 @@ impl Client {
     /// all of them, in one bulk move where no store must hear of the session's end.
     pub fn take_events(&mut self, into: &mut VecDeque<SessionEvent>) {
         if self.store.is_none() {
-            into.append(&mut self.events);
+            if into.is_empty() {
+                // Queues traded, not copied: the usual case, the application keeping up.
+                core::mem::swap(into, &mut self.events);
+            } else {
+                into.append(&mut self.events);
+            }
             return;
         }
         while let Some(e) = self.poll_event() {

@@ -1045,7 +1045,12 @@ impl Server {
     /// of them, in one bulk move where no session store must hear of them one by one.
     pub fn take_events(&mut self, into: &mut VecDeque<ServerEvent>) {
         if self.stores.is_none() {
-            into.append(&mut self.events);
+            if into.is_empty() {
+                // Queues traded, not copied: the usual case, the application keeping up.
+                core::mem::swap(into, &mut self.events);
+            } else {
+                into.append(&mut self.events);
+            }
             return;
         }
         while let Some(e) = self.poll_event() {

@@ -78,6 +78,9 @@ impl Boundary {
         let mut at = 0;
         let mut open = None;
         loop {
+            if self.skip == 0 && self.prefix_len == 0 {
+                at = self.step_whole_frames(bytes, at);
+            }
             let left = bytes.len() - at;
             if self.skip >= left {
                 self.skip -= left;
@@ -131,6 +134,33 @@ impl Boundary {
                 open = None;
             }
         }
+    }
+}
+
+impl Boundary {
+    /// Steps over the whole frames in `bytes` from `at`, a frame's start, reading each length
+    /// prefix in place: a saturated link of small frames has hundreds per read. Stops at the first
+    /// frame that is not all there (or is empty), for [`Boundary::follow`] to take from there.
+    fn step_whole_frames(&mut self, bytes: &[u8], mut at: usize) -> usize {
+        while let Some(&first) = bytes.get(at) {
+            let need = 1usize << (first >> 6);
+            let Some(mut field) = bytes.get(at..at + need) else {
+                break;
+            };
+            let Some(len) = crate::varint::decode(&mut field)
+                .ok()
+                .and_then(|l| usize::try_from(l).ok())
+            else {
+                break;
+            };
+            if len == 0 || len > bytes.len() - at - need {
+                break;
+            }
+            self.total = need + len;
+            self.last_total = self.total;
+            at += self.total;
+        }
+        at
     }
 }
 
