@@ -894,6 +894,64 @@ mod tests {
         assert_eq!(flush(&mut s, at(1)), [4, 5]);
     }
 
+    /// Puts fresh messages on the wire as a run, `room` of them at most; returns their numbers.
+    fn flush_fresh(s: &mut Sender, now: Instant, room: usize) -> Vec<Seq> {
+        let mut sent = Vec::new();
+        s.send_fresh(now, |o| {
+            if sent.len() == room {
+                return false;
+            }
+            sent.push(o.seq);
+            true
+        });
+        sent
+    }
+
+    #[test]
+    fn a_fresh_run_stops_where_the_writer_has_no_room_and_the_next_goes_on_from_there() {
+        let mut s = queued(Transport::Stream, 6);
+        assert_eq!(flush_fresh(&mut s, at(0), 3), [0, 1, 2]);
+        assert_eq!(
+            flush_fresh(&mut s, at(0), 3),
+            [3],
+            "the in-flight limit of 4"
+        );
+        s.on_ack(at(1), 4, &[], Duration::ZERO).unwrap();
+        assert_eq!(flush_fresh(&mut s, at(1), 8), [4, 5]);
+        assert_eq!(s.peek().map(|o| o.seq), None, "all of them sent");
+        s.on_ack(at(2), 6, &[], Duration::ZERO).unwrap();
+        assert_eq!(s.queued_messages(), 0);
+    }
+
+    #[test]
+    fn a_fresh_run_waits_while_a_retransmission_is_due() {
+        let mut s = sender(Transport::Datagram);
+        s.push_plain(0, msg(0)).unwrap();
+        flush(&mut s, at(0));
+        s.push_plain(0, msg(1)).unwrap();
+        let t = s.deadline().unwrap();
+        assert_eq!(s.on_timeout(t).declared_lost, 1);
+        assert_eq!(flush_fresh(&mut s, t, 8), [], "the lost one goes first");
+        assert_eq!(flush(&mut s, t), [0, 1]);
+    }
+
+    #[test]
+    fn a_fresh_run_sends_what_peek_and_on_sent_would() {
+        let (mut a, mut b) = (
+            queued(Transport::Datagram, 4),
+            queued(Transport::Datagram, 4),
+        );
+        assert_eq!(flush(&mut a, at(3)), flush_fresh(&mut b, at(3), 8));
+        assert_eq!(a.deadline(), b.deadline(), "the same retransmission timer");
+        let acked = |s: &mut Sender| s.on_ack(at(9), 2, &[3..4], Duration::from_millis(1));
+        assert_eq!(acked(&mut a), acked(&mut b));
+        assert_eq!(
+            a.rtt().smoothed(),
+            b.rtt().smoothed(),
+            "the same RTT sample"
+        );
+    }
+
     #[test]
     fn a_cumulative_ack_releases_everything_below_it() {
         let mut s = queued(Transport::Stream, 3);
