@@ -239,8 +239,8 @@ pub struct Liveness {
     grace_until: Option<Instant>,
     /// A stall asked for a probe and it has not been handed out yet.
     probe_wanted: bool,
-    /// The outstanding probe, if any: at most one; cleared by any receipt.
-    probe: Option<u64>,
+    /// A probe is outstanding: at most one; cleared by any receipt.
+    probe_out: bool,
     next_ping: u64,
     /// When each of the last [`PING_SLOTS`] pings went out, slot `id % PING_SLOTS`, for RTT
     /// matching; the id is implied by `next_ping` (one slot per id still in range), which halves
@@ -249,8 +249,9 @@ pub struct Liveness {
     /// Bit `slot` set: that slot's ping is unanswered.
     ping_open: u8,
     stalls: u64,
-    /// Set once Dead: how long the peer had been silent then.
-    dead: Option<Duration>,
+    /// Set once Dead: when. `last_receive` stays as it was then, so the silence is their difference
+    /// (8 bytes, where the silence itself would take 16).
+    dead_at: Option<Instant>,
 }
 
 impl Liveness {
@@ -270,12 +271,12 @@ impl Liveness {
             last_send: now,
             grace_until: None,
             probe_wanted: false,
-            probe: None,
+            probe_out: false,
             next_ping: 0,
             ping_sent: [now; PING_SLOTS],
             ping_open: 0,
             stalls: 0,
-            dead: None,
+            dead_at: None,
         };
         live.leave();
         live
@@ -302,7 +303,7 @@ impl Liveness {
     /// Something was written to the peer: the heartbeat timer restarts (the peer's idle timer was fed).
     pub fn on_send(&mut self, now: Instant) {
         let now = self.enter(now);
-        if self.dead.is_none() {
+        if self.dead_at.is_none() {
             self.last_send = now;
         }
         self.leave();
@@ -316,13 +317,12 @@ impl Liveness {
     /// grace but does not ask for a second probe), and at most one ping is handed out per instant.
     pub fn poll_ping(&mut self, now: Instant) -> Option<u64> {
         let now = self.enter(now);
-        let ping = if self.dead.is_some() {
+        let ping = if self.dead_at.is_some() {
             None
         } else if self.probe_wanted {
             self.probe_wanted = false;
-            let id = self.issue(now);
-            self.probe = Some(id);
-            Some(id)
+            self.probe_out = true;
+            Some(self.issue(now))
         } else if self.heartbeat_due(now) {
             Some(self.issue(now))
         } else {
@@ -359,12 +359,14 @@ impl Liveness {
     /// verdict is Alive, a probe becomes due, and the peer gets `stall_grace` from `now`.
     pub fn on_timeout(&mut self, now: Instant) -> Verdict {
         let now = self.enter(now);
-        if self.dead.is_none() && now >= self.expiry() {
-            self.dead = Some(now - self.last_receive);
+        if self.dead_at.is_none() && now >= self.expiry() {
+            self.dead_at = Some(now);
         }
         self.leave();
-        match self.dead {
-            Some(silent_for) => Verdict::Dead { silent_for },
+        match self.dead_at {
+            Some(at) => Verdict::Dead {
+                silent_for: at - self.last_receive,
+            },
             None => Verdict::Alive,
         }
     }
@@ -373,7 +375,7 @@ impl Liveness {
     /// earlier of the next ping (now, if a probe is wanted) and the idle (or post-stall grace) expiry.
     /// `None` once Dead. A deadline at or before the latest `now` means "call now".
     pub fn deadline(&self) -> Option<Instant> {
-        if self.dead.is_some() {
+        if self.dead_at.is_some() {
             return None;
         }
         let ping_at = if self.probe_wanted {
@@ -397,16 +399,16 @@ impl Liveness {
 
     /// Whether a Dead verdict has been given.
     pub fn is_dead(&self) -> bool {
-        self.dead.is_some()
+        self.dead_at.is_some()
     }
 
     /// Common entry: clamps `now` to the latest seen and detects a local stall.
     fn enter(&mut self, now: Instant) -> Instant {
         let now = now.max(self.latest);
-        if self.dead.is_none() && now - self.expected > self.stall_threshold.get() {
+        if self.dead_at.is_none() && now - self.expected > self.stall_threshold.get() {
             self.stalls += 1;
             self.grace_until = Some(now + self.stall_grace.get());
-            if self.probe.is_none() {
+            if !self.probe_out {
                 self.probe_wanted = true;
             }
         }
@@ -418,7 +420,7 @@ impl Liveness {
     /// the future. A ping already due is left out: an owner that has not drained it yet would
     /// otherwise look frozen at its next call.
     fn leave(&mut self) {
-        if self.dead.is_some() {
+        if self.dead_at.is_some() {
             return;
         }
         let expiry = self.expiry();
@@ -430,13 +432,13 @@ impl Liveness {
     }
 
     fn heard(&mut self, now: Instant) {
-        if self.dead.is_some() {
+        if self.dead_at.is_some() {
             return;
         }
         self.last_receive = now;
         self.grace_until = None;
         self.probe_wanted = false;
-        self.probe = None;
+        self.probe_out = false;
     }
 
     /// No Dead verdict before this: the idle expiry, pushed back to the post-stall grace if later.
