@@ -50,8 +50,9 @@ use core::fmt;
 use crate::time::{Duration, Instant, Span};
 
 /// How many recent pings [`Liveness::on_pong`] can still match to measure an RTT; a pong for an older
-/// ping is stale and yields no sample (it still counts as a receipt).
-pub const PING_SLOTS: usize = 8;
+/// ping is stale and yields no sample (it still counts as a receipt). Four heartbeat intervals (4 s by
+/// default) outlast the default idle timeout; every connection carries a slot each.
+pub const PING_SLOTS: usize = 4;
 // `ping_open` is a byte of flags, one per slot.
 const _: () = assert!(PING_SLOTS <= 8);
 
