@@ -2,6 +2,7 @@
 //! on each connection, and keeps it alive.
 
 use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use bytes::{Bytes, BytesMut};
@@ -289,8 +290,9 @@ impl Client {
         self.channel.reset_connection();
         let nonce = self.entropy.next_u64();
         let mut link = Link::new(
+            Role::Client,
             self.config.channel.transport,
-            self.config.liveness,
+            Arc::new(self.config.liveness),
             self.limits,
             nonce,
             now,
@@ -390,7 +392,7 @@ impl Client {
                     core::mem::replace(&mut self.phase, Phase::Over)
             {
                 self.events
-                    .push_back(held.crossed(c.code, c.reason, link.arbiter));
+                    .push_back(held.crossed(c.code, c.reason, link.arbiter()));
                 self.disconnect_due = true;
             }
             return;
@@ -489,8 +491,7 @@ impl Client {
             self.lose(LostReason::Expired);
             return;
         }
-        link.established = true;
-        link.arbiter = Some(Arbiter::new(Role::Client, link.local_nonce, w.nonce));
+        link.establish(w.nonce);
         self.session = Some((w.session, w.token));
         self.epoch = self.epoch.max(w.epoch);
         let identity = Identity {
@@ -703,7 +704,7 @@ impl Client {
     /// The arbiter agreed on the current connection.
     pub fn arbiter(&self) -> Option<Arbiter> {
         match &self.phase {
-            Phase::Linked { link, .. } => link.arbiter,
+            Phase::Linked { link, .. } => link.arbiter(),
             _ => None,
         }
     }

@@ -45,9 +45,10 @@
 //! `idle_timeout` must exceed the peer's heartbeat interval plus the path's delay variation: with the
 //! defaults (1 s, 3 s) two consecutive heartbeats can be lost before a live peer is declared dead.
 
+use alloc::sync::Arc;
 use core::fmt;
 
-use crate::time::{Duration, Instant, Span};
+use crate::time::{Duration, Instant};
 
 /// How many recent pings [`Liveness::on_pong`] can still match to measure an RTT; a pong for an older
 /// ping is stale and yields no sample (it still counts as a receipt). Four heartbeat intervals (4 s by
@@ -223,12 +224,8 @@ impl Verdict {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Liveness {
-    /// The configuration's four durations in 8 bytes each rather than 16: one `Liveness` per
-    /// connection.
-    heartbeat_interval: Span,
-    idle_timeout: Span,
-    stall_threshold: Span,
-    stall_grace: Span,
+    /// Shared: a server holds one copy for all its connections, not one each.
+    config: Arc<LivenessConfig>,
     /// The latest `now` seen; an earlier `now` is replaced by it.
     latest: Instant,
     /// When the owner was last told to call back at the latest: `max(deadline(), latest)` as of the
@@ -261,11 +258,13 @@ impl Liveness {
     /// The config is taken as given; check it with [`LivenessConfig::validate`] first. (Even a zero
     /// heartbeat interval hands out at most one ping per instant.)
     pub fn new(config: LivenessConfig, now: Instant) -> Self {
+        Self::with_shared_config(Arc::new(config), now)
+    }
+
+    /// As [`Liveness::new`], with a configuration it shares with others.
+    pub(crate) fn with_shared_config(config: Arc<LivenessConfig>, now: Instant) -> Self {
         let mut live = Liveness {
-            heartbeat_interval: Span::of(config.heartbeat_interval),
-            idle_timeout: Span::of(config.idle_timeout),
-            stall_threshold: Span::of(config.stall_threshold),
-            stall_grace: Span::of(config.stall_grace),
+            config,
             latest: now,
             expected: now,
             last_receive: now,
@@ -283,14 +282,9 @@ impl Liveness {
         live
     }
 
-    /// The configuration in use (durations kept to the nanosecond, saturating at 584 years).
+    /// The configuration in use.
     pub fn config(&self) -> LivenessConfig {
-        LivenessConfig {
-            heartbeat_interval: self.heartbeat_interval.get(),
-            idle_timeout: self.idle_timeout.get(),
-            stall_threshold: self.stall_threshold.get(),
-            stall_grace: self.stall_grace.get(),
-        }
+        *self.config
     }
 
     /// Something (a frame, any bytes) arrived from the peer: it is alive now, the idle timer restarts
@@ -383,7 +377,7 @@ impl Liveness {
             self.latest
         } else {
             // At least 1 ns after the last send, so a zero interval cannot ping twice per instant.
-            self.last_send + self.heartbeat_interval.get().max(Duration::from_nanos(1))
+            self.last_send + self.config.heartbeat_interval.max(Duration::from_nanos(1))
         };
         Some(ping_at.min(self.expiry()))
     }
@@ -406,9 +400,9 @@ impl Liveness {
     /// Common entry: clamps `now` to the latest seen and detects a local stall.
     fn enter(&mut self, now: Instant) -> Instant {
         let now = now.max(self.latest);
-        if self.dead_at.is_none() && now - self.expected > self.stall_threshold.get() {
+        if self.dead_at.is_none() && now - self.expected > self.config.stall_threshold {
             self.stalls += 1;
-            self.grace_until = Some(now + self.stall_grace.get());
+            self.grace_until = Some(now + self.config.stall_grace);
             if !self.probe_out {
                 self.probe_wanted = true;
             }
@@ -444,12 +438,12 @@ impl Liveness {
 
     /// No Dead verdict before this: the idle expiry, pushed back to the post-stall grace if later.
     fn expiry(&self) -> Instant {
-        let idle = self.last_receive + self.idle_timeout.get();
+        let idle = self.last_receive + self.config.idle_timeout;
         self.grace_until.map_or(idle, |grace| grace.max(idle))
     }
 
     fn heartbeat_due(&self, now: Instant) -> bool {
-        now > self.last_send && now - self.last_send >= self.heartbeat_interval.get()
+        now > self.last_send && now - self.last_send >= self.config.heartbeat_interval
     }
 
     fn issue(&mut self, now: Instant) -> u64 {

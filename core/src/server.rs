@@ -174,8 +174,9 @@ struct Conn {
     timer: TimerSlot,
     /// Its id waits in the ready queue.
     queued: bool,
-    /// The hello this connection was welcomed for, to answer a retry of it: (nonce, resumed).
-    welcomed: Option<(u64, bool)>,
+    /// Whether the hello it was welcomed for (the link keeps its nonce) resumed a session, to
+    /// answer a retry of it.
+    resumed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -194,6 +195,8 @@ pub struct Server {
     config: ServerConfig,
     /// `config.channel`, shared by every session's channel.
     channel_config: Arc<Config>,
+    /// `config.liveness`, shared by every connection.
+    liveness_config: Arc<LivenessConfig>,
     entropy: Box<dyn Entropy>,
     /// Boxed, so a B-tree node's spare room costs a pointer per slot, not a whole session.
     sessions: BTreeMap<SessionId, Box<Session>>,
@@ -244,6 +247,7 @@ impl Server {
         };
         Ok(Server {
             channel_config: Arc::new(config.channel.clone()),
+            liveness_config: Arc::new(config.liveness),
             config,
             entropy,
             sessions: BTreeMap::new(),
@@ -289,8 +293,9 @@ impl Server {
         let pending = self.pending.len();
         let mut c = Box::new(Conn {
             link: Link::new(
+                Role::Server,
                 self.config.channel.transport,
-                self.config.liveness,
+                self.liveness_config.clone(),
                 self.limits,
                 nonce,
                 now,
@@ -303,7 +308,7 @@ impl Server {
             timer: self.timers.new_slot(),
             // An id still waiting in the ready queue from a connection gone before is this one's.
             queued: self.orphans.remove(&conn),
-            welcomed: None,
+            resumed: false,
         });
         // Past the bound, a connection gets no handshake at all: it is closed unread.
         c.closing = pending >= self.config.max_pending_handshakes;
@@ -461,9 +466,8 @@ impl Server {
             (Frame::Hello(h), None) if c.awaiting_auth.is_none() => self.on_hello(now, conn, h),
             (Frame::Hello(h), Some(id)) => {
                 // A repeated hello (datagram retry): answer it again if it is the current attach.
-                let nonce = c.link.local_nonce;
-                if let Some((peer_nonce, resumed)) = c.welcomed
-                    && peer_nonce == h.nonce
+                let (nonce, resumed) = (c.link.local_nonce, c.resumed);
+                if c.link.peer_nonce() == Some(h.nonce)
                     && let Some(s) = self.sessions.get(&id)
                     && s.conn == Some(conn)
                     && h.resume.map_or(!resumed, |r| resumed && r.epoch == s.epoch)
@@ -479,7 +483,7 @@ impl Server {
                 if self.sessions.get(&id).is_some_and(|s| s.held.is_some()) =>
             {
                 // Our close and the client's crossed: both ends name the same one.
-                let arbiter = c.link.arbiter;
+                let arbiter = c.link.arbiter();
                 c.closing = true;
                 if let Some(held) = self.sessions.get_mut(&id).and_then(|s| s.held.take()) {
                     let event = (*held).crossed(close.code, close.reason, arbiter);
@@ -755,9 +759,8 @@ impl Server {
         };
         c.session = Some(id);
         self.pending.remove(&conn);
-        c.welcomed = Some((peer_nonce, resumed));
-        c.link.established = true;
-        c.link.arbiter = Some(Arbiter::new(Role::Server, c.link.local_nonce, peer_nonce));
+        c.resumed = resumed;
+        c.link.establish(peer_nonce);
         let nonce = c.link.local_nonce;
         let welcome = self.welcome(id, nonce, resumed);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1259,7 +1262,7 @@ impl Server {
     /// The arbiter agreed on a session's current connection.
     pub fn arbiter(&self, session: SessionId) -> Option<Arbiter> {
         let conn = self.sessions.get(&session)?.conn?;
-        self.conns.get(&conn)?.link.arbiter
+        self.conns.get(&conn)?.link.arbiter()
     }
 
     /// A queue overflowed under the close policy: the client is told with a close frame carrying

@@ -9,6 +9,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -23,7 +24,7 @@ use crate::framing::{self, StreamDecoder};
 use crate::identity::SessionId;
 use crate::liveness::{Liveness, LivenessConfig, PongBacklog, Verdict};
 use crate::reconnect::GaveUp;
-use crate::tiebreak::Arbiter;
+use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
 
 /// Stream ids at and above this carry replies: the stream field holds `REPLY_STREAM + seq` of the
@@ -436,8 +437,11 @@ pub(crate) struct Link {
     pub(crate) established: bool,
     /// Datagrams that did not decode (corrupted, truncated, foreign).
     pub(crate) malformed: u64,
-    pub(crate) arbiter: Option<Arbiter>,
+    role: Role,
     pub(crate) local_nonce: u64,
+    /// The peer's nonce from the handshake, once established: with `role` and `local_nonce`, the
+    /// arbiter (kept as its parts, as the link holds two of them anyway).
+    peer_nonce: u64,
 }
 
 /// How a link cuts what arrives into frames.
@@ -497,8 +501,9 @@ pub(crate) enum Incoming {
 
 impl Link {
     pub(crate) fn new(
+        role: Role,
         transport: Transport,
-        liveness: LivenessConfig,
+        liveness: Arc<LivenessConfig>,
         limits: DecodeLimits,
         local_nonce: u64,
         now: Instant,
@@ -509,14 +514,32 @@ impl Link {
                 Transport::Datagram => Framing::Datagram(limits),
             },
             preface_sent: false,
-            liveness: Liveness::new(liveness, now),
+            liveness: Liveness::with_shared_config(liveness, now),
             outbox: Outbox::default(),
             pongs: None,
             established: false,
             malformed: 0,
-            arbiter: None,
+            role,
             local_nonce,
+            peer_nonce: 0,
         }
+    }
+
+    /// The handshake completed with the peer's `peer_nonce`: the link carries the channel now.
+    pub(crate) fn establish(&mut self, peer_nonce: u64) {
+        self.established = true;
+        self.peer_nonce = peer_nonce;
+    }
+
+    /// The peer's nonce, once established.
+    pub(crate) fn peer_nonce(&self) -> Option<u64> {
+        self.established.then_some(self.peer_nonce)
+    }
+
+    /// The arbiter both ends agreed on in the handshake, once established.
+    pub(crate) fn arbiter(&self) -> Option<Arbiter> {
+        self.peer_nonce()
+            .map(|peer| Arbiter::new(self.role, self.local_nonce, peer))
     }
 
     /// Decodes what arrived; calls `on` for each frame (or the decode failure, after which it stops).
