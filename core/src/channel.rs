@@ -16,7 +16,7 @@ use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
 use crate::send::{AckOfUnsent, Pushed, SendError, Sender};
-use crate::stats::Stats;
+use crate::stats::{Counters, Rare, Stats};
 use crate::time::{Duration, Instant, earliest};
 use crate::unreliable::{UnreliableReceiver, UnreliableSender};
 
@@ -122,9 +122,10 @@ pub struct Channel {
     pongs: Option<Box<PongBacklog>>,
     state: State,
     now: Instant,
-    stats: Stats,
-    /// With a durable store, the messages that arrived since the owner last took them.
-    arrivals: Option<Vec<crate::store::Stored>>,
+    stats: Counters,
+    /// With a durable store, the messages that arrived since the owner last took them (boxed:
+    /// most servers have no store, and keep a channel per session).
+    arrivals: Option<Box<Vec<crate::store::Stored>>>,
 }
 
 /// Both directions of at-most-once traffic.
@@ -165,7 +166,7 @@ impl Channel {
             pongs: None,
             state: State::Open,
             now,
-            stats: Stats::default(),
+            stats: Counters::default(),
             arrivals: None,
             config,
         })
@@ -196,14 +197,14 @@ impl Channel {
 
     /// Keeps every arriving message for [`Channel::take_arrivals`], for a durable store.
     pub(crate) fn record_arrivals(&mut self) {
-        self.arrivals.get_or_insert_with(Vec::new);
+        self.arrivals.get_or_insert_with(Box::default);
     }
 
     /// The messages that arrived (delivered or held for reordering) since the last call.
     pub(crate) fn take_arrivals(&mut self) -> Vec<crate::store::Stored> {
         self.arrivals
             .as_mut()
-            .map(core::mem::take)
+            .map(|a| core::mem::take(&mut **a))
             .unwrap_or_default()
     }
 
@@ -308,7 +309,7 @@ impl Channel {
             // Datagrams carry no integrity check of ours; a mangled one is dropped like a lost one.
             Transport::Datagram => match framing::decode_datagram(data, &self.limits()) {
                 Ok(frame) => self.handle_frame(now, frame),
-                Err(_) => self.stats.malformed_datagrams += 1,
+                Err(_) => self.stats.add(Rare::MalformedDatagrams, 1),
             },
         }
     }
@@ -320,8 +321,9 @@ impl Channel {
             return;
         }
         let out = self.send.on_timeout(now);
-        self.stats.declared_lost += out.declared_lost;
-        self.stats.rto_expiries += u64::from(out.rto_expired);
+        self.stats.add(Rare::DeclaredLost, out.declared_lost);
+        self.stats
+            .add(Rare::RtoExpiries, u64::from(out.rto_expired));
     }
 
     /// Writes the next transmission into `buf` (appending) and returns its length, or `None` when
@@ -435,7 +437,7 @@ impl Channel {
                 );
             }
             if out.retransmission {
-                self.stats.retransmitted += 1;
+                self.stats.add(Rare::Retransmitted, 1);
             }
             if ack.is_some() {
                 self.recv.take_piggyback();
@@ -529,8 +531,8 @@ impl Channel {
     }
 
     /// The counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    pub fn stats(&self) -> Stats {
+        self.stats.get()
     }
 
     /// The configuration.
@@ -597,9 +599,9 @@ impl Channel {
                     },
                 );
                 match arrival {
-                    Arrival::Duplicate => self.stats.duplicates_received += 1,
-                    Arrival::BeyondWindow => self.stats.dropped_beyond_window += 1,
-                    Arrival::NoRoom => self.stats.dropped_no_room += 1,
+                    Arrival::Duplicate => self.stats.add(Rare::DuplicatesReceived, 1),
+                    Arrival::BeyondWindow => self.stats.add(Rare::DroppedBeyondWindow, 1),
+                    Arrival::NoRoom => self.stats.add(Rare::DroppedNoRoom, 1),
                     Arrival::Delivered | Arrival::Buffered => {
                         if let (Some(list), Some(m)) = (&mut self.arrivals, kept) {
                             list.push(m);
@@ -630,7 +632,7 @@ impl Channel {
                         payload: u.payload,
                     });
                 } else {
-                    self.stats.duplicates_received += 1;
+                    self.stats.add(Rare::DuplicatesReceived, 1);
                 }
             }
             Frame::Ping { id } => self.pongs.get_or_insert_with(Box::default).answer(id),
@@ -651,7 +653,7 @@ impl Channel {
     ) {
         match self.send.on_ack(now, cumulative, ranges, delay) {
             Ok(out) => {
-                self.stats.declared_lost += out.declared_lost;
+                self.stats.add(Rare::DeclaredLost, out.declared_lost);
                 if out.base_advanced {
                     self.events.push_back(Event::Acknowledged {
                         below: self.send.base(),
@@ -712,7 +714,7 @@ impl Channel {
 
     fn observe(&mut self, now: Instant) -> Instant {
         if now < self.now {
-            self.stats.clock_regressions += 1;
+            self.stats.add(Rare::ClockRegressions, 1);
         } else {
             self.now = now;
         }
