@@ -150,7 +150,7 @@ struct Session {
     conn: Option<ConnId>,
     disconnected_at: Option<Instant>,
     requests: Requests,
-    counters: SessionCounters,
+    counters: Counters,
     /// This side closed the session; waiting to see whether the client closed at the same moment.
     held: Option<Box<HeldClose>>,
     /// Its deadline in the timer set, if armed.
@@ -177,6 +177,33 @@ struct Conn {
     /// Whether the hello it was welcomed for (the link keeps its nonce) resumed a session, to
     /// answer a retry of it.
     resumed: bool,
+}
+
+/// A session's [`SessionCounters`] as the server keeps them: connects and disconnects inline (every
+/// session connects, and every retained one has disconnected), the rest boxed at the first of them
+/// (most sessions never resume, stall nor time out).
+#[derive(Default)]
+struct Counters {
+    connects: u64,
+    disconnects: u64,
+    rest: Option<Box<SessionCounters>>,
+}
+
+impl Counters {
+    /// Adds `n` to the counter `counter` picks; adding nothing makes no box.
+    fn add(&mut self, n: u64, counter: impl FnOnce(&mut SessionCounters) -> &mut u64) {
+        if n > 0 {
+            *counter(self.rest.get_or_insert_with(Box::default)) += n;
+        }
+    }
+
+    fn get(&self) -> SessionCounters {
+        SessionCounters {
+            connects: self.connects,
+            disconnects: self.disconnects,
+            ..self.rest.as_deref().copied().unwrap_or_default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -343,7 +370,7 @@ impl Server {
         if malformed > 0
             && let Some(s) = c.session.and_then(|id| self.sessions.get_mut(&id))
         {
-            s.counters.malformed_datagrams += malformed;
+            s.counters.add(malformed, |c| &mut c.malformed_datagrams);
         }
         for i in incoming.drain(..) {
             match i {
@@ -677,7 +704,7 @@ impl Server {
                 conn: None,
                 disconnected_at: Some(now),
                 requests: Requests::default(),
-                counters: SessionCounters::default(),
+                counters: Counters::default(),
                 held: None,
                 armed: None,
                 timer: self.timers.new_slot(),
@@ -736,7 +763,7 @@ impl Server {
                 conn: Some(conn),
                 disconnected_at: None,
                 requests: Requests::default(),
-                counters: SessionCounters::default(),
+                counters: Counters::default(),
                 held: None,
                 armed: None,
                 timer: self.timers.new_slot(),
@@ -768,8 +795,8 @@ impl Server {
         }
         if let Some(s) = self.sessions.get_mut(&id) {
             s.counters.connects += 1;
-            s.counters.resumes += u64::from(resumed);
-            s.counters.resent_on_resume += retransmitted;
+            s.counters.add(u64::from(resumed), |c| &mut c.resumes);
+            s.counters.add(retransmitted, |c| &mut c.resent_on_resume);
             let epoch = s.epoch;
             self.events.push_back(ServerEvent::Session {
                 session: id,
@@ -852,7 +879,7 @@ impl Server {
         s.disconnected_at = Some(now);
         s.counters.disconnects += 1;
         if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
-            s.counters.idle_timeouts += 1;
+            s.counters.add(1, |c| &mut c.idle_timeouts);
         }
         s.channel.sender_mut().set_limits(
             self.config.disconnected_max_queued_messages,
@@ -905,7 +932,7 @@ impl Server {
         if let Some(id) = c.session
             && let Some(s) = self.sessions.get_mut(&id)
         {
-            s.counters.stalls += stalled;
+            s.counters.add(stalled, |c| &mut c.stalls);
         }
         if let Verdict::Dead { silent_for } = verdict {
             self.drop_conn(now, conn, DisconnectCause::IdleTimeout { silent_for });
@@ -945,7 +972,7 @@ impl Server {
             return self.lose(id, LostReason::RetentionExpired);
         }
         for seq in s.requests.expire(now) {
-            s.counters.request_timeouts += 1;
+            s.counters.add(1, |c| &mut c.request_timeouts);
             self.events.push_back(ServerEvent::Session {
                 session: id,
                 event: SessionEvent::RequestTimedOut { seq },
@@ -1240,8 +1267,8 @@ impl Server {
     }
 
     /// A session's counters.
-    pub fn counters(&self, session: SessionId) -> Option<&SessionCounters> {
-        self.sessions.get(&session).map(|s| &s.counters)
+    pub fn counters(&self, session: SessionId) -> Option<SessionCounters> {
+        self.sessions.get(&session).map(|s| s.counters.get())
     }
 
     /// A session's channel, for inspection.
@@ -1818,6 +1845,24 @@ mod tests {
         drain(&mut s, t);
         assert_eq!(room(&s), 0);
         assert_eq!(s.sessions[&id].channel.sender().queued_messages(), 100);
+    }
+
+    #[test]
+    fn a_sessions_counters_box_only_what_moved_and_read_back_whole() {
+        let mut c = Counters::default();
+        c.connects += 1;
+        c.add(0, |c| &mut c.stalls);
+        assert!(c.rest.is_none(), "adding nothing makes no box");
+        let mut want = SessionCounters {
+            connects: 1,
+            ..SessionCounters::default()
+        };
+        assert_eq!(c.get(), want);
+        c.add(2, |c| &mut c.stalls);
+        c.add(1, |c| &mut c.resumes);
+        want.stalls = 2;
+        want.resumes = 1;
+        assert_eq!(c.get(), want);
     }
 
     proptest! {
