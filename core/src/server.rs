@@ -332,7 +332,7 @@ impl Server {
             awaiting_auth: None,
             closing: false,
             armed: None,
-            timer: self.timers.new_slot(),
+            timer: self.timers.new_slot(Key::Conn(conn)),
             // An id still waiting in the ready queue from a connection gone before is this one's.
             queued: self.orphans.remove(&conn),
             resumed: false,
@@ -707,7 +707,7 @@ impl Server {
                 counters: Counters::default(),
                 held: None,
                 armed: None,
-                timer: self.timers.new_slot(),
+                timer: self.timers.new_slot(Key::Session(id)),
                 store: Some(store),
             }),
         );
@@ -766,7 +766,7 @@ impl Server {
                 counters: Counters::default(),
                 held: None,
                 armed: None,
-                timer: self.timers.new_slot(),
+                timer: self.timers.new_slot(Key::Session(id)),
                 store,
             }),
         );
@@ -1579,13 +1579,24 @@ fn rearm(
     if *armed == new {
         return;
     }
+    debug_assert_eq!(timers.key(slot), key, "a slot serves one key for its life");
     *armed = new;
-    timers.set(slot, key, new);
+    timers.set(slot, new);
 }
 
-/// A session's or connection's place in [`Timers`], for as long as it lives.
+/// A session's or connection's place in [`Timers`], for as long as it lives: [`SESSION_SLOT`] set
+/// for a session's, and the rest its index among the slots of its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimerSlot(u32);
+
+/// The bit of a [`TimerSlot`] that makes it a session's.
+const SESSION_SLOT: u32 = 1 << 31;
+
+impl TimerSlot {
+    fn index(self) -> usize {
+        (self.0 & !SESSION_SLOT) as usize
+    }
+}
 
 /// One armed timer: its deadline and its slot (16 bytes, so sifting moves little).
 #[derive(Debug, Clone, Copy)]
@@ -1600,42 +1611,85 @@ struct TimerEntry {
 #[derive(Debug, Default)]
 struct Timers {
     heap: Vec<TimerEntry>,
+    conns: SlotTable,
+    sessions: SlotTable,
+}
+
+/// The slots of one kind of key. Kept apart, a slot's id takes 8 bytes where a [`Key`] takes 16.
+#[derive(Debug, Default)]
+struct SlotTable {
     /// Per slot, its entry's index in `heap` ([`UNARMED`] if none).
     pos: Vec<u32>,
-    /// Per slot, the key of its session or connection (which orders equal deadlines).
-    keys: Vec<Key>,
+    /// Per slot, the id of its session or connection (which orders equal deadlines).
+    ids: Vec<u64>,
     /// Slots of entities that are gone, for new ones.
-    free: Vec<TimerSlot>,
+    free: Vec<u32>,
 }
 
 /// A slot with no entry in the heap.
 const UNARMED: u32 = u32::MAX;
 
 impl Timers {
-    /// A slot, unarmed, for a new session or connection.
-    fn new_slot(&mut self) -> TimerSlot {
-        if let Some(slot) = self.free.pop() {
-            return slot;
-        }
-        let slot = TimerSlot(u32::try_from(self.pos.len()).expect("fewer than 2^32 timers"));
-        self.pos.push(UNARMED);
-        self.keys.push(Key::Conn(0));
-        slot
+    /// A slot, unarmed, for a new session or connection, `key`.
+    fn new_slot(&mut self, key: Key) -> TimerSlot {
+        let (table, kind, id) = match key {
+            Key::Conn(conn) => (&mut self.conns, 0, conn),
+            Key::Session(id) => (&mut self.sessions, SESSION_SLOT, id.0),
+        };
+        let index = table.free.pop().unwrap_or_else(|| {
+            table.pos.push(UNARMED);
+            table.ids.push(0);
+            u32::try_from(table.pos.len() - 1)
+                .ok()
+                .filter(|i| i & SESSION_SLOT == 0)
+                .expect("fewer than 2^31 timers of a kind")
+        });
+        table.ids[index as usize] = id;
+        TimerSlot(kind | index)
     }
 
     /// Drops a slot's timer, if armed, and takes the slot back.
     fn free_slot(&mut self, slot: TimerSlot) {
-        self.set(slot, Key::Conn(0), None);
-        self.free.push(slot);
+        self.set(slot, None);
+        self.table_mut(slot).free.push(slot.index() as u32);
     }
 
-    /// Arms `slot` (for `key`) at `at`, moves it there, or disarms it (`None`).
-    fn set(&mut self, slot: TimerSlot, key: Key, at: Option<Instant>) {
-        let i = self.pos[slot.0 as usize];
+    fn table(&self, slot: TimerSlot) -> &SlotTable {
+        if slot.0 & SESSION_SLOT == 0 {
+            &self.conns
+        } else {
+            &self.sessions
+        }
+    }
+
+    fn table_mut(&mut self, slot: TimerSlot) -> &mut SlotTable {
+        if slot.0 & SESSION_SLOT == 0 {
+            &mut self.conns
+        } else {
+            &mut self.sessions
+        }
+    }
+
+    fn pos_mut(&mut self, slot: TimerSlot) -> &mut u32 {
+        &mut self.table_mut(slot).pos[slot.index()]
+    }
+
+    /// The key of the session or connection that holds `slot`.
+    fn key(&self, slot: TimerSlot) -> Key {
+        let id = self.table(slot).ids[slot.index()];
+        if slot.0 & SESSION_SLOT == 0 {
+            Key::Conn(id)
+        } else {
+            Key::Session(SessionId(id))
+        }
+    }
+
+    /// Arms `slot` at `at`, moves it there, or disarms it (`None`).
+    fn set(&mut self, slot: TimerSlot, at: Option<Instant>) {
+        let i = self.table(slot).pos[slot.index()];
         match (i, at) {
             (UNARMED, None) => {}
             (UNARMED, Some(at)) => {
-                self.keys[slot.0 as usize] = key;
                 self.heap.push(TimerEntry { at, slot });
                 self.sift_up(self.heap.len() - 1);
             }
@@ -1650,14 +1704,14 @@ impl Timers {
                 }
             }
             (i, None) => {
-                self.pos[slot.0 as usize] = UNARMED;
+                *self.pos_mut(slot) = UNARMED;
                 let last = self.heap.pop().expect("an armed slot has an entry");
                 let i = i as usize;
                 if i < self.heap.len() {
                     // The last entry takes the removed one's place, then finds its own.
                     self.heap[i] = last;
                     self.sift_up(i);
-                    let i = self.pos[last.slot.0 as usize] as usize;
+                    let i = self.table(last.slot).pos[last.slot.index()] as usize;
                     self.sift_down(i);
                 }
             }
@@ -1672,20 +1726,19 @@ impl Timers {
     /// Disarms and returns the earliest timer if it is due at `now`.
     fn pop_due(&mut self, now: Instant) -> Option<Key> {
         let first = *self.heap.first().filter(|e| e.at <= now)?;
-        let key = self.keys[first.slot.0 as usize];
-        self.set(first.slot, key, None);
-        Some(key)
+        self.set(first.slot, None);
+        Some(self.key(first.slot))
     }
 
     /// Whether `a` fires before `b`: by deadline, then by key (connections before sessions, then
     /// by id).
     fn before(&self, a: TimerEntry, b: TimerEntry) -> bool {
-        a.at < b.at || (a.at == b.at && self.keys[a.slot.0 as usize] < self.keys[b.slot.0 as usize])
+        a.at < b.at || (a.at == b.at && self.key(a.slot) < self.key(b.slot))
     }
 
     fn place(&mut self, i: usize, e: TimerEntry) {
         self.heap[i] = e;
-        self.pos[e.slot.0 as usize] = i as u32;
+        *self.pos_mut(e.slot) = i as u32;
     }
 
     fn sift_up(&mut self, mut i: usize) {
@@ -1889,7 +1942,7 @@ mod tests {
                         };
                         // Keys are unique among live entities.
                         if live.iter().all(|(k, _, _)| *k != key) {
-                            live.push((key, timers.new_slot(), None));
+                            live.push((key, timers.new_slot(key), None));
                         }
                     }
                     1 | 2 if !live.is_empty() => {
