@@ -228,9 +228,6 @@ pub struct Liveness {
     config: Arc<LivenessConfig>,
     /// The latest `now` seen; an earlier `now` is replaced by it.
     latest: Instant,
-    /// When the owner was last told to call back at the latest: `max(deadline(), latest)` as of the
-    /// end of the previous call. A call later than this by more than the threshold is a stall.
-    expected: Instant,
     last_receive: Instant,
     last_send: Instant,
     /// After a stall: no Dead verdict before this instant. Cleared by any receipt.
@@ -246,7 +243,8 @@ pub struct Liveness {
     ping_sent: [Instant; PING_SLOTS],
     /// Bit `slot` set: that slot's ping is unanswered.
     ping_open: u8,
-    stalls: u64,
+    /// Saturating: at least half a second of freeze each, it would take 68 years to get there.
+    stalls: u32,
     /// Set once Dead: when. `last_receive` stays as it was then, so the silence is their difference
     /// (8 bytes, where the silence itself would take 16).
     dead_at: Option<Instant>,
@@ -263,10 +261,9 @@ impl Liveness {
 
     /// As [`Liveness::new`], with a configuration it shares with others.
     pub(crate) fn with_shared_config(config: Arc<LivenessConfig>, now: Instant) -> Self {
-        let mut live = Liveness {
+        Liveness {
             config,
             latest: now,
-            expected: now,
             last_receive: now,
             last_send: now,
             grace_until: None,
@@ -277,9 +274,7 @@ impl Liveness {
             ping_open: 0,
             stalls: 0,
             dead_at: None,
-        };
-        live.leave();
-        live
+        }
     }
 
     /// The configuration in use.
@@ -292,7 +287,6 @@ impl Liveness {
     pub fn on_receive(&mut self, now: Instant) {
         let now = self.enter(now);
         self.heard(now);
-        self.leave();
     }
 
     /// Something was written to the peer: the heartbeat timer restarts (the peer's idle timer was fed).
@@ -301,7 +295,6 @@ impl Liveness {
         if self.dead_at.is_none() {
             self.last_send = now;
         }
-        self.leave();
     }
 
     /// A ping to send now, if one is due: a probe right after a local stall, or a heartbeat because
@@ -312,7 +305,7 @@ impl Liveness {
     /// grace but does not ask for a second probe), and at most one ping is handed out per instant.
     pub fn poll_ping(&mut self, now: Instant) -> Option<u64> {
         let now = self.enter(now);
-        let ping = if self.dead_at.is_some() {
+        if self.dead_at.is_some() {
             None
         } else if self.probe_wanted {
             self.probe_wanted = false;
@@ -322,9 +315,7 @@ impl Liveness {
             Some(self.issue(now))
         } else {
             None
-        };
-        self.leave();
-        ping
+        }
     }
 
     /// A pong carrying `id` arrived. It counts as a receipt (calling [`on_receive`](Self::on_receive)
@@ -337,14 +328,12 @@ impl Liveness {
         // Only the last PING_SLOTS ids handed out still own their slot.
         let recent = self.next_ping.wrapping_sub(id).wrapping_sub(1) < PING_SLOTS as u64;
         let bit = 1u8 << Self::slot(id);
-        let rtt = if recent && self.ping_open & bit != 0 {
+        if recent && self.ping_open & bit != 0 {
             self.ping_open &= !bit;
             Some(now - self.ping_sent[Self::slot(id)])
         } else {
             None
-        };
-        self.leave();
-        rtt
+        }
     }
 
     /// Fires the timers and gives the verdict for `now`. Idempotent: calling it again with the same
@@ -357,7 +346,6 @@ impl Liveness {
         if self.dead_at.is_none() && now >= self.expiry() {
             self.dead_at = Some(now);
         }
-        self.leave();
         match self.dead_at {
             Some(at) => Verdict::Dead {
                 silent_for: at - self.last_receive,
@@ -384,7 +372,7 @@ impl Liveness {
 
     /// How many local stalls (calls more than `stall_threshold` past the deadline) were detected.
     pub fn stalls(&self) -> u64 {
-        self.stalls
+        u64::from(self.stalls)
     }
 
     /// When the peer was last heard from (the connection's start if never).
@@ -400,8 +388,8 @@ impl Liveness {
     /// Common entry: clamps `now` to the latest seen and detects a local stall.
     fn enter(&mut self, now: Instant) -> Instant {
         let now = now.max(self.latest);
-        if self.dead_at.is_none() && now - self.expected > self.config.stall_threshold {
-            self.stalls += 1;
+        if self.dead_at.is_none() && now - self.expected() > self.config.stall_threshold {
+            self.stalls = self.stalls.saturating_add(1);
             self.grace_until = Some(now + self.config.stall_grace);
             if !self.probe_out {
                 self.probe_wanted = true;
@@ -411,19 +399,16 @@ impl Liveness {
         now
     }
 
-    /// Common exit: remember when the owner will call back at the latest — at its next timer still in
-    /// the future. A ping already due is left out: an owner that has not drained it yet would
-    /// otherwise look frozen at its next call.
-    fn leave(&mut self) {
-        if self.dead_at.is_some() {
-            return;
-        }
-        let expiry = self.expiry();
+    /// When the owner was told to call back at the latest, as of the end of the previous call (the
+    /// state has not changed since): at its next timer still in the future. A ping already due is
+    /// left out: an owner that has not drained it yet would otherwise look frozen at its next call.
+    /// A call later than this by more than the threshold is a stall.
+    fn expected(&self) -> Instant {
         let next = match self.deadline() {
             Some(d) if d > self.latest => d,
-            _ => expiry,
+            _ => self.expiry(),
         };
-        self.expected = next.max(self.latest);
+        next.max(self.latest)
     }
 
     fn heard(&mut self, now: Instant) {
@@ -792,6 +777,11 @@ mod tests {
         assert_eq!(l.poll_ping(at(10_000)), None);
         assert_eq!(l.on_timeout(at(10_000)), dead(3_000));
         assert!(l.is_dead());
+    }
+
+    #[test]
+    fn a_connections_liveness_fits_in_96_bytes() {
+        assert!(size_of::<Liveness>() <= 96, "{}", size_of::<Liveness>());
     }
 
     #[test]
