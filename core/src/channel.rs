@@ -116,7 +116,7 @@ pub struct Channel {
     /// The data frames written on this connection (stream transports): which may go out with a
     /// short sequence number.
     written: WrittenSeqs,
-    events: VecDeque<Event>,
+    events: Events,
     /// Pongs owed on this channel's own connection, made at the first ping: a channel inside a
     /// session never has any (its link answers pings).
     pongs: Option<Box<PongBacklog>>,
@@ -126,6 +126,35 @@ pub struct Channel {
     /// With a durable store, the messages that arrived since the owner last took them (boxed:
     /// most servers have no store, and keep a channel per session).
     arrivals: Option<Box<Vec<crate::store::Stored>>>,
+}
+
+/// The events waiting for the owner, boxed at the first and let go by [`Channel::shrink_queues`]
+/// once drained: a server drains each session's at once, and keeps a channel per session.
+#[derive(Debug, Default)]
+struct Events(Option<Box<VecDeque<Event>>>);
+
+impl Events {
+    fn push_back(&mut self, event: Event) {
+        self.0.get_or_insert_with(Box::default).push_back(event);
+    }
+
+    fn pop_front(&mut self) -> Option<Event> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    /// Lets go of the spare room, and of the box if nothing waits.
+    fn shrink_to_fit(&mut self) {
+        match &mut self.0 {
+            Some(q) if q.is_empty() => self.0 = None,
+            Some(q) => q.shrink_to_fit(),
+            None => {}
+        }
+    }
+
+    #[cfg(test)]
+    fn room(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.capacity() - q.len())
+    }
 }
 
 /// Both directions of at-most-once traffic.
@@ -162,7 +191,7 @@ impl Channel {
             decoder: None,
             preface_sent: false,
             written: WrittenSeqs::new(0),
-            events: VecDeque::new(),
+            events: Events::default(),
             pongs: None,
             state: State::Open,
             now,
@@ -184,7 +213,7 @@ impl Channel {
     /// The spare room of its queues, in elements: what [`Channel::shrink_queues`] gives back.
     #[cfg(test)]
     pub(crate) fn queue_room(&self) -> usize {
-        self.events.capacity() - self.events.len() + self.send.queue_room() + self.recv.queue_room()
+        self.events.room() + self.send.queue_room() + self.recv.queue_room()
     }
 
     /// What the decoders accept, from the configuration.
