@@ -147,8 +147,11 @@ struct Session {
     /// stale one.
     attach_nonce: u64,
     channel: Channel,
-    conn: Option<ConnId>,
-    disconnected_at: Option<Instant>,
+    /// Its connection's id while `attached`, else the instant (in nanoseconds) it lost its last
+    /// one: see [`Session::conn`] and [`Session::disconnected_at`]. One word and a flag that sits in
+    /// padding, for two `Option`s of 24 bytes.
+    whereabouts: u64,
+    attached: bool,
     requests: Requests,
     counters: Counters,
     /// This side closed the session; waiting to see whether the client closed at the same moment.
@@ -159,6 +162,32 @@ struct Session {
     timer: TimerSlot,
     /// Where it is kept for other servers, with a [`SessionStore`].
     store: Option<Box<dyn Store>>,
+}
+
+impl Session {
+    /// The connection carrying it, if any.
+    fn conn(&self) -> Option<ConnId> {
+        self.attached.then_some(self.whereabouts)
+    }
+
+    /// When it lost its last connection, while it has none.
+    fn disconnected_at(&self) -> Option<Instant> {
+        (!self.attached).then(|| Instant::from_nanos(self.whereabouts))
+    }
+
+    /// Now carried by `conn`; returns the connection that carried it before, if any.
+    fn attach(&mut self, conn: ConnId) -> Option<ConnId> {
+        let old = self.conn();
+        self.whereabouts = conn;
+        self.attached = true;
+        old
+    }
+
+    /// Its connection is gone as of `now`.
+    fn detach(&mut self, now: Instant) {
+        self.whereabouts = now.as_nanos();
+        self.attached = false;
+    }
 }
 
 struct Conn {
@@ -461,7 +490,7 @@ impl Server {
         let Some(s) = self.forget(id) else {
             return;
         };
-        if let Some(conn) = s.conn
+        if let Some(conn) = s.conn()
             && let Some(c) = self.conns.get_mut(&conn)
         {
             c.session = None;
@@ -496,7 +525,7 @@ impl Server {
                 let (nonce, resumed) = (c.link.local_nonce, c.resumed);
                 if c.link.peer_nonce() == Some(h.nonce)
                     && let Some(s) = self.sessions.get(&id)
-                    && s.conn == Some(conn)
+                    && s.conn() == Some(conn)
                     && h.resume.map_or(!resumed, |r| resumed && r.epoch == s.epoch)
                 {
                     let w = self.welcome(id, nonce, resumed);
@@ -608,8 +637,7 @@ impl Server {
         // The newest attach wins: a half-open older connection is superseded.
         s.epoch = resume.epoch;
         s.attach_nonce = hello.nonce;
-        let old = s.conn.replace(conn);
-        s.disconnected_at = None;
+        let old = s.attach(conn);
         s.channel.reset_connection();
         s.channel.sender_mut().set_limits(
             self.config.channel.max_queued_messages,
@@ -641,7 +669,7 @@ impl Server {
                 // It claims to hold messages never sent: a broken or forged client. No welcome.
                 self.refuse(conn, RefuseCode::Violation, 0);
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    s.conn = None;
+                    s.detach(now);
                 }
                 self.lose(
                     id,
@@ -701,8 +729,8 @@ impl Server {
                 epoch: identity.epoch,
                 attach_nonce: 0,
                 channel,
-                conn: None,
-                disconnected_at: Some(now),
+                whereabouts: now.as_nanos(),
+                attached: false,
                 requests: Requests::default(),
                 counters: Counters::default(),
                 held: None,
@@ -760,8 +788,8 @@ impl Server {
                 epoch: 1,
                 attach_nonce: hello.nonce,
                 channel,
-                conn: Some(conn),
-                disconnected_at: None,
+                whereabouts: conn,
+                attached: true,
                 requests: Requests::default(),
                 counters: Counters::default(),
                 held: None,
@@ -858,7 +886,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if s.conn != Some(conn) {
+        if s.conn() != Some(conn) {
             return;
         }
         if let Some(held) = s.held.take() {
@@ -875,8 +903,7 @@ impl Server {
             self.remove_session(id);
             return;
         }
-        s.conn = None;
-        s.disconnected_at = Some(now);
+        s.detach(now);
         s.counters.disconnects += 1;
         if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
             s.counters.add(1, |c| &mut c.idle_timeouts);
@@ -951,7 +978,7 @@ impl Server {
                     event: (*held).settle(),
                 });
             }
-            if let Some(conn) = s.conn {
+            if let Some(conn) = s.conn() {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.closing = true;
                 }
@@ -959,7 +986,7 @@ impl Server {
             }
             return;
         }
-        if s.disconnected_at
+        if s.disconnected_at()
             .is_some_and(|t| now - t >= self.config.retention)
         {
             // With a shared store the session may live on elsewhere: only its owner ends it.
@@ -1137,7 +1164,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(SendError::Closed(payload));
         };
-        if mode == Mode::Unreliable && s.conn.is_none() {
+        if mode == Mode::Unreliable && s.conn().is_none() {
             return Ok(Sent::Unreliable);
         }
         let kept = (journal && s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
@@ -1234,7 +1261,7 @@ impl Server {
             return;
         };
         s.channel.close(code, reason);
-        let conn = s.conn;
+        let conn = s.conn();
         // With a connection the close frame goes out and the close is held (see drain_session);
         // without one the session ends here.
         self.drain_session(session);
@@ -1263,7 +1290,7 @@ impl Server {
     pub fn is_connected(&self, session: SessionId) -> bool {
         self.sessions
             .get(&session)
-            .is_some_and(|s| s.conn.is_some())
+            .is_some_and(|s| s.conn().is_some())
     }
 
     /// A session's counters.
@@ -1288,7 +1315,7 @@ impl Server {
 
     /// The arbiter agreed on a session's current connection.
     pub fn arbiter(&self, session: SessionId) -> Option<Arbiter> {
-        let conn = self.sessions.get(&session)?.conn?;
+        let conn = self.sessions.get(&session)?.conn()?;
         self.conns.get(&conn)?.link.arbiter()
     }
 
@@ -1311,7 +1338,7 @@ impl Server {
             self.events
                 .push_back(ServerEvent::Session { session: id, event });
         }
-        match s.conn {
+        match s.conn() {
             Some(conn) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.closing = true;
@@ -1337,7 +1364,7 @@ impl Server {
                 unacknowledged,
             },
         });
-        if let Some(conn) = s.conn
+        if let Some(conn) = s.conn()
             && let Some(c) = self.conns.get_mut(&conn)
         {
             c.session = None;
@@ -1367,7 +1394,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        match s.conn.and_then(|c| self.conns.get_mut(&c)) {
+        match s.conn().and_then(|c| self.conns.get_mut(&c)) {
             // Let the close frame go out; the session goes with its connection.
             Some(c) => c.closing = true,
             None => {
@@ -1408,7 +1435,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if let Some(conn) = s.conn {
+        if let Some(conn) = s.conn() {
             let Some(c) = self.conns.get_mut(&conn) else {
                 self.mark_ready(conn);
                 return self.retime(Key::Session(id));
@@ -1516,10 +1543,10 @@ fn conn_deadline(c: &Conn, handshake_timeout: Duration) -> Option<Instant> {
 /// When a session's timer is next due: retention while disconnected, its requests, its channel's
 /// timers while connected, a held close.
 fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
-    let retention = s.disconnected_at.map(|t| t + retention);
+    let retention = s.disconnected_at().map(|t| t + retention);
     // Without a connection the channel cannot act on its timers (an ack to send, a resend): they
     // would only stay in the past. Resume resends what is needed.
-    let channel = s.conn.and_then(|_| s.channel.poll_timeout());
+    let channel = s.conn().and_then(|_| s.channel.poll_timeout());
     let held = s.held.as_ref().map(|h| h.deadline);
     earliest(
         earliest(retention, s.requests.deadline()),
@@ -1541,7 +1568,7 @@ fn drain_events(
         if let Event::Acknowledged { below } = e {
             acknowledged = Some(below);
         }
-        let e = match (s.conn, matches!(e, Event::Closed { .. })) {
+        let e = match (s.conn(), matches!(e, Event::Closed { .. })) {
             // A local close on a live connection waits to see whether the client closed too.
             (Some(_), true) => match HeldClose::hold(e, now) {
                 Ok(held) => {
