@@ -45,6 +45,7 @@ pub struct Full;
 pub struct RangeSet<const N: usize> {
     /// At most `N` ranges; nothing until the first insert, then boxed: a set that never held a value
     /// takes 8 bytes, not 24.
+    #[allow(clippy::box_collection)]
     ranges: Option<Box<Vec<Range<Seq>>>>,
 }
 
