@@ -403,9 +403,9 @@ impl Client {
         // Decoded frames wait here while the link is borrowed; the buffer is kept between calls so
         // the input path does not allocate.
         let mut frames = core::mem::take(&mut self.scratch);
-        let malformed = link.malformed;
+        let malformed = link.malformed();
         link.input(now, data, |_, inc| frames.push(inc));
-        self.counters.malformed_datagrams += link.malformed - malformed;
+        self.counters.malformed_datagrams += link.malformed() - malformed;
         for inc in frames.drain(..) {
             match inc {
                 Incoming::Frame(frame) => self.on_frame(now, frame),

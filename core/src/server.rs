@@ -394,9 +394,9 @@ impl Server {
         // the input path does not allocate.
         let mut incoming = core::mem::take(&mut self.scratch);
         let events_before = self.events.len();
-        let malformed = c.link.malformed;
+        let malformed = c.link.malformed();
         c.link.input(now, data, |_, i| incoming.push(i));
-        let malformed = c.link.malformed - malformed;
+        let malformed = c.link.malformed() - malformed;
         if malformed > 0
             && let Some(s) = c.session.and_then(|id| self.sessions.get_mut(&id))
         {

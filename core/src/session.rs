@@ -435,8 +435,6 @@ pub(crate) struct Link {
     /// none between heartbeats.
     pongs: Option<Box<PongBacklog>>,
     pub(crate) established: bool,
-    /// Datagrams that did not decode (corrupted, truncated, foreign).
-    pub(crate) malformed: u64,
     role: Role,
     pub(crate) local_nonce: u64,
     /// The peer's nonce from the handshake, once established: with `role` and `local_nonce`, the
@@ -450,7 +448,12 @@ enum Framing {
     /// A byte stream, with its decoder (which holds the limits).
     Stream(StreamDecoder),
     /// One frame per datagram.
-    Datagram(DecodeLimits),
+    Datagram {
+        limits: DecodeLimits,
+        /// Datagrams that did not decode (corrupted, truncated, foreign): kept here, in room the
+        /// stream decoder takes anyway.
+        malformed: u64,
+    },
 }
 
 /// A link's handshake frames waiting to go out, the newest two at most. Made when the first is
@@ -511,14 +514,16 @@ impl Link {
         Link {
             framing: match transport {
                 Transport::Stream => Framing::Stream(StreamDecoder::new(limits)),
-                Transport::Datagram => Framing::Datagram(limits),
+                Transport::Datagram => Framing::Datagram {
+                    limits,
+                    malformed: 0,
+                },
             },
             preface_sent: false,
             liveness: Liveness::with_shared_config(liveness, now),
             outbox: Outbox::default(),
             pongs: None,
             established: false,
-            malformed: 0,
             role,
             local_nonce,
             peer_nonce: 0,
@@ -529,6 +534,14 @@ impl Link {
     pub(crate) fn establish(&mut self, peer_nonce: u64) {
         self.established = true;
         self.peer_nonce = peer_nonce;
+    }
+
+    /// Datagrams that did not decode (corrupted, truncated, foreign).
+    pub(crate) fn malformed(&self) -> u64 {
+        match self.framing {
+            Framing::Datagram { malformed, .. } => malformed,
+            Framing::Stream(_) => 0,
+        }
     }
 
     /// The peer's nonce, once established.
@@ -555,7 +568,7 @@ impl Link {
                 loop {
                     let next = match &mut self.framing {
                         Framing::Stream(d) => d.next_frame(),
-                        Framing::Datagram(_) => return,
+                        Framing::Datagram { .. } => return,
                     };
                     match next {
                         Ok(Some(frame)) => {
@@ -573,14 +586,15 @@ impl Link {
                 }
             }
             // A mangled datagram is dropped like a lost one, and proves nothing about the peer.
-            Framing::Datagram(limits) => match framing::decode_datagram(data, limits) {
+            Framing::Datagram { limits, malformed } => match framing::decode_datagram(data, limits)
+            {
                 Ok(frame) => {
                     self.liveness.on_receive(now);
                     if let Some(frame) = self.intercept(now, frame) {
                         on(self, Incoming::Frame(frame));
                     }
                 }
-                Err(_) => self.malformed += 1,
+                Err(_) => *malformed += 1,
             },
         }
     }
