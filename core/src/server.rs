@@ -195,7 +195,6 @@ struct Conn {
     link: Link,
     session: Option<SessionId>,
     created: Instant,
-    awaiting_auth: Option<Box<HelloFrame>>,
     /// Close once the outbox is written.
     closing: bool,
     /// Its deadline in the timer set, if armed.
@@ -260,6 +259,9 @@ pub struct Server {
     conns: BTreeMap<ConnId, Box<Conn>>,
     /// Connections that have not completed a handshake (bounded by `max_pending_handshakes`).
     pending: BTreeSet<ConnId>,
+    /// The hellos of connections awaiting [`Server::authenticate`]: a few at a time, so not a field
+    /// of every connection.
+    awaiting_auth: BTreeMap<ConnId, Box<HelloFrame>>,
     /// Reused by `handle_input` for the frames of one read.
     scratch: Vec<Incoming>,
     /// Reused by `handle_timeout` for the timers due at once.
@@ -310,6 +312,7 @@ impl Server {
             sessions: BTreeMap::new(),
             conns: BTreeMap::new(),
             pending: BTreeSet::new(),
+            awaiting_auth: BTreeMap::new(),
             scratch: Vec::new(),
             due: Vec::new(),
             events: VecDeque::new(),
@@ -359,7 +362,6 @@ impl Server {
             ),
             session: None,
             created: now,
-            awaiting_auth: None,
             closing: false,
             armed: None,
             timer: self.timers.new_slot(Key::Conn(conn)),
@@ -372,6 +374,7 @@ impl Server {
         if let Some(old) = self.conns.insert(conn, c) {
             // The adapter reused the id of a connection it never reported closed.
             self.timers.free_slot(old.timer);
+            self.awaiting_auth.remove(&conn);
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.queued = old.queued;
             }
@@ -520,7 +523,9 @@ impl Server {
             return;
         };
         match (frame, c.session) {
-            (Frame::Hello(h), None) if c.awaiting_auth.is_none() => self.on_hello(now, conn, h),
+            (Frame::Hello(h), None) if !self.awaiting_auth.contains_key(&conn) => {
+                self.on_hello(now, conn, h)
+            }
             (Frame::Hello(h), Some(id)) => {
                 // A repeated hello (datagram retry): answer it again if it is the current attach.
                 let (nonce, resumed) = (c.link.local_nonce, c.resumed);
@@ -560,7 +565,7 @@ impl Server {
             // Anything but a hello on a connection with no session: the peer believes in an attach
             // this server does not hold (it restarted, or forgot a datagram binding). Tell it, or
             // it would wait on a connection that can never carry its session.
-            (_, None) if c.awaiting_auth.is_none() && !c.closing => {
+            (_, None) if !self.awaiting_auth.contains_key(&conn) && !c.closing => {
                 self.refuse(conn, RefuseCode::NotAttached, 0);
             }
             (_, None) => {}
@@ -574,8 +579,8 @@ impl Server {
             }
             if self.config.authenticate {
                 let credentials = hello.credentials.clone();
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.awaiting_auth = Some(Box::new(hello));
+                if self.conns.contains_key(&conn) {
+                    self.awaiting_auth.insert(conn, Box::new(hello));
                 }
                 self.events
                     .push_back(ServerEvent::Authenticate { conn, credentials });
@@ -683,11 +688,7 @@ impl Server {
     /// The application's verdict on a connection's credentials ([`ServerEvent::Authenticate`]).
     pub fn authenticate(&mut self, now: Instant, conn: ConnId, accept: bool) {
         let now = self.observe(now);
-        let Some(hello) = self
-            .conns
-            .get_mut(&conn)
-            .and_then(|c| c.awaiting_auth.take())
-        else {
+        let Some(hello) = self.awaiting_auth.remove(&conn) else {
             return;
         };
         if accept && self.sessions.len() >= self.config.max_sessions {
@@ -1517,10 +1518,12 @@ impl Server {
         Some(s)
     }
 
-    /// Removes a connection, its timer and its place among pending handshakes.
+    /// Removes a connection, its timer, its place among pending handshakes and any hello of its
+    /// awaiting authentication.
     fn remove_conn(&mut self, conn: ConnId) -> Option<Box<Conn>> {
         let c = self.conns.remove(&conn)?;
         self.pending.remove(&conn);
+        self.awaiting_auth.remove(&conn);
         self.timers.free_slot(c.timer);
         if c.queued {
             self.orphans.insert(conn);
@@ -1926,6 +1929,34 @@ mod tests {
         drain(&mut s, t);
         assert_eq!(room(&s), 0);
         assert_eq!(s.sessions[&id].channel.sender().queued_messages(), 100);
+    }
+
+    #[test]
+    fn a_hello_awaiting_authentication_goes_with_its_connection() {
+        let entropy =
+            Box::new(<rand_chacha::ChaCha8Rng as rand_core::SeedableRng>::seed_from_u64(1));
+        let mut config = ServerConfig::new(Config::new(crate::Transport::Stream));
+        config.authenticate = true;
+        let mut s = Server::new(config, Instant::ZERO, entropy).expect("valid config");
+        let t = Instant::ZERO;
+        let hello = Frame::Hello(HelloFrame {
+            nonce: 1,
+            recv_window: 1024,
+            resume: None,
+            credentials: Bytes::from_static(b"secret"),
+        });
+        for conn in [1, 2] {
+            s.on_connection(t, conn);
+            s.handle_input(t, conn, stream(&[hello.clone()], true));
+        }
+        assert_eq!(s.awaiting_auth.len(), 2);
+        s.on_disconnected(t, 1);
+        // The adapter reuses an id it never reported closed: the old connection's hello goes too.
+        s.on_connection(t, 2);
+        assert!(s.awaiting_auth.is_empty());
+        s.authenticate(t, 1, true);
+        s.authenticate(t, 2, true);
+        assert_eq!(s.session_count(), 0, "no hello was left to accept");
     }
 
     #[test]
