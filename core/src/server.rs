@@ -213,8 +213,10 @@ struct Conn {
 /// (most sessions never resume, stall nor time out).
 #[derive(Default)]
 struct Counters {
-    connects: u64,
-    disconnects: u64,
+    /// Inline up to `u32::MAX`, then carried into `rest` in steps of 2^32: exact, in 8 bytes for
+    /// the pair.
+    connects: u32,
+    disconnects: u32,
     rest: Option<Box<SessionCounters>>,
 }
 
@@ -226,11 +228,32 @@ impl Counters {
         }
     }
 
+    fn connected(&mut self) {
+        match self.connects.checked_add(1) {
+            Some(n) => self.connects = n,
+            None => {
+                self.connects = 0;
+                self.add(1 << 32, |c| &mut c.connects);
+            }
+        }
+    }
+
+    fn disconnected(&mut self) {
+        match self.disconnects.checked_add(1) {
+            Some(n) => self.disconnects = n,
+            None => {
+                self.disconnects = 0;
+                self.add(1 << 32, |c| &mut c.disconnects);
+            }
+        }
+    }
+
     fn get(&self) -> SessionCounters {
+        let rest = self.rest.as_deref().copied().unwrap_or_default();
         SessionCounters {
-            connects: self.connects,
-            disconnects: self.disconnects,
-            ..self.rest.as_deref().copied().unwrap_or_default()
+            connects: rest.connects + u64::from(self.connects),
+            disconnects: rest.disconnects + u64::from(self.disconnects),
+            ..rest
         }
     }
 }
@@ -660,7 +683,7 @@ impl Server {
             oc.closing = true;
             self.mark_ready(old);
             if let Some(s) = self.sessions.get_mut(&id) {
-                s.counters.disconnects += 1;
+                s.counters.disconnected();
             }
             self.events.push_back(ServerEvent::Session {
                 session: id,
@@ -824,7 +847,7 @@ impl Server {
             c.link.queue(welcome);
         }
         if let Some(s) = self.sessions.get_mut(&id) {
-            s.counters.connects += 1;
+            s.counters.connected();
             s.counters.add(u64::from(resumed), |c| &mut c.resumes);
             s.counters.add(retransmitted, |c| &mut c.resent_on_resume);
             let epoch = s.epoch;
@@ -906,7 +929,7 @@ impl Server {
             return;
         }
         s.detach(now);
-        s.counters.disconnects += 1;
+        s.counters.disconnected();
         if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
             s.counters.add(1, |c| &mut c.idle_timeouts);
         }
@@ -1947,7 +1970,7 @@ mod tests {
         });
         for conn in [1, 2] {
             s.on_connection(t, conn);
-            s.handle_input(t, conn, stream(&[hello.clone()], true));
+            s.handle_input(t, conn, stream(core::slice::from_ref(&hello), true));
         }
         assert_eq!(s.awaiting_auth.len(), 2);
         s.on_disconnected(t, 1);
@@ -1962,7 +1985,7 @@ mod tests {
     #[test]
     fn a_sessions_counters_box_only_what_moved_and_read_back_whole() {
         let mut c = Counters::default();
-        c.connects += 1;
+        c.connected();
         c.add(0, |c| &mut c.stalls);
         assert!(c.rest.is_none(), "adding nothing makes no box");
         let mut want = SessionCounters {
@@ -1975,6 +1998,17 @@ mod tests {
         want.stalls = 2;
         want.resumes = 1;
         assert_eq!(c.get(), want);
+        // Past what the inline count holds, the count carries on exactly.
+        c.connects = u32::MAX;
+        c.disconnects = u32::MAX - 1;
+        c.connected();
+        c.disconnected();
+        c.disconnected();
+        c.disconnected();
+        want.connects = 1 << 32;
+        want.disconnects = (1 << 32) + 1;
+        assert_eq!(c.get(), want);
+        assert!(size_of::<Counters>() <= 16);
     }
 
     proptest! {
