@@ -264,6 +264,9 @@ enum Key {
     Session(SessionId),
 }
 
+/// How many timers' room [`Server::handle_timeout`] keeps between calls.
+const DUE_KEPT: usize = 256;
+
 /// The server end of many sessions.
 ///
 /// Driving contract as for [`Channel`], per connection: report [`Server::on_connection`],
@@ -966,6 +969,9 @@ impl Server {
             }
         }
         due.clear();
+        // The room a burst took (every connection's heartbeat due at once) is let go, or it would
+        // stay for good.
+        due.shrink_to(DUE_KEPT);
         self.due = due;
     }
 
@@ -1952,6 +1958,33 @@ mod tests {
         drain(&mut s, t);
         assert_eq!(room(&s), 0);
         assert_eq!(s.sessions[&id].channel.sender().queued_messages(), 100);
+    }
+
+    #[test]
+    fn the_room_a_burst_of_due_timers_took_is_let_go() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        for conn in 0..2 * DUE_KEPT as u64 {
+            s.on_connection(t, conn);
+            let hello = Frame::Hello(HelloFrame {
+                nonce: conn,
+                recv_window: 1024,
+                resume: None,
+                credentials: Bytes::new(),
+            });
+            s.handle_input(t, conn, stream(&[hello], true));
+        }
+        assert_eq!(drain(&mut s, t).len(), 2 * DUE_KEPT);
+        // Every connection's heartbeat is due at once.
+        let t = t + crate::liveness::LivenessConfig::default().heartbeat_interval;
+        s.handle_timeout(t);
+        assert!(s.due.capacity() <= DUE_KEPT, "{}", s.due.capacity());
+        let mut buf = BytesMut::new();
+        let mut pinged = 0;
+        while let Some(tx) = s.poll_transmit(t, &mut buf) {
+            pinged += usize::from(tx.len > 0);
+        }
+        assert_eq!(pinged, 2 * DUE_KEPT, "every heartbeat was handled");
     }
 
     #[test]
