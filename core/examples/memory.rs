@@ -110,16 +110,16 @@ fn main() {
         "steadfast-core memory, {n} sessions on one Server (default ServerConfig, stream transport)"
     );
     println!(
-        "  size_of: Channel {} B (Sender {} B, Receiver {} B, Stats {} B; its Config of {} B is shared by a \
-         server's sessions), Frame {} B, StreamDecoder {} B; the de-dup set of up to {} ranges is on the heap, from \
-         the first gap",
+        "  size_of: Channel {} B (Sender {} B, Receiver {} B; its Config of {} B is shared by a server's \
+         sessions), Frame {} B, StreamDecoder {} B, Liveness {} B; the de-dup set of up to {} ranges is on the heap, \
+         from the first gap",
         size_of::<Channel>(),
         size_of::<steadfast_core::send::Sender>(),
         size_of::<Receiver>(),
-        size_of::<steadfast_core::Stats>(),
         size_of::<Config>(),
         size_of::<Frame>(),
         size_of::<framing::StreamDecoder>(),
+        size_of::<steadfast_core::liveness::Liveness>(),
         RECV_RANGES,
     );
     let start = live();
