@@ -429,8 +429,8 @@ fn finish(
     size: usize,
 ) -> Run {
     let session = client.session().expect("a session");
-    let client_stats = ClientHandle::inspect(client, |c| *c.channel().stats());
-    let server_stats = ServerHandle::inspect(server, |s| s.channel(session).map(|c| *c.stats()))
+    let client_stats = ClientHandle::inspect(client, |c| c.channel().stats());
+    let server_stats = ServerHandle::inspect(server, |s| s.channel(session).map(|c| c.stats()))
         .expect("the session's channel");
     server.shutdown();
     Run {

@@ -2,6 +2,7 @@
 //! on each connection, and keeps it alive.
 
 use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use bytes::{Bytes, BytesMut};
@@ -289,8 +290,9 @@ impl Client {
         self.channel.reset_connection();
         let nonce = self.entropy.next_u64();
         let mut link = Link::new(
+            Role::Client,
             self.config.channel.transport,
-            self.config.liveness,
+            Arc::new(self.config.liveness),
             self.limits,
             nonce,
             now,
@@ -390,7 +392,7 @@ impl Client {
                     core::mem::replace(&mut self.phase, Phase::Over)
             {
                 self.events
-                    .push_back(held.crossed(c.code, c.reason, link.arbiter));
+                    .push_back(held.crossed(c.code, c.reason, link.arbiter()));
                 self.disconnect_due = true;
             }
             return;
@@ -401,9 +403,9 @@ impl Client {
         // Decoded frames wait here while the link is borrowed; the buffer is kept between calls so
         // the input path does not allocate.
         let mut frames = core::mem::take(&mut self.scratch);
-        let malformed = link.malformed;
+        let malformed = link.malformed();
         link.input(now, data, |_, inc| frames.push(inc));
-        self.counters.malformed_datagrams += link.malformed - malformed;
+        self.counters.malformed_datagrams += link.malformed() - malformed;
         for inc in frames.drain(..) {
             match inc {
                 Incoming::Frame(frame) => self.on_frame(now, frame),
@@ -489,8 +491,7 @@ impl Client {
             self.lose(LostReason::Expired);
             return;
         }
-        link.established = true;
-        link.arbiter = Some(Arbiter::new(Role::Client, link.local_nonce, w.nonce));
+        link.establish(w.nonce);
         self.session = Some((w.session, w.token));
         self.epoch = self.epoch.max(w.epoch);
         let identity = Identity {
@@ -711,7 +712,7 @@ impl Client {
     /// The arbiter agreed on the current connection.
     pub fn arbiter(&self) -> Option<Arbiter> {
         match &self.phase {
-            Phase::Linked { link, .. } => link.arbiter,
+            Phase::Linked { link, .. } => link.arbiter(),
             _ => None,
         }
     }

@@ -148,8 +148,10 @@ pub const SHORT_SEQ_SPAN: u64 = 1 << 14;
 pub struct WrittenSeqs {
     /// Numbers from here on were first queued after the connection began.
     fresh_from: Seq,
-    /// The lowest and highest number written, once one has been.
-    range: Option<(Seq, Seq)>,
+    /// The lowest and highest number written; `lo > hi` until one has been (an `Option` of the
+    /// pair would take 8 bytes more in every session).
+    lo: Seq,
+    hi: Seq,
 }
 
 impl WrittenSeqs {
@@ -158,7 +160,8 @@ impl WrittenSeqs {
     pub fn new(fresh_from: Seq) -> Self {
         WrittenSeqs {
             fresh_from,
-            range: None,
+            lo: Seq::MAX,
+            hi: 0,
         }
     }
 
@@ -167,23 +170,21 @@ impl WrittenSeqs {
     /// 64 the full number takes 1 byte).
     #[must_use]
     pub fn may_shorten(&self, seq: Seq, acked_below: Seq) -> bool {
-        varint::encoded_len(seq) >= 2
-            && self.range.is_some_and(|(lo, hi)| {
-                let lower = if acked_below > self.fresh_from {
-                    lo.max(acked_below - 1)
-                } else {
-                    lo
-                };
-                hi.max(seq) - lower.min(seq) < SHORT_SEQ_SPAN
-            })
+        let (lo, hi) = (self.lo, self.hi);
+        varint::encoded_len(seq) >= 2 && lo <= hi && {
+            let lower = if acked_below > self.fresh_from {
+                lo.max(acked_below - 1)
+            } else {
+                lo
+            };
+            hi.max(seq) - lower.min(seq) < SHORT_SEQ_SPAN
+        }
     }
 
     /// Notes that a data frame numbered `seq` was written on the connection.
     pub fn record(&mut self, seq: Seq) {
-        self.range = Some(match self.range {
-            None => (seq, seq),
-            Some((lo, hi)) => (lo.min(seq), hi.max(seq)),
-        });
+        self.lo = self.lo.min(seq);
+        self.hi = self.hi.max(seq);
     }
 }
 

@@ -45,13 +45,15 @@
 //! `idle_timeout` must exceed the peer's heartbeat interval plus the path's delay variation: with the
 //! defaults (1 s, 3 s) two consecutive heartbeats can be lost before a live peer is declared dead.
 
+use alloc::sync::Arc;
 use core::fmt;
 
-use crate::time::{Duration, Instant, Span};
+use crate::time::{Duration, Instant};
 
 /// How many recent pings [`Liveness::on_pong`] can still match to measure an RTT; a pong for an older
-/// ping is stale and yields no sample (it still counts as a receipt).
-pub const PING_SLOTS: usize = 8;
+/// ping is stale and yields no sample (it still counts as a receipt). Four heartbeat intervals (4 s by
+/// default) outlast the default idle timeout; every connection carries a slot each.
+pub const PING_SLOTS: usize = 4;
 // `ping_open` is a byte of flags, one per slot.
 const _: () = assert!(PING_SLOTS <= 8);
 
@@ -222,25 +224,18 @@ impl Verdict {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Liveness {
-    /// The configuration's four durations in 8 bytes each rather than 16: one `Liveness` per
-    /// connection.
-    heartbeat_interval: Span,
-    idle_timeout: Span,
-    stall_threshold: Span,
-    stall_grace: Span,
+    /// Shared: a server holds one copy for all its connections, not one each.
+    config: Arc<LivenessConfig>,
     /// The latest `now` seen; an earlier `now` is replaced by it.
     latest: Instant,
-    /// When the owner was last told to call back at the latest: `max(deadline(), latest)` as of the
-    /// end of the previous call. A call later than this by more than the threshold is a stall.
-    expected: Instant,
     last_receive: Instant,
     last_send: Instant,
     /// After a stall: no Dead verdict before this instant. Cleared by any receipt.
     grace_until: Option<Instant>,
     /// A stall asked for a probe and it has not been handed out yet.
     probe_wanted: bool,
-    /// The outstanding probe, if any: at most one; cleared by any receipt.
-    probe: Option<u64>,
+    /// A probe is outstanding: at most one; cleared by any receipt.
+    probe_out: bool,
     next_ping: u64,
     /// When each of the last [`PING_SLOTS`] pings went out, slot `id % PING_SLOTS`, for RTT
     /// matching; the id is implied by `next_ping` (one slot per id still in range), which halves
@@ -248,9 +243,11 @@ pub struct Liveness {
     ping_sent: [Instant; PING_SLOTS],
     /// Bit `slot` set: that slot's ping is unanswered.
     ping_open: u8,
-    stalls: u64,
-    /// Set once Dead: how long the peer had been silent then.
-    dead: Option<Duration>,
+    /// Saturating: at least half a second of freeze each, it would take 68 years to get there.
+    stalls: u32,
+    /// Set once Dead: when. `last_receive` stays as it was then, so the silence is their difference
+    /// (8 bytes, where the silence itself would take 16).
+    dead_at: Option<Instant>,
 }
 
 impl Liveness {
@@ -259,36 +256,30 @@ impl Liveness {
     /// The config is taken as given; check it with [`LivenessConfig::validate`] first. (Even a zero
     /// heartbeat interval hands out at most one ping per instant.)
     pub fn new(config: LivenessConfig, now: Instant) -> Self {
-        let mut live = Liveness {
-            heartbeat_interval: Span::of(config.heartbeat_interval),
-            idle_timeout: Span::of(config.idle_timeout),
-            stall_threshold: Span::of(config.stall_threshold),
-            stall_grace: Span::of(config.stall_grace),
+        Self::with_shared_config(Arc::new(config), now)
+    }
+
+    /// As [`Liveness::new`], with a configuration it shares with others.
+    pub(crate) fn with_shared_config(config: Arc<LivenessConfig>, now: Instant) -> Self {
+        Liveness {
+            config,
             latest: now,
-            expected: now,
             last_receive: now,
             last_send: now,
             grace_until: None,
             probe_wanted: false,
-            probe: None,
+            probe_out: false,
             next_ping: 0,
             ping_sent: [now; PING_SLOTS],
             ping_open: 0,
             stalls: 0,
-            dead: None,
-        };
-        live.leave();
-        live
+            dead_at: None,
+        }
     }
 
-    /// The configuration in use (durations kept to the nanosecond, saturating at 584 years).
+    /// The configuration in use.
     pub fn config(&self) -> LivenessConfig {
-        LivenessConfig {
-            heartbeat_interval: self.heartbeat_interval.get(),
-            idle_timeout: self.idle_timeout.get(),
-            stall_threshold: self.stall_threshold.get(),
-            stall_grace: self.stall_grace.get(),
-        }
+        *self.config
     }
 
     /// Something (a frame, any bytes) arrived from the peer: it is alive now, the idle timer restarts
@@ -296,16 +287,14 @@ impl Liveness {
     pub fn on_receive(&mut self, now: Instant) {
         let now = self.enter(now);
         self.heard(now);
-        self.leave();
     }
 
     /// Something was written to the peer: the heartbeat timer restarts (the peer's idle timer was fed).
     pub fn on_send(&mut self, now: Instant) {
         let now = self.enter(now);
-        if self.dead.is_none() {
+        if self.dead_at.is_none() {
             self.last_send = now;
         }
-        self.leave();
     }
 
     /// A ping to send now, if one is due: a probe right after a local stall, or a heartbeat because
@@ -316,20 +305,17 @@ impl Liveness {
     /// grace but does not ask for a second probe), and at most one ping is handed out per instant.
     pub fn poll_ping(&mut self, now: Instant) -> Option<u64> {
         let now = self.enter(now);
-        let ping = if self.dead.is_some() {
+        if self.dead_at.is_some() {
             None
         } else if self.probe_wanted {
             self.probe_wanted = false;
-            let id = self.issue(now);
-            self.probe = Some(id);
-            Some(id)
+            self.probe_out = true;
+            Some(self.issue(now))
         } else if self.heartbeat_due(now) {
             Some(self.issue(now))
         } else {
             None
-        };
-        self.leave();
-        ping
+        }
     }
 
     /// A pong carrying `id` arrived. It counts as a receipt (calling [`on_receive`](Self::on_receive)
@@ -342,14 +328,12 @@ impl Liveness {
         // Only the last PING_SLOTS ids handed out still own their slot.
         let recent = self.next_ping.wrapping_sub(id).wrapping_sub(1) < PING_SLOTS as u64;
         let bit = 1u8 << Self::slot(id);
-        let rtt = if recent && self.ping_open & bit != 0 {
+        if recent && self.ping_open & bit != 0 {
             self.ping_open &= !bit;
             Some(now - self.ping_sent[Self::slot(id)])
         } else {
             None
-        };
-        self.leave();
-        rtt
+        }
     }
 
     /// Fires the timers and gives the verdict for `now`. Idempotent: calling it again with the same
@@ -359,12 +343,13 @@ impl Liveness {
     /// verdict is Alive, a probe becomes due, and the peer gets `stall_grace` from `now`.
     pub fn on_timeout(&mut self, now: Instant) -> Verdict {
         let now = self.enter(now);
-        if self.dead.is_none() && now >= self.expiry() {
-            self.dead = Some(now - self.last_receive);
+        if self.dead_at.is_none() && now >= self.expiry() {
+            self.dead_at = Some(now);
         }
-        self.leave();
-        match self.dead {
-            Some(silent_for) => Verdict::Dead { silent_for },
+        match self.dead_at {
+            Some(at) => Verdict::Dead {
+                silent_for: at - self.last_receive,
+            },
             None => Verdict::Alive,
         }
     }
@@ -373,21 +358,21 @@ impl Liveness {
     /// earlier of the next ping (now, if a probe is wanted) and the idle (or post-stall grace) expiry.
     /// `None` once Dead. A deadline at or before the latest `now` means "call now".
     pub fn deadline(&self) -> Option<Instant> {
-        if self.dead.is_some() {
+        if self.dead_at.is_some() {
             return None;
         }
         let ping_at = if self.probe_wanted {
             self.latest
         } else {
             // At least 1 ns after the last send, so a zero interval cannot ping twice per instant.
-            self.last_send + self.heartbeat_interval.get().max(Duration::from_nanos(1))
+            self.last_send + self.config.heartbeat_interval.max(Duration::from_nanos(1))
         };
         Some(ping_at.min(self.expiry()))
     }
 
     /// How many local stalls (calls more than `stall_threshold` past the deadline) were detected.
     pub fn stalls(&self) -> u64 {
-        self.stalls
+        u64::from(self.stalls)
     }
 
     /// When the peer was last heard from (the connection's start if never).
@@ -397,16 +382,16 @@ impl Liveness {
 
     /// Whether a Dead verdict has been given.
     pub fn is_dead(&self) -> bool {
-        self.dead.is_some()
+        self.dead_at.is_some()
     }
 
     /// Common entry: clamps `now` to the latest seen and detects a local stall.
     fn enter(&mut self, now: Instant) -> Instant {
         let now = now.max(self.latest);
-        if self.dead.is_none() && now - self.expected > self.stall_threshold.get() {
-            self.stalls += 1;
-            self.grace_until = Some(now + self.stall_grace.get());
-            if self.probe.is_none() {
+        if self.dead_at.is_none() && now - self.expected() > self.config.stall_threshold {
+            self.stalls = self.stalls.saturating_add(1);
+            self.grace_until = Some(now + self.config.stall_grace);
+            if !self.probe_out {
                 self.probe_wanted = true;
             }
         }
@@ -414,39 +399,36 @@ impl Liveness {
         now
     }
 
-    /// Common exit: remember when the owner will call back at the latest — at its next timer still in
-    /// the future. A ping already due is left out: an owner that has not drained it yet would
-    /// otherwise look frozen at its next call.
-    fn leave(&mut self) {
-        if self.dead.is_some() {
-            return;
-        }
-        let expiry = self.expiry();
+    /// When the owner was told to call back at the latest, as of the end of the previous call (the
+    /// state has not changed since): at its next timer still in the future. A ping already due is
+    /// left out: an owner that has not drained it yet would otherwise look frozen at its next call.
+    /// A call later than this by more than the threshold is a stall.
+    fn expected(&self) -> Instant {
         let next = match self.deadline() {
             Some(d) if d > self.latest => d,
-            _ => expiry,
+            _ => self.expiry(),
         };
-        self.expected = next.max(self.latest);
+        next.max(self.latest)
     }
 
     fn heard(&mut self, now: Instant) {
-        if self.dead.is_some() {
+        if self.dead_at.is_some() {
             return;
         }
         self.last_receive = now;
         self.grace_until = None;
         self.probe_wanted = false;
-        self.probe = None;
+        self.probe_out = false;
     }
 
     /// No Dead verdict before this: the idle expiry, pushed back to the post-stall grace if later.
     fn expiry(&self) -> Instant {
-        let idle = self.last_receive + self.idle_timeout.get();
+        let idle = self.last_receive + self.config.idle_timeout;
         self.grace_until.map_or(idle, |grace| grace.max(idle))
     }
 
     fn heartbeat_due(&self, now: Instant) -> bool {
-        now > self.last_send && now - self.last_send >= self.heartbeat_interval.get()
+        now > self.last_send && now - self.last_send >= self.config.heartbeat_interval
     }
 
     fn issue(&mut self, now: Instant) -> u64 {
@@ -795,6 +777,11 @@ mod tests {
         assert_eq!(l.poll_ping(at(10_000)), None);
         assert_eq!(l.on_timeout(at(10_000)), dead(3_000));
         assert!(l.is_dead());
+    }
+
+    #[test]
+    fn a_connections_liveness_fits_in_96_bytes() {
+        assert!(size_of::<Liveness>() <= 96, "{}", size_of::<Liveness>());
     }
 
     #[test]

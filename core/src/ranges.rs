@@ -10,7 +10,9 @@
 //! The ranges live on the heap, allocated at the first gap and grown as gaps open up to `N`: every
 //! session holds one of these, most never see a gap, and an idle session must stay small.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::fmt;
 use core::ops::Range;
 
 use crate::Seq;
@@ -39,46 +41,64 @@ pub struct Full;
 /// assert_eq!(set.insert(6), Ok(Inserted::Duplicate));
 /// assert_eq!(set.ranges(), &[5..8]);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct RangeSet<const N: usize> {
-    /// At most `N` ranges; no capacity until the first insert.
-    ranges: Vec<Range<Seq>>,
+    /// At most `N` ranges; nothing until the first insert, then boxed: a set that never held a value
+    /// takes 8 bytes, not 24.
+    #[allow(clippy::box_collection)]
+    ranges: Option<Box<Vec<Range<Seq>>>>,
+}
+
+impl<const N: usize> PartialEq for RangeSet<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.ranges() == other.ranges()
+    }
+}
+
+impl<const N: usize> Eq for RangeSet<N> {}
+
+impl<const N: usize> fmt::Debug for RangeSet<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RangeSet")
+            .field("ranges", &self.ranges())
+            .finish()
+    }
 }
 
 impl<const N: usize> RangeSet<N> {
     /// An empty set.
     pub const fn new() -> Self {
-        RangeSet { ranges: Vec::new() }
+        RangeSet { ranges: None }
     }
 
     /// The ranges, ascending.
     pub fn ranges(&self) -> &[Range<Seq>] {
-        &self.ranges
+        self.ranges.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// Whether the set holds no value.
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges().is_empty()
     }
 
     /// How many ranges the set holds (at most `N`).
     pub fn range_count(&self) -> usize {
-        self.ranges.len()
+        self.ranges().len()
     }
 
     /// How many values the set holds.
     pub fn value_count(&self) -> u64 {
-        self.ranges.iter().map(|r| r.end - r.start).sum()
+        self.ranges().iter().map(|r| r.end - r.start).sum()
     }
 
     /// The smallest value in the set.
     pub fn min(&self) -> Option<Seq> {
-        self.ranges.first().map(|r| r.start)
+        self.ranges().first().map(|r| r.start)
     }
 
     /// One past the largest value in the set.
     pub fn end(&self) -> Option<Seq> {
-        self.ranges.last().map(|r| r.end)
+        self.ranges().last().map(|r| r.end)
     }
 
     /// Whether `value` is in the set.
@@ -95,26 +115,27 @@ impl<const N: usize> RangeSet<N> {
             Ok(_) => return Ok(Inserted::Duplicate),
             Err(i) => i,
         };
+        let ranges = self.ranges.get_or_insert_with(Box::default);
         // `i` is the first range starting after `value`; the one before it (if any) ends at or before it.
-        let joins_prev = i > 0 && self.ranges[i - 1].end == value;
-        let joins_next = i < self.ranges.len() && self.ranges[i].start == end;
+        let joins_prev = i > 0 && ranges[i - 1].end == value;
+        let joins_next = i < ranges.len() && ranges[i].start == end;
         match (joins_prev, joins_next) {
             (true, true) => {
-                let next_end = self.ranges.remove(i).end;
-                self.ranges[i - 1].end = next_end;
+                let next_end = ranges.remove(i).end;
+                ranges[i - 1].end = next_end;
             }
-            (true, false) => self.ranges[i - 1].end = end,
-            (false, true) => self.ranges[i].start = value,
+            (true, false) => ranges[i - 1].end = end,
+            (false, true) => ranges[i].start = value,
             (false, false) => {
-                if self.ranges.len() >= N {
+                if ranges.len() >= N {
                     return Err(Full);
                 }
-                if self.ranges.len() == self.ranges.capacity() {
+                if ranges.len() == ranges.capacity() {
                     // Grow by doubling, never past `N`.
-                    let want = (2 * self.ranges.len()).max(4).min(N);
-                    self.ranges.reserve_exact(want - self.ranges.len());
+                    let want = (2 * ranges.len()).max(4).min(N);
+                    ranges.reserve_exact(want - ranges.len());
                 }
-                self.ranges.insert(i, value..end);
+                ranges.insert(i, value..end);
             }
         }
         Ok(Inserted::New)
@@ -125,8 +146,9 @@ impl<const N: usize> RangeSet<N> {
     /// This is the compaction step: when the watermark reaches the first stored range, the watermark
     /// jumps to that range's end and the range is forgotten.
     pub fn pop_if_starts_at(&mut self, value: Seq) -> Option<Seq> {
-        if self.ranges.first()?.start == value {
-            Some(self.ranges.remove(0).end)
+        let ranges = self.ranges.as_mut()?;
+        if ranges.first()?.start == value {
+            Some(ranges.remove(0).end)
         } else {
             None
         }
@@ -134,8 +156,9 @@ impl<const N: usize> RangeSet<N> {
 
     /// `Ok(i)` if range `i` holds `value`, else `Err(i)` with `i` the index of the first range after it.
     fn find(&self, value: Seq) -> Result<usize, usize> {
-        let i = self.ranges.partition_point(|r| r.end <= value);
-        match self.ranges.get(i) {
+        let ranges = self.ranges();
+        let i = ranges.partition_point(|r| r.end <= value);
+        match ranges.get(i) {
             Some(r) if r.start <= value => Ok(i),
             _ => Err(i),
         }
@@ -203,12 +226,13 @@ mod tests {
     #[test]
     fn an_empty_set_holds_no_memory_and_a_full_one_no_more_than_its_capacity() {
         let mut s = RangeSet::<6>::new();
-        assert_eq!(s.ranges.capacity(), 0);
+        assert!(s.ranges.is_none());
+        assert_eq!(size_of::<RangeSet<6>>(), 8);
         for v in 0..6 {
             s.insert(2 * v).unwrap();
         }
         assert_eq!(s.insert(20), Err(Full));
-        assert_eq!(s.ranges.capacity(), 6);
+        assert_eq!(s.ranges.as_ref().map(|r| r.capacity()), Some(6));
     }
 
     #[test]

@@ -147,25 +147,54 @@ struct Session {
     /// stale one.
     attach_nonce: u64,
     channel: Channel,
-    conn: Option<ConnId>,
-    disconnected_at: Option<Instant>,
+    /// Its connection's id while `attached`, else the instant (in nanoseconds) it lost its last
+    /// one: see [`Session::conn`] and [`Session::disconnected_at`]. One word and a flag that sits in
+    /// padding, for two `Option`s of 24 bytes.
+    whereabouts: u64,
+    attached: bool,
     requests: Requests,
-    counters: SessionCounters,
+    counters: Counters,
     /// This side closed the session; waiting to see whether the client closed at the same moment.
     held: Option<Box<HeldClose>>,
     /// Its deadline in the timer set, if armed.
     armed: Option<Instant>,
     /// Its slot in the timer set.
     timer: TimerSlot,
-    /// Where it is kept for other servers, with a [`SessionStore`].
-    store: Option<Box<dyn Store>>,
+    /// Where it is kept for other servers, with a [`SessionStore`]: boxed once more, so that a
+    /// server without shared stores spends 8 bytes per session on it, not 16.
+    store: Option<Box<Box<dyn Store>>>,
+}
+
+impl Session {
+    /// The connection carrying it, if any.
+    fn conn(&self) -> Option<ConnId> {
+        self.attached.then_some(self.whereabouts)
+    }
+
+    /// When it lost its last connection, while it has none.
+    fn disconnected_at(&self) -> Option<Instant> {
+        (!self.attached).then(|| Instant::from_nanos(self.whereabouts))
+    }
+
+    /// Now carried by `conn`; returns the connection that carried it before, if any.
+    fn attach(&mut self, conn: ConnId) -> Option<ConnId> {
+        let old = self.conn();
+        self.whereabouts = conn;
+        self.attached = true;
+        old
+    }
+
+    /// Its connection is gone as of `now`.
+    fn detach(&mut self, now: Instant) {
+        self.whereabouts = now.as_nanos();
+        self.attached = false;
+    }
 }
 
 struct Conn {
     link: Link,
     session: Option<SessionId>,
     created: Instant,
-    awaiting_auth: Option<Box<HelloFrame>>,
     /// Close once the outbox is written.
     closing: bool,
     /// Its deadline in the timer set, if armed.
@@ -174,8 +203,59 @@ struct Conn {
     timer: TimerSlot,
     /// Its id waits in the ready queue.
     queued: bool,
-    /// The hello this connection was welcomed for, to answer a retry of it: (nonce, resumed).
-    welcomed: Option<(u64, bool)>,
+    /// Whether the hello it was welcomed for (the link keeps its nonce) resumed a session, to
+    /// answer a retry of it.
+    resumed: bool,
+}
+
+/// A session's [`SessionCounters`] as the server keeps them: connects and disconnects inline (every
+/// session connects, and every retained one has disconnected), the rest boxed at the first of them
+/// (most sessions never resume, stall nor time out).
+#[derive(Default)]
+struct Counters {
+    /// Inline up to `u32::MAX`, then carried into `rest` in steps of 2^32: exact, in 8 bytes for
+    /// the pair.
+    connects: u32,
+    disconnects: u32,
+    rest: Option<Box<SessionCounters>>,
+}
+
+impl Counters {
+    /// Adds `n` to the counter `counter` picks; adding nothing makes no box.
+    fn add(&mut self, n: u64, counter: impl FnOnce(&mut SessionCounters) -> &mut u64) {
+        if n > 0 {
+            *counter(self.rest.get_or_insert_with(Box::default)) += n;
+        }
+    }
+
+    fn connected(&mut self) {
+        match self.connects.checked_add(1) {
+            Some(n) => self.connects = n,
+            None => {
+                self.connects = 0;
+                self.add(1 << 32, |c| &mut c.connects);
+            }
+        }
+    }
+
+    fn disconnected(&mut self) {
+        match self.disconnects.checked_add(1) {
+            Some(n) => self.disconnects = n,
+            None => {
+                self.disconnects = 0;
+                self.add(1 << 32, |c| &mut c.disconnects);
+            }
+        }
+    }
+
+    fn get(&self) -> SessionCounters {
+        let rest = self.rest.as_deref().copied().unwrap_or_default();
+        SessionCounters {
+            connects: rest.connects + u64::from(self.connects),
+            disconnects: rest.disconnects + u64::from(self.disconnects),
+            ..rest
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -183,6 +263,9 @@ enum Key {
     Conn(ConnId),
     Session(SessionId),
 }
+
+/// How many timers' room [`Server::handle_timeout`] keeps between calls.
+const DUE_KEPT: usize = 256;
 
 /// The server end of many sessions.
 ///
@@ -194,12 +277,17 @@ pub struct Server {
     config: ServerConfig,
     /// `config.channel`, shared by every session's channel.
     channel_config: Arc<Config>,
+    /// `config.liveness`, shared by every connection.
+    liveness_config: Arc<LivenessConfig>,
     entropy: Box<dyn Entropy>,
     /// Boxed, so a B-tree node's spare room costs a pointer per slot, not a whole session.
     sessions: BTreeMap<SessionId, Box<Session>>,
     conns: BTreeMap<ConnId, Box<Conn>>,
     /// Connections that have not completed a handshake (bounded by `max_pending_handshakes`).
     pending: BTreeSet<ConnId>,
+    /// The hellos of connections awaiting [`Server::authenticate`]: a few at a time, so not a field
+    /// of every connection.
+    awaiting_auth: BTreeMap<ConnId, Box<HelloFrame>>,
     /// Reused by `handle_input` for the frames of one read.
     scratch: Vec<Incoming>,
     /// Reused by `handle_timeout` for the timers due at once.
@@ -244,11 +332,13 @@ impl Server {
         };
         Ok(Server {
             channel_config: Arc::new(config.channel.clone()),
+            liveness_config: Arc::new(config.liveness),
             config,
             entropy,
             sessions: BTreeMap::new(),
             conns: BTreeMap::new(),
             pending: BTreeSet::new(),
+            awaiting_auth: BTreeMap::new(),
             scratch: Vec::new(),
             due: Vec::new(),
             events: VecDeque::new(),
@@ -289,27 +379,28 @@ impl Server {
         let pending = self.pending.len();
         let mut c = Box::new(Conn {
             link: Link::new(
+                Role::Server,
                 self.config.channel.transport,
-                self.config.liveness,
+                self.liveness_config.clone(),
                 self.limits,
                 nonce,
                 now,
             ),
             session: None,
             created: now,
-            awaiting_auth: None,
             closing: false,
             armed: None,
-            timer: self.timers.new_slot(),
+            timer: self.timers.new_slot(Key::Conn(conn)),
             // An id still waiting in the ready queue from a connection gone before is this one's.
             queued: self.orphans.remove(&conn),
-            welcomed: None,
+            resumed: false,
         });
         // Past the bound, a connection gets no handshake at all: it is closed unread.
         c.closing = pending >= self.config.max_pending_handshakes;
         if let Some(old) = self.conns.insert(conn, c) {
             // The adapter reused the id of a connection it never reported closed.
             self.timers.free_slot(old.timer);
+            self.awaiting_auth.remove(&conn);
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.queued = old.queued;
             }
@@ -332,7 +423,7 @@ impl Server {
         // the input path does not allocate.
         let mut incoming = core::mem::take(&mut self.scratch);
         let events_before = self.events.len();
-        let malformed = c.link.malformed;
+        let malformed = c.link.malformed();
         // The session's own frames go straight to its channel, looked up once per read, and its
         // events straight into the server's queue. The first frame that is the server's business
         // (a handshake, a close) and every frame after it wait in `incoming`, in order.
@@ -364,11 +455,11 @@ impl Server {
             self.scratch = incoming;
             return;
         };
-        let malformed = c.link.malformed - malformed;
+        let malformed = c.link.malformed() - malformed;
         if malformed > 0
             && let Some(s) = c.session.and_then(|id| self.sessions.get_mut(&id))
         {
-            s.counters.malformed_datagrams += malformed;
+            s.counters.add(malformed, |c| &mut c.malformed_datagrams);
         }
         for i in incoming.drain(..) {
             match i {
@@ -436,7 +527,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(());
         };
-        let Some(store) = s.store.as_mut() else {
+        let Some(store) = s.store.as_deref_mut() else {
             return Ok(());
         };
         match f(store.as_mut()).and_then(|()| if flush { store.flush() } else { Ok(()) }) {
@@ -459,7 +550,7 @@ impl Server {
         let Some(s) = self.forget(id) else {
             return;
         };
-        if let Some(conn) = s.conn
+        if let Some(conn) = s.conn()
             && let Some(c) = self.conns.get_mut(&conn)
         {
             c.session = None;
@@ -488,14 +579,15 @@ impl Server {
             return;
         };
         match (frame, c.session) {
-            (Frame::Hello(h), None) if c.awaiting_auth.is_none() => self.on_hello(now, conn, h),
+            (Frame::Hello(h), None) if !self.awaiting_auth.contains_key(&conn) => {
+                self.on_hello(now, conn, h)
+            }
             (Frame::Hello(h), Some(id)) => {
                 // A repeated hello (datagram retry): answer it again if it is the current attach.
-                let nonce = c.link.local_nonce;
-                if let Some((peer_nonce, resumed)) = c.welcomed
-                    && peer_nonce == h.nonce
+                let (nonce, resumed) = (c.link.local_nonce, c.resumed);
+                if c.link.peer_nonce() == Some(h.nonce)
                     && let Some(s) = self.sessions.get(&id)
-                    && s.conn == Some(conn)
+                    && s.conn() == Some(conn)
                     && h.resume.map_or(!resumed, |r| resumed && r.epoch == s.epoch)
                 {
                     let w = self.welcome(id, nonce, resumed);
@@ -509,7 +601,7 @@ impl Server {
                 if self.sessions.get(&id).is_some_and(|s| s.held.is_some()) =>
             {
                 // Our close and the client's crossed: both ends name the same one.
-                let arbiter = c.link.arbiter;
+                let arbiter = c.link.arbiter();
                 c.closing = true;
                 if let Some(held) = self.sessions.get_mut(&id).and_then(|s| s.held.take()) {
                     let event = (*held).crossed(close.code, close.reason, arbiter);
@@ -527,7 +619,7 @@ impl Server {
             // Anything but a hello on a connection with no session: the peer believes in an attach
             // this server does not hold (it restarted, or forgot a datagram binding). Tell it, or
             // it would wait on a connection that can never carry its session.
-            (_, None) if c.awaiting_auth.is_none() && !c.closing => {
+            (_, None) if !self.awaiting_auth.contains_key(&conn) && !c.closing => {
                 self.refuse(conn, RefuseCode::NotAttached, 0);
             }
             (_, None) => {}
@@ -541,8 +633,8 @@ impl Server {
             }
             if self.config.authenticate {
                 let credentials = hello.credentials.clone();
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.awaiting_auth = Some(Box::new(hello));
+                if self.conns.contains_key(&conn) {
+                    self.awaiting_auth.insert(conn, Box::new(hello));
                 }
                 self.events
                     .push_back(ServerEvent::Authenticate { conn, credentials });
@@ -605,8 +697,7 @@ impl Server {
         // The newest attach wins: a half-open older connection is superseded.
         s.epoch = resume.epoch;
         s.attach_nonce = hello.nonce;
-        let old = s.conn.replace(conn);
-        s.disconnected_at = None;
+        let old = s.attach(conn);
         s.channel.reset_connection();
         s.channel.sender_mut().set_limits(
             self.config.channel.max_queued_messages,
@@ -623,7 +714,7 @@ impl Server {
             oc.closing = true;
             self.mark_ready(old);
             if let Some(s) = self.sessions.get_mut(&id) {
-                s.counters.disconnects += 1;
+                s.counters.disconnected();
             }
             self.events.push_back(ServerEvent::Session {
                 session: id,
@@ -638,7 +729,7 @@ impl Server {
                 // It claims to hold messages never sent: a broken or forged client. No welcome.
                 self.refuse(conn, RefuseCode::Violation, 0);
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    s.conn = None;
+                    s.detach(now);
                 }
                 self.lose(
                     id,
@@ -651,11 +742,7 @@ impl Server {
     /// The application's verdict on a connection's credentials ([`ServerEvent::Authenticate`]).
     pub fn authenticate(&mut self, now: Instant, conn: ConnId, accept: bool) {
         let now = self.observe(now);
-        let Some(hello) = self
-            .conns
-            .get_mut(&conn)
-            .and_then(|c| c.awaiting_auth.take())
-        else {
+        let Some(hello) = self.awaiting_auth.remove(&conn) else {
             return;
         };
         if accept && self.sessions.len() >= self.config.max_sessions {
@@ -698,14 +785,14 @@ impl Server {
                 epoch: identity.epoch,
                 attach_nonce: 0,
                 channel,
-                conn: None,
-                disconnected_at: Some(now),
+                whereabouts: now.as_nanos(),
+                attached: false,
                 requests: Requests::default(),
-                counters: SessionCounters::default(),
+                counters: Counters::default(),
                 held: None,
                 armed: None,
-                timer: self.timers.new_slot(),
-                store: Some(store),
+                timer: self.timers.new_slot(Key::Session(id)),
+                store: Some(Box::new(store)),
             }),
         );
         Ok(Some(redelivered))
@@ -740,7 +827,7 @@ impl Server {
                 .create(identity)
                 .and_then(|mut s| s.flush().map(|()| s))
             {
-                Ok(s) => store = Some(s),
+                Ok(s) => store = Some(Box::new(s)),
                 // The client retries; a session nobody else could resume is not offered.
                 Err(_) => return self.refuse(conn, RefuseCode::NotAttached, 0),
             }
@@ -757,13 +844,13 @@ impl Server {
                 epoch: 1,
                 attach_nonce: hello.nonce,
                 channel,
-                conn: Some(conn),
-                disconnected_at: None,
+                whereabouts: conn,
+                attached: true,
                 requests: Requests::default(),
-                counters: SessionCounters::default(),
+                counters: Counters::default(),
                 held: None,
                 armed: None,
-                timer: self.timers.new_slot(),
+                timer: self.timers.new_slot(Key::Session(id)),
                 store,
             }),
         );
@@ -783,18 +870,17 @@ impl Server {
         };
         c.session = Some(id);
         self.pending.remove(&conn);
-        c.welcomed = Some((peer_nonce, resumed));
-        c.link.established = true;
-        c.link.arbiter = Some(Arbiter::new(Role::Server, c.link.local_nonce, peer_nonce));
+        c.resumed = resumed;
+        c.link.establish(peer_nonce);
         let nonce = c.link.local_nonce;
         let welcome = self.welcome(id, nonce, resumed);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.link.queue(welcome);
         }
         if let Some(s) = self.sessions.get_mut(&id) {
-            s.counters.connects += 1;
-            s.counters.resumes += u64::from(resumed);
-            s.counters.resent_on_resume += retransmitted;
+            s.counters.connected();
+            s.counters.add(u64::from(resumed), |c| &mut c.resumes);
+            s.counters.add(retransmitted, |c| &mut c.resent_on_resume);
             let epoch = s.epoch;
             self.events.push_back(ServerEvent::Session {
                 session: id,
@@ -856,7 +942,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if s.conn != Some(conn) {
+        if s.conn() != Some(conn) {
             return;
         }
         if let Some(held) = s.held.take() {
@@ -873,11 +959,10 @@ impl Server {
             self.remove_session(id);
             return;
         }
-        s.conn = None;
-        s.disconnected_at = Some(now);
-        s.counters.disconnects += 1;
+        s.detach(now);
+        s.counters.disconnected();
         if matches!(cause, DisconnectCause::IdleTimeout { .. }) {
-            s.counters.idle_timeouts += 1;
+            s.counters.add(1, |c| &mut c.idle_timeouts);
         }
         s.channel.sender_mut().set_limits(
             self.config.disconnected_max_queued_messages,
@@ -912,6 +997,9 @@ impl Server {
             }
         }
         due.clear();
+        // The room a burst took (every connection's heartbeat due at once) is let go, or it would
+        // stay for good.
+        due.shrink_to(DUE_KEPT);
         self.due = due;
     }
 
@@ -930,7 +1018,7 @@ impl Server {
         if let Some(id) = c.session
             && let Some(s) = self.sessions.get_mut(&id)
         {
-            s.counters.stalls += stalled;
+            s.counters.add(stalled, |c| &mut c.stalls);
         }
         if let Verdict::Dead { silent_for } = verdict {
             self.drop_conn(now, conn, DisconnectCause::IdleTimeout { silent_for });
@@ -949,7 +1037,7 @@ impl Server {
                     event: (*held).settle(),
                 });
             }
-            if let Some(conn) = s.conn {
+            if let Some(conn) = s.conn() {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.closing = true;
                 }
@@ -957,7 +1045,7 @@ impl Server {
             }
             return;
         }
-        if s.disconnected_at
+        if s.disconnected_at()
             .is_some_and(|t| now - t >= self.config.retention)
         {
             // With a shared store the session may live on elsewhere: only its owner ends it.
@@ -970,7 +1058,7 @@ impl Server {
             return self.lose(id, LostReason::RetentionExpired);
         }
         for seq in s.requests.expire(now) {
-            s.counters.request_timeouts += 1;
+            s.counters.add(1, |c| &mut c.request_timeouts);
             self.events.push_back(ServerEvent::Session {
                 session: id,
                 event: SessionEvent::RequestTimedOut { seq },
@@ -1140,7 +1228,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(SendError::Closed(payload));
         };
-        if mode == Mode::Unreliable && s.conn.is_none() {
+        if mode == Mode::Unreliable && s.conn().is_none() {
             return Ok(Sent::Unreliable);
         }
         let kept = (journal && s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
@@ -1237,7 +1325,7 @@ impl Server {
             return;
         };
         s.channel.close(code, reason);
-        let conn = s.conn;
+        let conn = s.conn();
         // With a connection the close frame goes out and the close is held (see drain_session);
         // without one the session ends here.
         self.drain_session(session);
@@ -1266,12 +1354,12 @@ impl Server {
     pub fn is_connected(&self, session: SessionId) -> bool {
         self.sessions
             .get(&session)
-            .is_some_and(|s| s.conn.is_some())
+            .is_some_and(|s| s.conn().is_some())
     }
 
     /// A session's counters.
-    pub fn counters(&self, session: SessionId) -> Option<&SessionCounters> {
-        self.sessions.get(&session).map(|s| &s.counters)
+    pub fn counters(&self, session: SessionId) -> Option<SessionCounters> {
+        self.sessions.get(&session).map(|s| s.counters.get())
     }
 
     /// A session's channel, for inspection.
@@ -1291,8 +1379,8 @@ impl Server {
 
     /// The arbiter agreed on a session's current connection.
     pub fn arbiter(&self, session: SessionId) -> Option<Arbiter> {
-        let conn = self.sessions.get(&session)?.conn?;
-        self.conns.get(&conn)?.link.arbiter
+        let conn = self.sessions.get(&session)?.conn()?;
+        self.conns.get(&conn)?.link.arbiter()
     }
 
     /// A queue overflowed under the close policy: the client is told with a close frame carrying
@@ -1314,7 +1402,7 @@ impl Server {
             self.events
                 .push_back(ServerEvent::Session { session: id, event });
         }
-        match s.conn {
+        match s.conn() {
             Some(conn) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.closing = true;
@@ -1340,7 +1428,7 @@ impl Server {
                 unacknowledged,
             },
         });
-        if let Some(conn) = s.conn
+        if let Some(conn) = s.conn()
             && let Some(c) = self.conns.get_mut(&conn)
         {
             c.session = None;
@@ -1370,7 +1458,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        match s.conn.and_then(|c| self.conns.get_mut(&c)) {
+        match s.conn().and_then(|c| self.conns.get_mut(&c)) {
             // Let the close frame go out; the session goes with its connection.
             Some(c) => c.closing = true,
             None => {
@@ -1411,7 +1499,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if let Some(conn) = s.conn {
+        if let Some(conn) = s.conn() {
             let Some(c) = self.conns.get_mut(&conn) else {
                 self.mark_ready(conn);
                 return self.retime(Key::Session(id));
@@ -1492,10 +1580,12 @@ impl Server {
         Some(s)
     }
 
-    /// Removes a connection, its timer and its place among pending handshakes.
+    /// Removes a connection, its timer, its place among pending handshakes and any hello of its
+    /// awaiting authentication.
     fn remove_conn(&mut self, conn: ConnId) -> Option<Box<Conn>> {
         let c = self.conns.remove(&conn)?;
         self.pending.remove(&conn);
+        self.awaiting_auth.remove(&conn);
         self.timers.free_slot(c.timer);
         if c.queued {
             self.orphans.insert(conn);
@@ -1519,10 +1609,10 @@ fn conn_deadline(c: &Conn, handshake_timeout: Duration) -> Option<Instant> {
 /// When a session's timer is next due: retention while disconnected, its requests, its channel's
 /// timers while connected, a held close.
 fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
-    let retention = s.disconnected_at.map(|t| t + retention);
+    let retention = s.disconnected_at().map(|t| t + retention);
     // Without a connection the channel cannot act on its timers (an ack to send, a resend): they
     // would only stay in the past. Resume resends what is needed.
-    let channel = s.conn.and_then(|_| s.channel.poll_timeout());
+    let channel = s.conn().and_then(|_| s.channel.poll_timeout());
     let held = s.held.as_ref().map(|h| h.deadline);
     earliest(
         earliest(retention, s.requests.deadline()),
@@ -1576,7 +1666,7 @@ fn drain_events(
         if let Event::Acknowledged { below } = e {
             acknowledged = Some(below);
         }
-        let e = match (s.conn, matches!(e, Event::Closed { .. })) {
+        let e = match (s.conn(), matches!(e, Event::Closed { .. })) {
             // A local close on a live connection waits to see whether the client closed too.
             (Some(_), true) => match HeldClose::hold(e, now) {
                 Ok(held) => {
@@ -1614,13 +1704,24 @@ fn rearm(
     if *armed == new {
         return;
     }
+    debug_assert_eq!(timers.key(slot), key, "a slot serves one key for its life");
     *armed = new;
-    timers.set(slot, key, new);
+    timers.set(slot, new);
 }
 
-/// A session's or connection's place in [`Timers`], for as long as it lives.
+/// A session's or connection's place in [`Timers`], for as long as it lives: [`SESSION_SLOT`] set
+/// for a session's, and the rest its index among the slots of its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimerSlot(u32);
+
+/// The bit of a [`TimerSlot`] that makes it a session's.
+const SESSION_SLOT: u32 = 1 << 31;
+
+impl TimerSlot {
+    fn index(self) -> usize {
+        (self.0 & !SESSION_SLOT) as usize
+    }
+}
 
 /// One armed timer: its deadline and its slot (16 bytes, so sifting moves little).
 #[derive(Debug, Clone, Copy)]
@@ -1635,42 +1736,85 @@ struct TimerEntry {
 #[derive(Debug, Default)]
 struct Timers {
     heap: Vec<TimerEntry>,
+    conns: SlotTable,
+    sessions: SlotTable,
+}
+
+/// The slots of one kind of key. Kept apart, a slot's id takes 8 bytes where a [`Key`] takes 16.
+#[derive(Debug, Default)]
+struct SlotTable {
     /// Per slot, its entry's index in `heap` ([`UNARMED`] if none).
     pos: Vec<u32>,
-    /// Per slot, the key of its session or connection (which orders equal deadlines).
-    keys: Vec<Key>,
+    /// Per slot, the id of its session or connection (which orders equal deadlines).
+    ids: Vec<u64>,
     /// Slots of entities that are gone, for new ones.
-    free: Vec<TimerSlot>,
+    free: Vec<u32>,
 }
 
 /// A slot with no entry in the heap.
 const UNARMED: u32 = u32::MAX;
 
 impl Timers {
-    /// A slot, unarmed, for a new session or connection.
-    fn new_slot(&mut self) -> TimerSlot {
-        if let Some(slot) = self.free.pop() {
-            return slot;
-        }
-        let slot = TimerSlot(u32::try_from(self.pos.len()).expect("fewer than 2^32 timers"));
-        self.pos.push(UNARMED);
-        self.keys.push(Key::Conn(0));
-        slot
+    /// A slot, unarmed, for a new session or connection, `key`.
+    fn new_slot(&mut self, key: Key) -> TimerSlot {
+        let (table, kind, id) = match key {
+            Key::Conn(conn) => (&mut self.conns, 0, conn),
+            Key::Session(id) => (&mut self.sessions, SESSION_SLOT, id.0),
+        };
+        let index = table.free.pop().unwrap_or_else(|| {
+            table.pos.push(UNARMED);
+            table.ids.push(0);
+            u32::try_from(table.pos.len() - 1)
+                .ok()
+                .filter(|i| i & SESSION_SLOT == 0)
+                .expect("fewer than 2^31 timers of a kind")
+        });
+        table.ids[index as usize] = id;
+        TimerSlot(kind | index)
     }
 
     /// Drops a slot's timer, if armed, and takes the slot back.
     fn free_slot(&mut self, slot: TimerSlot) {
-        self.set(slot, Key::Conn(0), None);
-        self.free.push(slot);
+        self.set(slot, None);
+        self.table_mut(slot).free.push(slot.index() as u32);
     }
 
-    /// Arms `slot` (for `key`) at `at`, moves it there, or disarms it (`None`).
-    fn set(&mut self, slot: TimerSlot, key: Key, at: Option<Instant>) {
-        let i = self.pos[slot.0 as usize];
+    fn table(&self, slot: TimerSlot) -> &SlotTable {
+        if slot.0 & SESSION_SLOT == 0 {
+            &self.conns
+        } else {
+            &self.sessions
+        }
+    }
+
+    fn table_mut(&mut self, slot: TimerSlot) -> &mut SlotTable {
+        if slot.0 & SESSION_SLOT == 0 {
+            &mut self.conns
+        } else {
+            &mut self.sessions
+        }
+    }
+
+    fn pos_mut(&mut self, slot: TimerSlot) -> &mut u32 {
+        &mut self.table_mut(slot).pos[slot.index()]
+    }
+
+    /// The key of the session or connection that holds `slot`.
+    fn key(&self, slot: TimerSlot) -> Key {
+        let id = self.table(slot).ids[slot.index()];
+        if slot.0 & SESSION_SLOT == 0 {
+            Key::Conn(id)
+        } else {
+            Key::Session(SessionId(id))
+        }
+    }
+
+    /// Arms `slot` at `at`, moves it there, or disarms it (`None`).
+    fn set(&mut self, slot: TimerSlot, at: Option<Instant>) {
+        let i = self.table(slot).pos[slot.index()];
         match (i, at) {
             (UNARMED, None) => {}
             (UNARMED, Some(at)) => {
-                self.keys[slot.0 as usize] = key;
                 self.heap.push(TimerEntry { at, slot });
                 self.sift_up(self.heap.len() - 1);
             }
@@ -1685,14 +1829,14 @@ impl Timers {
                 }
             }
             (i, None) => {
-                self.pos[slot.0 as usize] = UNARMED;
+                *self.pos_mut(slot) = UNARMED;
                 let last = self.heap.pop().expect("an armed slot has an entry");
                 let i = i as usize;
                 if i < self.heap.len() {
                     // The last entry takes the removed one's place, then finds its own.
                     self.heap[i] = last;
                     self.sift_up(i);
-                    let i = self.pos[last.slot.0 as usize] as usize;
+                    let i = self.table(last.slot).pos[last.slot.index()] as usize;
                     self.sift_down(i);
                 }
             }
@@ -1707,20 +1851,19 @@ impl Timers {
     /// Disarms and returns the earliest timer if it is due at `now`.
     fn pop_due(&mut self, now: Instant) -> Option<Key> {
         let first = *self.heap.first().filter(|e| e.at <= now)?;
-        let key = self.keys[first.slot.0 as usize];
-        self.set(first.slot, key, None);
-        Some(key)
+        self.set(first.slot, None);
+        Some(self.key(first.slot))
     }
 
     /// Whether `a` fires before `b`: by deadline, then by key (connections before sessions, then
     /// by id).
     fn before(&self, a: TimerEntry, b: TimerEntry) -> bool {
-        a.at < b.at || (a.at == b.at && self.keys[a.slot.0 as usize] < self.keys[b.slot.0 as usize])
+        a.at < b.at || (a.at == b.at && self.key(a.slot) < self.key(b.slot))
     }
 
     fn place(&mut self, i: usize, e: TimerEntry) {
         self.heap[i] = e;
-        self.pos[e.slot.0 as usize] = i as u32;
+        *self.pos_mut(e.slot) = i as u32;
     }
 
     fn sift_up(&mut self, mut i: usize) {
@@ -1882,6 +2025,100 @@ mod tests {
         assert_eq!(s.sessions[&id].channel.sender().queued_messages(), 100);
     }
 
+    // The canary feature (the simulator's) adds fields of its own.
+    #[cfg(not(feature = "canary"))]
+    #[test]
+    fn a_session_and_its_connection_take_at_most_600_and_264_bytes_inline() {
+        // With the maps' entries and the timer set's slots, about 1 KiB per idle connected session
+        // (the memory example): a server holds 100,000 of them.
+        assert!(size_of::<Session>() <= 600, "{}", size_of::<Session>());
+        assert!(size_of::<Conn>() <= 264, "{}", size_of::<Conn>());
+    }
+
+    #[test]
+    fn the_room_a_burst_of_due_timers_took_is_let_go() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        for conn in 0..2 * DUE_KEPT as u64 {
+            s.on_connection(t, conn);
+            let hello = Frame::Hello(HelloFrame {
+                nonce: conn,
+                recv_window: 1024,
+                resume: None,
+                credentials: Bytes::new(),
+            });
+            s.handle_input(t, conn, stream(&[hello], true));
+        }
+        assert_eq!(drain(&mut s, t).len(), 2 * DUE_KEPT);
+        // Every connection's heartbeat is due at once.
+        let t = t + crate::liveness::LivenessConfig::default().heartbeat_interval;
+        s.handle_timeout(t);
+        assert!(s.due.capacity() <= DUE_KEPT, "{}", s.due.capacity());
+        let mut buf = BytesMut::new();
+        let mut pinged = 0;
+        while let Some(tx) = s.poll_transmit(t, &mut buf) {
+            pinged += usize::from(tx.len > 0);
+        }
+        assert_eq!(pinged, 2 * DUE_KEPT, "every heartbeat was handled");
+    }
+
+    #[test]
+    fn a_hello_awaiting_authentication_goes_with_its_connection() {
+        let entropy =
+            Box::new(<rand_chacha::ChaCha8Rng as rand_core::SeedableRng>::seed_from_u64(1));
+        let mut config = ServerConfig::new(Config::new(crate::Transport::Stream));
+        config.authenticate = true;
+        let mut s = Server::new(config, Instant::ZERO, entropy).expect("valid config");
+        let t = Instant::ZERO;
+        let hello = Frame::Hello(HelloFrame {
+            nonce: 1,
+            recv_window: 1024,
+            resume: None,
+            credentials: Bytes::from_static(b"secret"),
+        });
+        for conn in [1, 2] {
+            s.on_connection(t, conn);
+            s.handle_input(t, conn, stream(core::slice::from_ref(&hello), true));
+        }
+        assert_eq!(s.awaiting_auth.len(), 2);
+        s.on_disconnected(t, 1);
+        // The adapter reuses an id it never reported closed: the old connection's hello goes too.
+        s.on_connection(t, 2);
+        assert!(s.awaiting_auth.is_empty());
+        s.authenticate(t, 1, true);
+        s.authenticate(t, 2, true);
+        assert_eq!(s.session_count(), 0, "no hello was left to accept");
+    }
+
+    #[test]
+    fn a_sessions_counters_box_only_what_moved_and_read_back_whole() {
+        let mut c = Counters::default();
+        c.connected();
+        c.add(0, |c| &mut c.stalls);
+        assert!(c.rest.is_none(), "adding nothing makes no box");
+        let mut want = SessionCounters {
+            connects: 1,
+            ..SessionCounters::default()
+        };
+        assert_eq!(c.get(), want);
+        c.add(2, |c| &mut c.stalls);
+        c.add(1, |c| &mut c.resumes);
+        want.stalls = 2;
+        want.resumes = 1;
+        assert_eq!(c.get(), want);
+        // Past what the inline count holds, the count carries on exactly.
+        c.connects = u32::MAX;
+        c.disconnects = u32::MAX - 1;
+        c.connected();
+        c.disconnected();
+        c.disconnected();
+        c.disconnected();
+        want.connects = 1 << 32;
+        want.disconnects = (1 << 32) + 1;
+        assert_eq!(c.get(), want);
+        assert!(size_of::<Counters>() <= 16);
+    }
+
     proptest! {
         /// The timer heap agrees with a set of `(deadline, key)` pairs, whatever is armed, moved,
         /// disarmed, freed and fired, in whatever order.
@@ -1906,7 +2143,7 @@ mod tests {
                         };
                         // Keys are unique among live entities.
                         if live.iter().all(|(k, _, _)| *k != key) {
-                            live.push((key, timers.new_slot(), None));
+                            live.push((key, timers.new_slot(key), None));
                         }
                     }
                     1 | 2 if !live.is_empty() => {

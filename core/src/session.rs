@@ -9,6 +9,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -23,7 +24,7 @@ use crate::framing::{self, StreamDecoder};
 use crate::identity::SessionId;
 use crate::liveness::{Liveness, LivenessConfig, PongBacklog, Verdict};
 use crate::reconnect::GaveUp;
-use crate::tiebreak::Arbiter;
+use crate::tiebreak::{Arbiter, Role};
 use crate::time::{Duration, Instant, earliest};
 
 /// Stream ids at and above this carry replies: the stream field holds `REPLY_STREAM + seq` of the
@@ -434,10 +435,11 @@ pub(crate) struct Link {
     /// none between heartbeats.
     pongs: Option<Box<PongBacklog>>,
     pub(crate) established: bool,
-    /// Datagrams that did not decode (corrupted, truncated, foreign).
-    pub(crate) malformed: u64,
-    pub(crate) arbiter: Option<Arbiter>,
+    role: Role,
     pub(crate) local_nonce: u64,
+    /// The peer's nonce from the handshake, once established: with `role` and `local_nonce`, the
+    /// arbiter (kept as its parts, as the link holds two of them anyway).
+    peer_nonce: u64,
 }
 
 /// How a link cuts what arrives into frames.
@@ -446,7 +448,12 @@ enum Framing {
     /// A byte stream, with its decoder (which holds the limits).
     Stream(StreamDecoder),
     /// One frame per datagram.
-    Datagram(DecodeLimits),
+    Datagram {
+        limits: DecodeLimits,
+        /// Datagrams that did not decode (corrupted, truncated, foreign): kept here, in room the
+        /// stream decoder takes anyway.
+        malformed: u64,
+    },
 }
 
 /// A link's handshake frames waiting to go out, the newest two at most. Made when the first is
@@ -497,8 +504,9 @@ pub(crate) enum Incoming {
 
 impl Link {
     pub(crate) fn new(
+        role: Role,
         transport: Transport,
-        liveness: LivenessConfig,
+        liveness: Arc<LivenessConfig>,
         limits: DecodeLimits,
         local_nonce: u64,
         now: Instant,
@@ -506,17 +514,45 @@ impl Link {
         Link {
             framing: match transport {
                 Transport::Stream => Framing::Stream(StreamDecoder::new(limits)),
-                Transport::Datagram => Framing::Datagram(limits),
+                Transport::Datagram => Framing::Datagram {
+                    limits,
+                    malformed: 0,
+                },
             },
             preface_sent: false,
-            liveness: Liveness::new(liveness, now),
+            liveness: Liveness::with_shared_config(liveness, now),
             outbox: Outbox::default(),
             pongs: None,
             established: false,
-            malformed: 0,
-            arbiter: None,
+            role,
             local_nonce,
+            peer_nonce: 0,
         }
+    }
+
+    /// The handshake completed with the peer's `peer_nonce`: the link carries the channel now.
+    pub(crate) fn establish(&mut self, peer_nonce: u64) {
+        self.established = true;
+        self.peer_nonce = peer_nonce;
+    }
+
+    /// Datagrams that did not decode (corrupted, truncated, foreign).
+    pub(crate) fn malformed(&self) -> u64 {
+        match self.framing {
+            Framing::Datagram { malformed, .. } => malformed,
+            Framing::Stream(_) => 0,
+        }
+    }
+
+    /// The peer's nonce, once established.
+    pub(crate) fn peer_nonce(&self) -> Option<u64> {
+        self.established.then_some(self.peer_nonce)
+    }
+
+    /// The arbiter both ends agreed on in the handshake, once established.
+    pub(crate) fn arbiter(&self) -> Option<Arbiter> {
+        self.peer_nonce()
+            .map(|peer| Arbiter::new(self.role, self.local_nonce, peer))
     }
 
     /// Decodes what arrived; calls `on` for each frame (or the decode failure, after which it stops).
@@ -533,7 +569,7 @@ impl Link {
                 loop {
                     let next = match &mut self.framing {
                         Framing::Stream(d) => d.next_frame(),
-                        Framing::Datagram(_) => return,
+                        Framing::Datagram { .. } => return,
                     };
                     match next {
                         Ok(Some(frame)) => {
@@ -561,14 +597,15 @@ impl Link {
                 }
             }
             // A mangled datagram is dropped like a lost one, and proves nothing about the peer.
-            Framing::Datagram(limits) => match framing::decode_datagram(data, limits) {
+            Framing::Datagram { limits, malformed } => match framing::decode_datagram(data, limits)
+            {
                 Ok(frame) => {
                     self.liveness.on_receive(now);
                     if let Some(frame) = self.intercept(now, frame) {
                         on(self, Incoming::Frame(frame));
                     }
                 }
-                Err(_) => self.malformed += 1,
+                Err(_) => *malformed += 1,
             },
         }
     }

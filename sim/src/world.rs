@@ -888,7 +888,7 @@ impl Sim {
             eprintln!(
                 "server session {id:?} ctx={ctx}: connected={} stats={:?}",
                 self.server.server.is_connected(*id),
-                self.server.server.channel(*id).map(|c| *c.stats())
+                self.server.server.channel(*id).map(|c| c.stats())
             );
         }
         eprintln!(
@@ -2412,7 +2412,7 @@ impl Sim {
     fn collect_client_marks(&mut self, i: usize) {
         let c = &self.clients[i].client;
         let k = *c.counters();
-        let s = *c.channel().stats();
+        let s = c.channel().stats();
         self.marks.add("stall", k.stalls);
         self.marks.add("client_disconnects", k.disconnects);
         self.marks.add("retransmitted", s.retransmitted);
