@@ -134,7 +134,7 @@ pub struct Channel {
 // The box is the point: 8 B inline while empty, where a `VecDeque` takes 32.
 #[allow(clippy::box_collection)]
 #[derive(Debug, Default)]
-struct Events(Option<Box<VecDeque<Event>>>);
+pub(crate) struct Events(Option<Box<VecDeque<Event>>>);
 
 impl Events {
     fn push_back(&mut self, event: Event) {
@@ -165,22 +165,23 @@ impl Events {
 }
 
 /// Where the data path's events go: the channel's own queue, or straight to its owner.
-trait Sink {
-    fn put(&mut self, queue: &mut Events, event: Event);
+pub(crate) trait Sink {
+    /// A message for the application.
+    fn received(&mut self, queue: &mut Events, message: Message);
+    /// The cumulative ack point moved to `below`.
+    fn acknowledged(&mut self, queue: &mut Events, below: Seq);
 }
 
 /// The channel's own queue.
 struct Queue;
 
 impl Sink for Queue {
-    fn put(&mut self, queue: &mut Events, event: Event) {
-        queue.push_back(event);
+    fn received(&mut self, queue: &mut Events, message: Message) {
+        queue.push_back(Event::Received(message));
     }
-}
 
-impl<F: FnMut(Event)> Sink for F {
-    fn put(&mut self, _: &mut Events, event: Event) {
-        self(event);
+    fn acknowledged(&mut self, queue: &mut Events, below: Seq) {
+        queue.push_back(Event::Acknowledged { below });
     }
 }
 
@@ -687,8 +688,8 @@ impl Channel {
                     &ranges,
                     Duration::from_micros(delay_micros),
                 );
-                if let Some(e) = acked {
-                    self.events.push_back(e);
+                if let Some(below) = acked {
+                    self.events.push_back(Event::Acknowledged { below });
                 }
             }
             Frame::Unreliable(u) => {
@@ -718,12 +719,7 @@ impl Channel {
     /// `Acknowledged`, the messages it delivers) go to `sink` instead of the event queue: a server
     /// moves them straight into its own queue. Other frames, and a data frame while events wait in
     /// the queue (they must come out first), queue theirs as `handle_frame` does.
-    pub(crate) fn handle_frame_into(
-        &mut self,
-        now: Instant,
-        frame: Frame,
-        sink: &mut impl FnMut(Event),
-    ) {
+    pub(crate) fn handle_frame_into(&mut self, now: Instant, frame: Frame, sink: &mut impl Sink) {
         match frame {
             Frame::Data(d) if self.events.is_empty() => {
                 let now = self.observe(now);
@@ -741,8 +737,8 @@ impl Channel {
     /// [`Event::Closed`] in `self.events`; nothing after it reaches `sink`.
     fn on_data_frame(&mut self, now: Instant, d: DataFrame, sink: &mut impl Sink) {
         if let Some(cumulative) = d.ack {
-            if let Some(e) = self.on_ack(now, cumulative, &[], Duration::ZERO) {
-                sink.put(&mut self.events, e);
+            if let Some(below) = self.on_ack(now, cumulative, &[], Duration::ZERO) {
+                sink.acknowledged(&mut self.events, below);
             }
             if !matches!(self.state, State::Open) {
                 // Its ack was a violation: nothing it carries may reach the application.
@@ -763,13 +759,13 @@ impl Channel {
             d.unordered,
             d.payload,
             &mut |stream, seq, payload| {
-                sink.put(
+                sink.received(
                     events,
-                    Event::Received(Message {
+                    Message {
                         stream,
                         seq,
                         payload,
-                    }),
+                    },
                 )
             },
         );
@@ -785,20 +781,18 @@ impl Channel {
         }
     }
 
-    /// Takes an ack; returns the `Acknowledged` event it makes, if its cumulative point moved.
+    /// Takes an ack; returns its new cumulative point if it moved (an `Acknowledged` event).
     fn on_ack(
         &mut self,
         now: Instant,
         cumulative: Seq,
         ranges: &[core::ops::Range<Seq>],
         delay: Duration,
-    ) -> Option<Event> {
+    ) -> Option<Seq> {
         match self.send.on_ack(now, cumulative, ranges, delay) {
             Ok(out) => {
                 self.stats.add(Rare::DeclaredLost, out.declared_lost);
-                out.base_advanced.then(|| Event::Acknowledged {
-                    below: self.send.base(),
-                })
+                out.base_advanced.then(|| self.send.base())
             }
             Err(e) => {
                 self.violation(ProtocolError::AckOfUnsent(e));

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
 
 use crate::Seq;
-use crate::channel::Channel;
+use crate::channel::{Channel, Events, Sink};
 use crate::config::{Config, ConfigError};
 use crate::event::{Event, Message};
 use crate::frame::{DecodeLimits, Frame, HelloFrame, RefuseFrame, WelcomeFrame};
@@ -1632,26 +1632,53 @@ fn deliver_frame(
     frame: Frame,
     events: &mut VecDeque<ServerEvent>,
 ) -> (bool, Option<Seq>) {
-    let mut acknowledged = None;
     let Session {
         channel, requests, ..
     } = s;
-    channel.handle_frame_into(now, frame, &mut |e| {
-        if let Event::Acknowledged { below } = e {
-            acknowledged = Some(below);
-        }
-        let event = match e {
-            // The common case, spelled out so that it is built in place.
-            Event::Received(m) if m.stream < REPLY_STREAM => SessionEvent::Received(m),
-            e => session_event(e, requests),
-        };
-        events.push_back(ServerEvent::Session { session: id, event });
-    });
+    let mut sink = SessionSink {
+        id,
+        requests,
+        events,
+        acknowledged: None,
+    };
+    channel.handle_frame_into(now, frame, &mut sink);
+    let acknowledged = sink.acknowledged;
     if !s.channel.has_events() {
         return (false, acknowledged);
     }
     let (ended, later) = drain_events(id, s, server_now, events);
     (ended, later.or(acknowledged))
+}
+
+/// A session's data-path events, made straight into the server's queue.
+struct SessionSink<'a> {
+    id: SessionId,
+    requests: &'a mut Requests,
+    events: &'a mut VecDeque<ServerEvent>,
+    /// The newest cumulative ack point it heard of.
+    acknowledged: Option<Seq>,
+}
+
+impl Sink for SessionSink<'_> {
+    fn received(&mut self, _: &mut Events, message: Message) {
+        let event = if message.stream < REPLY_STREAM {
+            SessionEvent::Received(message)
+        } else {
+            session_event(Event::Received(message), self.requests)
+        };
+        self.events.push_back(ServerEvent::Session {
+            session: self.id,
+            event,
+        });
+    }
+
+    fn acknowledged(&mut self, _: &mut Events, below: Seq) {
+        self.acknowledged = Some(below);
+        self.events.push_back(ServerEvent::Session {
+            session: self.id,
+            event: SessionEvent::Acknowledged { below },
+        });
+    }
 }
 
 fn drain_events(
