@@ -45,6 +45,16 @@ const BATCH_ROOM: usize = (64 << 10) + 2048;
 /// Payload sizes of the full-path benches.
 const SIZES: [usize; 2] = [64, 1024];
 
+/// Two ends driven against each other, a batch of messages at a time.
+trait Driven {
+    fn new() -> Self;
+    /// Sends `BATCH` copies of `payload` one way and drives both ends until every one is
+    /// delivered and acknowledged.
+    fn batch(&mut self, payload: &Bytes);
+    /// Messages delivered so far.
+    fn delivered(&self) -> u64;
+}
+
 /// Two channels wired back to back, the way an adapter drives each end, with clocks that advance
 /// only when an ack timer has to fire.
 struct Pair {
@@ -55,7 +65,7 @@ struct Pair {
     delivered: u64,
 }
 
-impl Pair {
+impl Driven for Pair {
     fn new() -> Self {
         let now = Instant::ZERO;
         Pair {
@@ -67,8 +77,11 @@ impl Pair {
         }
     }
 
-    /// Sends `BATCH` copies of `payload` from `a` to `b` and drives both until every one is
-    /// delivered and acknowledged (released from `a`'s send queue).
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// From `a` to `b`; acknowledged means released from `a`'s send queue.
     fn batch(&mut self, payload: &Bytes) {
         for _ in 0..BATCH {
             self.a.send(payload.clone()).expect("room for a batch");
@@ -119,7 +132,7 @@ struct SessionPair {
     delivered: u64,
 }
 
-impl SessionPair {
+impl Driven for SessionPair {
     fn new() -> Self {
         let now = Instant::ZERO;
         let seeded =
@@ -158,6 +171,34 @@ impl SessionPair {
         pair
     }
 
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn batch(&mut self, payload: &Bytes) {
+        for _ in 0..BATCH {
+            self.client
+                .send(0, Mode::Ordered, payload.clone())
+                .expect("room for a batch");
+        }
+        loop {
+            let moved = self.shuttle();
+            while let Some(event) = self.client.poll_event() {
+                black_box(event);
+            }
+            if self.client.channel().sender().queued_messages() == 0 {
+                break;
+            }
+            if !moved {
+                self.now = self.now + Duration::from_millis(6);
+                self.client.handle_timeout(self.now);
+                self.server.handle_timeout(self.now);
+            }
+        }
+    }
+}
+
+impl SessionPair {
     /// Moves bytes both ways until neither end has any to write; true if any moved.
     fn shuttle(&mut self) -> bool {
         let mut moved = false;
@@ -192,30 +233,19 @@ impl SessionPair {
             moved = true;
         }
     }
+}
 
-    /// Sends `BATCH` copies of `payload` from the client and drives both ends until every one is
-    /// delivered and acknowledged.
-    fn batch(&mut self, payload: &Bytes) {
-        for _ in 0..BATCH {
-            self.client
-                .send(0, Mode::Ordered, payload.clone())
-                .expect("room for a batch");
-        }
-        loop {
-            let moved = self.shuttle();
-            while let Some(event) = self.client.poll_event() {
-                black_box(event);
-            }
-            if self.client.channel().sender().queued_messages() == 0 {
-                break;
-            }
-            if !moved {
-                self.now = self.now + Duration::from_millis(6);
-                self.client.handle_timeout(self.now);
-                self.server.handle_timeout(self.now);
-            }
-        }
-    }
+/// The steadfast bench of one driven pair, in `group`.
+fn bench_steadfast<P: Driven>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    size: usize,
+    payload: &Bytes,
+) {
+    group.bench_with_input(BenchmarkId::new("steadfast", size), payload, |b, p| {
+        let mut pair = P::new();
+        b.iter(|| pair.batch(p));
+        assert!(pair.delivered() > 0);
+    });
 }
 
 fn session_path(c: &mut Criterion) {
@@ -223,11 +253,7 @@ fn session_path(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH));
     for size in SIZES {
         let payload = Bytes::from(vec![0xa5; size]);
-        group.bench_with_input(BenchmarkId::new("steadfast", size), &payload, |b, p| {
-            let mut pair = SessionPair::new();
-            b.iter(|| pair.batch(p));
-            assert!(pair.delivered > 0);
-        });
+        bench_steadfast::<SessionPair>(&mut group, size, &payload);
     }
     group.finish();
 }
@@ -237,11 +263,7 @@ fn full_path(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH));
     for size in SIZES {
         let payload = Bytes::from(vec![0xa5; size]);
-        group.bench_with_input(BenchmarkId::new("steadfast", size), &payload, |b, p| {
-            let mut pair = Pair::new();
-            b.iter(|| pair.batch(p));
-            assert!(pair.delivered > 0);
-        });
+        bench_steadfast::<Pair>(&mut group, size, &payload);
         group.bench_with_input(
             BenchmarkId::new("length_delimited", size),
             &payload,
@@ -369,6 +391,14 @@ fn criterion_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/criterion"))
 }
 
+fn run_batches<P: Driven>(batches: u64, payload: &Bytes) {
+    let mut pair = P::new();
+    for _ in 0..batches {
+        pair.batch(payload);
+    }
+    assert_eq!(pair.delivered(), batches * BATCH);
+}
+
 /// A fixed number of batches and nothing else, for instruction counting.
 /// `CORE_BENCH_SIZE` picks one payload size.
 fn fixed_count(batches: u64) {
@@ -379,17 +409,9 @@ fn fixed_count(batches: u64) {
     for size in SIZES.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
         let payload = Bytes::from(vec![0xa5; size]);
         if session {
-            let mut pair = SessionPair::new();
-            for _ in 0..batches {
-                pair.batch(&payload);
-            }
-            assert_eq!(pair.delivered, batches * BATCH);
+            run_batches::<SessionPair>(batches, &payload);
         } else {
-            let mut pair = Pair::new();
-            for _ in 0..batches {
-                pair.batch(&payload);
-            }
-            assert_eq!(pair.delivered, batches * BATCH);
+            run_batches::<Pair>(batches, &payload);
         }
     }
 }

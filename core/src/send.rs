@@ -98,6 +98,21 @@ struct Slot {
     lost: bool,
 }
 
+impl Slot {
+    /// It went on the wire at `now`, as transmission `order` in send order.
+    #[inline]
+    fn on_wire(&mut self, now: Instant, order: u64, conflation: &mut Conflation) {
+        // Once on the wire a value can no longer be replaced.
+        if let Some(k) = self.key.take() {
+            conflation.remove(&(self.stream, k));
+        }
+        self.sent_at = Some(now);
+        self.sent_order = order;
+        self.transmissions = self.transmissions.saturating_add(1);
+        self.lost = false;
+    }
+}
+
 /// What one ack changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AckOutcome {
@@ -393,17 +408,15 @@ impl Sender {
         };
         let base = self.base;
         if let Some(s) = self.slots.get_mut((seq - base) as usize) {
-            // Once on the wire a value can no longer be replaced.
-            if let Some(k) = s.key.take() {
-                self.conflation.remove(&(s.stream, k));
-            }
-            s.sent_at = Some(now);
-            s.sent_order = self.next_order;
-            s.transmissions = s.transmissions.saturating_add(1);
-            s.lost = false;
+            s.on_wire(now, self.next_order, &mut self.conflation);
         }
         self.next_order += 1;
-        // RFC 6298 (5.1): start the timer when data goes out and it is not running.
+        self.start_rto(now);
+    }
+
+    /// RFC 6298 (5.1): start the timer when data goes out and it is not running.
+    #[inline]
+    fn start_rto(&mut self, now: Instant) {
         if self.transport == Transport::Datagram && self.rto_at.is_none() {
             self.rto_at = Some(now + self.rtt.rto_with_backoff(self.rto_backoff));
         }
@@ -442,13 +455,7 @@ impl Sender {
             if !write(&out) {
                 break;
             }
-            if let Some(k) = s.key.take() {
-                self.conflation.remove(&(s.stream, k));
-            }
-            s.sent_at = Some(now);
-            s.sent_order = self.next_order;
-            s.transmissions = s.transmissions.saturating_add(1);
-            s.lost = false;
+            s.on_wire(now, self.next_order, &mut self.conflation);
             self.next_order += 1;
             seq += 1;
         }
@@ -456,9 +463,7 @@ impl Sender {
         if sent > 0 {
             self.next_unsent = seq;
             self.sent_end = self.sent_end.max(seq);
-            if self.transport == Transport::Datagram && self.rto_at.is_none() {
-                self.rto_at = Some(now + self.rtt.rto_with_backoff(self.rto_backoff));
-            }
+            self.start_rto(now);
         }
         sent
     }

@@ -220,6 +220,21 @@ struct Counters {
     rest: Option<Box<SessionCounters>>,
 }
 
+/// Counts one more in an inline `u32`; `true` when it wrapped to 0, and the 2^32 it held must be
+/// carried into the boxed counter.
+fn wrapped(n: &mut u32) -> bool {
+    match n.checked_add(1) {
+        Some(more) => {
+            *n = more;
+            false
+        }
+        None => {
+            *n = 0;
+            true
+        }
+    }
+}
+
 impl Counters {
     /// Adds `n` to the counter `counter` picks; adding nothing makes no box.
     fn add(&mut self, n: u64, counter: impl FnOnce(&mut SessionCounters) -> &mut u64) {
@@ -229,22 +244,14 @@ impl Counters {
     }
 
     fn connected(&mut self) {
-        match self.connects.checked_add(1) {
-            Some(n) => self.connects = n,
-            None => {
-                self.connects = 0;
-                self.add(1 << 32, |c| &mut c.connects);
-            }
+        if wrapped(&mut self.connects) {
+            self.add(1 << 32, |c| &mut c.connects);
         }
     }
 
     fn disconnected(&mut self) {
-        match self.disconnects.checked_add(1) {
-            Some(n) => self.disconnects = n,
-            None => {
-                self.disconnects = 0;
-                self.add(1 << 32, |c| &mut c.disconnects);
-            }
+        if wrapped(&mut self.disconnects) {
+            self.add(1 << 32, |c| &mut c.disconnects);
         }
     }
 
