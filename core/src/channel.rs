@@ -15,7 +15,7 @@ use crate::framing::{self, StreamDataHead, StreamDecoder, WrittenSeqs};
 use crate::liveness::PongBacklog;
 use crate::mode::{Mode, Sent};
 use crate::recv::{Arrival, Receiver};
-use crate::send::{AckOfUnsent, Pushed, SendError, Sender};
+use crate::send::{AckOfUnsent, Outgoing, Pushed, SendError, Sender};
 use crate::stats::{Counters, Rare, Stats};
 use crate::time::{Duration, Instant, earliest};
 use crate::unreliable::{UnreliableReceiver, UnreliableSender};
@@ -164,8 +164,44 @@ impl Events {
     }
 }
 
+/// Writes `out` as a stream data frame carrying `ack`, unless it would take the bytes written
+/// since `start` past `budget` (the first frame always goes); notes it in `written`. Returns whether
+/// it was written.
+// Always: both callers are per-message loops, and a call here costs a tenth of the frame.
+#[inline(always)]
+fn put_stream_data(
+    written: &mut WrittenSeqs,
+    out: &Outgoing<'_>,
+    ack: Option<Seq>,
+    acked_below: Seq,
+    buf: &mut BytesMut,
+    start: usize,
+    budget: usize,
+) -> bool {
+    let so_far = buf.len() - start;
+    let short = written.may_shorten(out.seq, acked_below);
+    let head = StreamDataHead::new(
+        short,
+        out.stream,
+        out.seq,
+        ack,
+        out.unordered,
+        out.payload.len(),
+    );
+    if so_far > 0 && so_far + head.len() > budget {
+        return false;
+    }
+    written.record(out.seq);
+    head.write(out.payload, buf);
+    true
+}
+
 /// Where the data path's events go: the channel's own queue, or straight to its owner.
 pub(crate) trait Sink {
+    /// Whether this is the channel's own queue, where order holds whatever waits there already.
+    fn is_queue(&self) -> bool {
+        false
+    }
     /// A message for the application.
     fn received(&mut self, queue: &mut Events, message: Message);
     /// The cumulative ack point moved to `below`.
@@ -176,6 +212,10 @@ pub(crate) trait Sink {
 struct Queue;
 
 impl Sink for Queue {
+    fn is_queue(&self) -> bool {
+        true
+    }
+
     fn received(&mut self, queue: &mut Events, message: Message) {
         queue.push_back(Event::Received(message));
     }
@@ -465,27 +505,17 @@ impl Channel {
             }
             let Some(out) = self.send.peek() else { break };
             if stream {
-                let short = self.written.may_shorten(out.seq, acked_below);
-                let len = framing::stream_data_frame_len_short(
-                    short,
-                    out.stream,
-                    out.seq,
+                if !put_stream_data(
+                    &mut self.written,
+                    &out,
                     ack,
-                    out.payload.len(),
-                );
-                if written > 0 && written + len > budget {
+                    acked_below,
+                    buf,
+                    start,
+                    budget,
+                ) {
                     break;
                 }
-                self.written.record(out.seq);
-                framing::encode_stream_data_frame_short(
-                    short,
-                    out.stream,
-                    out.seq,
-                    ack,
-                    out.unordered,
-                    out.payload,
-                    buf,
-                );
             } else {
                 framing::encode_datagram_data_frame(
                     out.stream,
@@ -532,21 +562,9 @@ impl Channel {
         let (written_seqs, recv) = (&mut self.written, &mut self.recv);
         let mut piggybacked = 0;
         let sent = self.send.send_fresh(now, |out| {
-            let written = buf.len() - start;
-            let short = written_seqs.may_shorten(out.seq, acked_below);
-            let head = StreamDataHead::new(
-                short,
-                out.stream,
-                out.seq,
-                ack,
-                out.unordered,
-                out.payload.len(),
-            );
-            if written > 0 && written + head.len() > budget {
+            if !put_stream_data(written_seqs, out, ack, acked_below, buf, start, budget) {
                 return false;
             }
-            written_seqs.record(out.seq);
-            head.write(out.payload, buf);
             if ack.take().is_some() {
                 recv.take_piggyback();
                 piggybacked += 1;
@@ -670,13 +688,24 @@ impl Channel {
     /// Takes one decoded frame from the peer. Handshake frames are the session's business and are
     /// ignored here.
     pub fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        self.handle_frame_into(now, frame, &mut Queue);
+    }
+
+    /// As [`Channel::handle_frame`], but a data frame's events (its piggybacked ack's
+    /// `Acknowledged`, the messages it delivers) go to `sink` instead of the event queue: a server
+    /// moves them straight into its own queue. Other frames, and a data frame while events wait in
+    /// the queue (they must come out first), queue theirs.
+    pub(crate) fn handle_frame_into(&mut self, now: Instant, frame: Frame, sink: &mut impl Sink) {
+        if !sink.is_queue() && !self.events.is_empty() {
+            return self.handle_frame(now, frame);
+        }
         let now = self.observe(now);
         if !matches!(self.state, State::Open) {
             return;
         }
         self.stats.frames_received += 1;
         match frame {
-            Frame::Data(d) => self.on_data_frame(now, d, &mut Queue),
+            Frame::Data(d) => self.on_data_frame(now, d, sink),
             Frame::Ack(AckFrame {
                 cumulative,
                 delay_micros,
@@ -712,24 +741,6 @@ impl Channel {
                 self.finish(CloseReason::Peer { code, reason });
             }
             Frame::Pong { .. } | Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) => {}
-        }
-    }
-
-    /// As [`Channel::handle_frame`], but a data frame's events (its piggybacked ack's
-    /// `Acknowledged`, the messages it delivers) go to `sink` instead of the event queue: a server
-    /// moves them straight into its own queue. Other frames, and a data frame while events wait in
-    /// the queue (they must come out first), queue theirs as `handle_frame` does.
-    pub(crate) fn handle_frame_into(&mut self, now: Instant, frame: Frame, sink: &mut impl Sink) {
-        match frame {
-            Frame::Data(d) if self.events.is_empty() => {
-                let now = self.observe(now);
-                if !matches!(self.state, State::Open) {
-                    return;
-                }
-                self.stats.frames_received += 1;
-                self.on_data_frame(now, d, sink);
-            }
-            other => self.handle_frame(now, other),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::mode::{Mode, Sent};
 use crate::send::SendError;
 use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
-    Requests, SessionCounters, SessionEvent, session_event,
+    Requests, SessionCounters, SessionEvent, move_all, session_event,
 };
 use crate::store::{Identity, SessionStore, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
@@ -435,24 +435,18 @@ impl Server {
         // events straight into the server's queue. The first frame that is the server's business
         // (a handshake, a close) and every frame after it wait in `incoming`, in order.
         let id = c.session;
-        let mut session = id.and_then(|id| self.sessions.get_mut(&id));
-        let (events, server_now) = (&mut self.events, self.now);
+        let mut session = id.and_then(|id| Some((id, self.sessions.get_mut(&id)?)));
+        let events = &mut self.events;
         let mut drained = (false, None);
-        c.link
-            .input(now, data, |_, i| match (i, session.as_deref_mut(), id) {
-                (Incoming::Frame(f), Some(s), Some(id)) if incoming.is_empty() && !drained.0 => {
-                    if matches!(
-                        f,
-                        Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) | Frame::Close(_)
-                    ) {
-                        incoming.push(Incoming::Frame(f));
-                        return;
-                    }
-                    let (ended, acknowledged) = deliver_frame(id, s, now, server_now, f, events);
-                    drained = (ended, acknowledged.or(drained.1));
-                }
-                (i, ..) => incoming.push(i),
-            });
+        c.link.input(now, data, |_, i| match (i, &mut session) {
+            (Incoming::Frame(f), Some((id, s)))
+                if incoming.is_empty() && !drained.0 && !is_handshake_or_close(&f) =>
+            {
+                let (ended, acknowledged) = deliver_frame(*id, s, now, f, events);
+                drained = (ended, acknowledged.or(drained.1));
+            }
+            (i, _) => incoming.push(i),
+        });
         if let Some(id) = id
             && drained != (false, None)
         {
@@ -619,7 +613,7 @@ impl Server {
             }
             (frame, Some(id)) => {
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    let drained = deliver_frame(id, s, now, self.now, frame, &mut self.events);
+                    let drained = deliver_frame(id, s, now, frame, &mut self.events);
                     self.after_drain(id, drained);
                 }
             }
@@ -1119,11 +1113,11 @@ impl Server {
             }
             let timers = &mut self.timers;
             let deadline = conn_deadline(c, self.config.handshake_timeout);
-            rearm(timers, Key::Conn(conn), c.timer, &mut c.armed, deadline);
+            rearm(timers, c.timer, &mut c.armed, deadline);
             // Writing may arm the session's timers (a datagram retransmission timeout).
-            if let (Some(id), Some(s)) = (c.session, session) {
+            if let Some(s) = session {
                 let deadline = session_deadline(s, self.config.retention);
-                rearm(timers, Key::Session(id), s.timer, &mut s.armed, deadline);
+                rearm(timers, s.timer, &mut s.armed, deadline);
             }
             if len > 0 {
                 return Some(Transmit {
@@ -1140,13 +1134,7 @@ impl Server {
     /// of them, in one bulk move where no session store must hear of them one by one.
     pub fn take_events(&mut self, into: &mut VecDeque<ServerEvent>) {
         if self.stores.is_none() {
-            if into.is_empty() {
-                // Queues traded, not copied: the usual case, the application keeping up.
-                core::mem::swap(into, &mut self.events);
-            } else {
-                into.append(&mut self.events);
-            }
-            return;
+            return move_all(&mut self.events, into);
         }
         while let Some(e) = self.poll_event() {
             into.push_back(e);
@@ -1481,24 +1469,12 @@ impl Server {
         };
         queue(&mut self.ready, conn, c);
         let deadline = conn_deadline(c, self.config.handshake_timeout);
-        rearm(
-            &mut self.timers,
-            Key::Conn(conn),
-            c.timer,
-            &mut c.armed,
-            deadline,
-        );
+        rearm(&mut self.timers, c.timer, &mut c.armed, deadline);
         if let Some(id) = c.session
             && let Some(s) = self.sessions.get_mut(&id)
         {
             let deadline = session_deadline(s, self.config.retention);
-            rearm(
-                &mut self.timers,
-                Key::Session(id),
-                s.timer,
-                &mut s.armed,
-                deadline,
-            );
+            rearm(&mut self.timers, s.timer, &mut s.armed, deadline);
         }
     }
 
@@ -1513,22 +1489,10 @@ impl Server {
             };
             queue(&mut self.ready, conn, c);
             let deadline = conn_deadline(c, self.config.handshake_timeout);
-            rearm(
-                &mut self.timers,
-                Key::Conn(conn),
-                c.timer,
-                &mut c.armed,
-                deadline,
-            );
+            rearm(&mut self.timers, c.timer, &mut c.armed, deadline);
         }
         let deadline = session_deadline(s, self.config.retention);
-        rearm(
-            &mut self.timers,
-            Key::Session(id),
-            s.timer,
-            &mut s.armed,
-            deadline,
-        );
+        rearm(&mut self.timers, s.timer, &mut s.armed, deadline);
     }
 
     /// Queues `conn` for [`Server::poll_transmit`], unless it waits there already.
@@ -1558,13 +1522,13 @@ impl Server {
             Key::Conn(conn) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     let deadline = conn_deadline(c, self.config.handshake_timeout);
-                    rearm(&mut self.timers, key, c.timer, &mut c.armed, deadline);
+                    rearm(&mut self.timers, c.timer, &mut c.armed, deadline);
                 }
             }
             Key::Session(id) => {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     let deadline = session_deadline(s, self.config.retention);
-                    rearm(&mut self.timers, key, s.timer, &mut s.armed, deadline);
+                    rearm(&mut self.timers, s.timer, &mut s.armed, deadline);
                 }
             }
         }
@@ -1627,15 +1591,21 @@ fn session_deadline(s: &Session, retention: Duration) -> Option<Instant> {
     )
 }
 
-/// Moves a session's channel events to the server's queue as session events; returns whether the
-/// session ended and the acknowledgement point they moved to, if it moved.
+/// A frame that is the server's business rather than the session channel's: `on_frame` decides
+/// what becomes of it.
+fn is_handshake_or_close(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) | Frame::Close(_)
+    )
+}
+
 /// Hands one frame to a session's channel; the events it makes go into the server's queue, the
 /// data path's without a stop in the channel's own queue. Returns what [`drain_events`] returns.
 fn deliver_frame(
     id: SessionId,
     s: &mut Session,
     now: Instant,
-    server_now: Instant,
     frame: Frame,
     events: &mut VecDeque<ServerEvent>,
 ) -> (bool, Option<Seq>) {
@@ -1650,10 +1620,7 @@ fn deliver_frame(
     };
     channel.handle_frame_into(now, frame, &mut sink);
     let acknowledged = sink.acknowledged;
-    if !s.channel.has_events() {
-        return (false, acknowledged);
-    }
-    let (ended, later) = drain_events(id, s, server_now, events);
+    let (ended, later) = drain_events(id, s, now, events);
     (ended, later.or(acknowledged))
 }
 
@@ -1688,12 +1655,20 @@ impl Sink for SessionSink<'_> {
     }
 }
 
+/// Moves a session's channel events to the server's queue as session events; returns whether the
+/// session ended and the acknowledgement point they moved to, if it moved.
+// Always: asked after every frame, where it mostly finds nothing.
+#[inline(always)]
 fn drain_events(
     id: SessionId,
     s: &mut Session,
     now: Instant,
     events: &mut VecDeque<ServerEvent>,
 ) -> (bool, Option<Seq>) {
+    // Asked after every frame, and the data path's events no longer wait in the channel.
+    if !s.channel.has_events() {
+        return (false, None);
+    }
     let mut ended = false;
     let mut acknowledged = None;
     while let Some(e) = s.channel.poll_event() {
@@ -1726,19 +1701,12 @@ fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
     }
 }
 
-/// Moves `key`'s entry in the timer set (in `slot`) from its armed deadline (kept on its entity) to
-/// `new`.
-fn rearm(
-    timers: &mut Timers,
-    key: Key,
-    slot: TimerSlot,
-    armed: &mut Option<Instant>,
-    new: Option<Instant>,
-) {
+/// Moves the entry of `slot` (whose key it holds for life) in the timer set from its armed
+/// deadline (kept on its entity) to `new`.
+fn rearm(timers: &mut Timers, slot: TimerSlot, armed: &mut Option<Instant>, new: Option<Instant>) {
     if *armed == new {
         return;
     }
-    debug_assert_eq!(timers.key(slot), key, "a slot serves one key for its life");
     *armed = new;
     timers.set(slot, new);
 }
@@ -2190,7 +2158,7 @@ mod tests {
                         if let Some(new) = new {
                             model.insert((new, *key));
                         }
-                        rearm(&mut timers, *key, *slot, armed, new);
+                        rearm(&mut timers, *slot, armed, new);
                     }
                     3 if !live.is_empty() => {
                         let (key, slot, armed) = live.swap_remove(pick % live.len());
