@@ -1308,34 +1308,21 @@ fn main() {
                 .map_or(f64::NAN, |(_, v)| *v)
         };
         println!("\n  ratios of medians (goal):");
-        println!(
-            "    64 B   steadfast / Framed<LengthDelimited>  {:.2}  (>= 1.0)",
-            get(Kind::Steadfast, SMALL) / get(Kind::Framed, SMALL)
-        );
-        println!(
-            "    64 B   batch calls / Framed<LengthDelimited> {:.2}  (>= 1.0)",
-            get(Kind::Batched, SMALL) / get(Kind::Framed, SMALL)
-        );
-        println!(
-            "    64 B   server->client batch / Framed         {:.2}",
-            get(Kind::Down, SMALL) / get(Kind::Framed, SMALL)
-        );
-        println!(
-            "    64 B   steadfast / rumqttc QoS 1            {:.1}  (>= 10)",
-            get(Kind::Steadfast, SMALL) / get(Kind::Mqtt, SMALL)
-        );
-        println!(
-            "    64 B   steadfast / raw TCP + BufWriter      {:.3}",
-            get(Kind::Steadfast, SMALL) / get(Kind::Raw, SMALL)
-        );
-        println!(
-            "    64 KiB steadfast / raw TCP + BufWriter      {:.2}  (>= 0.9)",
-            get(Kind::Steadfast, LARGE) / get(Kind::Raw, LARGE)
-        );
-        println!(
-            "    64 KiB steadfast / Framed<LengthDelimited>  {:.2}",
-            get(Kind::Steadfast, LARGE) / get(Kind::Framed, LARGE)
-        );
+        // (label, ours, theirs, size, decimals, goal): the output keeps each row's own format.
+        #[rustfmt::skip]
+        let ratios = [
+            ("64 B   steadfast / Framed<LengthDelimited> ", Kind::Steadfast, Kind::Framed, SMALL, 2, "  (>= 1.0)"),
+            ("64 B   batch calls / Framed<LengthDelimited>", Kind::Batched, Kind::Framed, SMALL, 2, "  (>= 1.0)"),
+            ("64 B   server->client batch / Framed        ", Kind::Down, Kind::Framed, SMALL, 2, ""),
+            ("64 B   steadfast / rumqttc QoS 1           ", Kind::Steadfast, Kind::Mqtt, SMALL, 1, "  (>= 10)"),
+            ("64 B   steadfast / raw TCP + BufWriter     ", Kind::Steadfast, Kind::Raw, SMALL, 3, ""),
+            ("64 KiB steadfast / raw TCP + BufWriter     ", Kind::Steadfast, Kind::Raw, LARGE, 2, "  (>= 0.9)"),
+            ("64 KiB steadfast / Framed<LengthDelimited> ", Kind::Steadfast, Kind::Framed, LARGE, 2, ""),
+        ];
+        for (label, ours, theirs, size, decimals, goal) in ratios {
+            let ratio = get(ours, size) / get(theirs, size);
+            println!("    {label} {ratio:.decimals$}{goal}");
+        }
     }
 
     if settings.wants("wire") {
