@@ -16,7 +16,7 @@
 //!
 //! For instruction counts, `CORE_BENCH_BATCHES=<n>` skips criterion and runs `n` full-path batches
 //! of each size (and as many codec batches), so `valgrind --tool=callgrind` sees a fixed amount of
-//! work (`CORE_BENCH_SIZE=64` for one size; `CORE_BENCH_PATH=session` for the session path): `CORE_BENCH_BATCHES=200 valgrind --tool=callgrind target/release/deps/core-<hash> --bench`.
+//! work (`CORE_BENCH_SIZE=64` for one size; `CORE_BENCH_PATH=session` for the session path, `codec` for the codec's batches): `CORE_BENCH_BATCHES=200 valgrind --tool=callgrind target/release/deps/core-<hash> --bench`.
 //!
 //! Run: `cargo bench -p steadfast-core --bench core`. After criterion's own report, the bench prints
 //! the ratio of steadfast's full-path throughput to `LengthDelimitedCodec`'s, from the medians
@@ -119,6 +119,42 @@ impl Driven for Pair {
                 self.b.handle_timeout(self.now);
             }
         }
+    }
+}
+
+/// The baseline: tokio-util's `LengthDelimitedCodec` encoding a batch and decoding it again.
+struct Codec {
+    codec: LengthDelimitedCodec,
+    wire: BytesMut,
+    delivered: u64,
+}
+
+impl Driven for Codec {
+    fn new() -> Self {
+        Codec {
+            codec: LengthDelimitedCodec::new(),
+            wire: BytesMut::with_capacity(128 << 10),
+            delivered: 0,
+        }
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn batch(&mut self, payload: &Bytes) {
+        for _ in 0..BATCH {
+            self.codec
+                .encode(payload.clone(), &mut self.wire)
+                .expect("encodes");
+        }
+        let mut n = 0;
+        while let Some(frame) = self.codec.decode(&mut self.wire).expect("decodes") {
+            black_box(&frame);
+            n += 1;
+        }
+        assert_eq!(n, BATCH);
+        self.delivered += n;
     }
 }
 
@@ -268,19 +304,8 @@ fn full_path(c: &mut Criterion) {
             BenchmarkId::new("length_delimited", size),
             &payload,
             |b, p| {
-                let mut codec = LengthDelimitedCodec::new();
-                let mut wire = BytesMut::with_capacity(128 << 10);
-                b.iter(|| {
-                    for _ in 0..BATCH {
-                        codec.encode(p.clone(), &mut wire).expect("encodes");
-                    }
-                    let mut n = 0;
-                    while let Some(frame) = codec.decode(&mut wire).expect("decodes") {
-                        black_box(&frame);
-                        n += 1;
-                    }
-                    assert_eq!(n, BATCH);
-                });
+                let mut codec = Codec::new();
+                b.iter(|| codec.batch(p));
             },
         );
     }
@@ -405,13 +430,13 @@ fn fixed_count(batches: u64) {
     let only: Option<usize> = std::env::var("CORE_BENCH_SIZE")
         .ok()
         .and_then(|v| v.parse().ok());
-    let session = std::env::var("CORE_BENCH_PATH").is_ok_and(|p| p == "session");
+    let path = std::env::var("CORE_BENCH_PATH");
     for size in SIZES.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
         let payload = Bytes::from(vec![0xa5; size]);
-        if session {
-            run_batches::<SessionPair>(batches, &payload);
-        } else {
-            run_batches::<Pair>(batches, &payload);
+        match path.as_deref() {
+            Ok("session") => run_batches::<SessionPair>(batches, &payload),
+            Ok("codec") => run_batches::<Codec>(batches, &payload),
+            _ => run_batches::<Pair>(batches, &payload),
         }
     }
 }

@@ -137,10 +137,14 @@ pub struct Channel {
 pub(crate) struct Events(Option<Box<VecDeque<Event>>>);
 
 impl Events {
+    // Inlined, an event is built where it is stored; passed to a call, it is stored field by field
+    // and read back whole, a stall on every message.
+    #[inline(always)]
     fn push_back(&mut self, event: Event) {
         self.0.get_or_insert_with(Box::default).push_back(event);
     }
 
+    #[inline]
     fn pop_front(&mut self) -> Option<Event> {
         self.0.as_mut()?.pop_front()
     }
@@ -192,7 +196,7 @@ fn put_stream_data(
         return false;
     }
     written.record(out.seq);
-    head.write(out.payload, buf);
+    head.write_in_place(out.payload, buf);
     true
 }
 
@@ -208,6 +212,26 @@ pub(crate) trait Sink {
     fn acknowledged(&mut self, queue: &mut Events, below: Seq);
 }
 
+/// A receiver's deliveries, as [`Sink::received`] events.
+struct ToSink<'a, S> {
+    sink: &'a mut S,
+    events: &'a mut Events,
+}
+
+impl<S: Sink> crate::recv::Deliver for ToSink<'_, S> {
+    #[inline(always)]
+    fn deliver(&mut self, stream: u64, seq: Seq, payload: Bytes) {
+        self.sink.received(
+            self.events,
+            Message {
+                stream,
+                seq,
+                payload,
+            },
+        );
+    }
+}
+
 /// The channel's own queue.
 struct Queue;
 
@@ -216,6 +240,7 @@ impl Sink for Queue {
         true
     }
 
+    #[inline(always)]
     fn received(&mut self, queue: &mut Events, message: Message) {
         queue.push_back(Event::Received(message));
     }
@@ -390,13 +415,26 @@ impl Channel {
                     .get_or_insert_with(|| Box::new(StreamDecoder::new(limits)))
                     .feed_bytes(data);
                 while let Some(decoder) = self.decoder.as_mut() {
-                    match decoder.next_frame() {
-                        Ok(Some(frame)) => self.handle_frame(now, frame),
+                    let frame = match decoder.next_delimited() {
+                        Ok(Some(frame)) => frame,
                         Ok(None) => break,
                         Err(e) => {
                             self.violation(e.into());
                             break;
                         }
+                    };
+                    // A data frame goes from the decoder to the receiver field by field: built
+                    // into a `Frame` it would be copied twice more on the way.
+                    let decoded = if frame.first().copied().is_some_and(framing::is_data) {
+                        decoder
+                            .decode_data(frame)
+                            .map(|d| self.handle_data_into(now, d, &mut Queue))
+                    } else {
+                        decoder.decode(frame).map(|f| self.handle_frame(now, f))
+                    };
+                    if let Err(e) = decoded {
+                        self.violation(e.into());
+                        break;
                     }
                     if !matches!(self.state, State::Open) {
                         break;
@@ -578,6 +616,9 @@ impl Channel {
     }
 
     /// The next event for the application.
+    // Inlined into the caller, the event is read from the queue where the caller wants it; a
+    // call would copy it out through memory on every message.
+    #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -688,24 +729,20 @@ impl Channel {
     /// Takes one decoded frame from the peer. Handshake frames are the session's business and are
     /// ignored here.
     pub fn handle_frame(&mut self, now: Instant, frame: Frame) {
-        self.handle_frame_into(now, frame, &mut Queue);
+        match frame {
+            Frame::Data(d) => self.handle_data_into(now, d, &mut Queue),
+            other => self.handle_control(now, other),
+        }
     }
 
-    /// As [`Channel::handle_frame`], but a data frame's events (its piggybacked ack's
-    /// `Acknowledged`, the messages it delivers) go to `sink` instead of the event queue: a server
-    /// moves them straight into its own queue. Other frames, and a data frame while events wait in
-    /// the queue (they must come out first), queue theirs.
-    pub(crate) fn handle_frame_into(&mut self, now: Instant, frame: Frame, sink: &mut impl Sink) {
-        if !sink.is_queue() && !self.events.is_empty() {
-            return self.handle_frame(now, frame);
-        }
+    /// Every frame but data.
+    fn handle_control(&mut self, now: Instant, frame: Frame) {
         let now = self.observe(now);
         if !matches!(self.state, State::Open) {
             return;
         }
         self.stats.frames_received += 1;
         match frame {
-            Frame::Data(d) => self.on_data_frame(now, d, sink),
             Frame::Ack(AckFrame {
                 cumulative,
                 delay_micros,
@@ -740,12 +777,37 @@ impl Channel {
                 self.state = State::Closed;
                 self.finish(CloseReason::Peer { code, reason });
             }
-            Frame::Pong { .. } | Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse(_) => {}
+            Frame::Data(_)
+            | Frame::Pong { .. }
+            | Frame::Hello(_)
+            | Frame::Welcome(_)
+            | Frame::Refuse(_) => {}
         }
+    }
+
+    /// As [`Channel::handle_frame`] with a data frame, whose events (its piggybacked ack's
+    /// `Acknowledged`, the messages it delivers) go to `sink`: a server moves them straight into
+    /// its own queue. While events wait in the channel's queue they go there too, after them.
+    ///
+    /// Apart from `handle_frame` so that the decoder's fields reach the receiver without a
+    /// [`Frame`] built around them.
+    #[inline(always)]
+    pub(crate) fn handle_data_into(&mut self, now: Instant, d: DataFrame, sink: &mut impl Sink) {
+        if !sink.is_queue() && !self.events.is_empty() {
+            return self.handle_data_into(now, d, &mut Queue);
+        }
+        let now = self.observe(now);
+        if !matches!(self.state, State::Open) {
+            return;
+        }
+        self.stats.frames_received += 1;
+        self.on_data_frame(now, d, sink);
     }
 
     /// A data frame: its ack, then its message. A violation closes the channel, queuing
     /// [`Event::Closed`] in `self.events`; nothing after it reaches `sink`.
+    // Always: its one caller hands it the frame's fields in registers.
+    #[inline(always)]
     fn on_data_frame(&mut self, now: Instant, d: DataFrame, sink: &mut impl Sink) {
         if let Some(cumulative) = d.ack {
             if let Some(below) = self.on_ack(now, cumulative, &[], Duration::ZERO) {
@@ -769,16 +831,7 @@ impl Channel {
             d.seq,
             d.unordered,
             d.payload,
-            &mut |stream, seq, payload| {
-                sink.received(
-                    events,
-                    Message {
-                        stream,
-                        seq,
-                        payload,
-                    },
-                )
-            },
+            &mut ToSink { sink, events },
         );
         match arrival {
             Arrival::Duplicate => self.stats.add(Rare::DuplicatesReceived, 1),

@@ -408,6 +408,7 @@ impl Client {
         self.counters.malformed_datagrams += link.malformed() - malformed;
         for inc in frames.drain(..) {
             match inc {
+                Incoming::Data(d) => self.on_frame(now, Frame::Data(d)),
                 Incoming::Frame(frame) => self.on_frame(now, frame),
                 Incoming::Broken(e) => {
                     self.disconnect_due = true;
@@ -589,18 +590,29 @@ impl Client {
     }
 
     /// The next event for the application.
+    // Inlined, the event is read from the queue where the caller wants it (see
+    // `Channel::poll_event`).
+    #[inline]
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         let event = self.events.pop_front()?;
-        if matches!(
-            event,
-            SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
-        ) && let Some(store) = self.store.as_mut()
+        if self.store.is_some()
+            && matches!(
+                event,
+                SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
+            )
         {
-            // Nothing in it will be needed again; a failure here costs nothing the event lacks.
-            let _ = store.clear().and_then(|()| store.flush());
-            self.store = None;
+            self.clear_store();
         }
         Some(event)
+    }
+
+    /// The session is over: nothing in its store will be needed again; a failure here costs
+    /// nothing the event lacks.
+    #[cold]
+    fn clear_store(&mut self) {
+        if let Some(mut store) = self.store.take() {
+            let _ = store.clear().and_then(|()| store.flush());
+        }
     }
 
     /// When [`Client::handle_timeout`] or [`Client::poll_directive`] next has work to do.

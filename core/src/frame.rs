@@ -707,6 +707,7 @@ impl DataFrame {
 
     /// Writes a data frame's header into `out` and returns its length; `short` writes the sequence
     /// number as its low 16 bits (the `N` flag: streams only).
+    #[inline(always)]
     pub(crate) fn write_header(
         stream: u64,
         seq: Seq,

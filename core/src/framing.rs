@@ -204,21 +204,27 @@ pub fn encode_stream_data_frame_short<B: BufMut>(
     head.len()
 }
 
-/// A stream data frame's length prefix and header, assembled on the stack before anything is
-/// written: its size is known first (for a write budget), and it is copied out once.
+/// A stream data frame's length prefix and header, measured before anything is written (for a
+/// write budget), then written.
 pub(crate) struct StreamDataHead {
-    bytes: [u8; StreamDataHead::PREFIX + DataFrame::MAX_HEADER_LEN],
-    start: usize,
-    end: usize,
-    payload_len: usize,
+    short: bool,
+    stream: u64,
+    seq: Seq,
+    ack: Option<Seq>,
+    unordered: bool,
+    /// The header and the payload: the value of the length prefix.
+    frame_len: usize,
+    /// The bytes of the length prefix.
+    prefix: usize,
 }
 
 impl StreamDataHead {
-    /// Room for the longest length prefix, before the header.
-    const PREFIX: usize = 8;
+    /// The longest length prefix and header.
+    const MAX_LEN: usize = 8 + DataFrame::MAX_HEADER_LEN;
 
     /// The head of a frame carrying `payload_len` bytes, as [`encode_stream_data_frame_short`]
     /// writes it.
+    #[inline(always)]
     pub(crate) fn new(
         short: bool,
         stream: u64,
@@ -227,30 +233,60 @@ impl StreamDataHead {
         unordered: bool,
         payload_len: usize,
     ) -> Self {
-        const PREFIX: usize = StreamDataHead::PREFIX;
-        let mut bytes = [0u8; PREFIX + DataFrame::MAX_HEADER_LEN];
-        let header_len =
-            DataFrame::write_header(stream, seq, short, ack, unordered, &mut bytes[PREFIX..]);
-        let frame_len = len_u64(header_len + payload_len);
-        let prefix = varint::encoded_len(frame_len);
-        varint::write(frame_len, &mut bytes[PREFIX - prefix..]);
+        let mut header_len = DataFrame::header_len(stream, seq, ack);
+        if short {
+            header_len = header_len - varint::encoded_len(seq) + 2;
+        }
+        let frame_len = header_len + payload_len;
         StreamDataHead {
-            bytes,
-            start: PREFIX - prefix,
-            end: PREFIX + header_len,
-            payload_len,
+            short,
+            stream,
+            seq,
+            ack,
+            unordered,
+            frame_len,
+            prefix: varint::encoded_len(len_u64(frame_len)),
         }
     }
 
     /// The whole frame's bytes on the wire, length prefix included.
+    #[inline(always)]
     pub(crate) fn len(&self) -> usize {
-        self.end - self.start + self.payload_len
+        self.prefix + self.frame_len
     }
 
-    /// Writes the head, then `payload` (the `payload_len` bytes it was made for).
+    /// Writes the length prefix and the header at the front of `out`; returns their length.
+    #[inline(always)]
+    fn fill(&self, out: &mut [u8]) -> usize {
+        varint::write(len_u64(self.frame_len), out);
+        self.prefix
+            + DataFrame::write_header(
+                self.stream,
+                self.seq,
+                self.short,
+                self.ack,
+                self.unordered,
+                &mut out[self.prefix..],
+            )
+    }
+
+    /// Writes the head, then `payload` (the bytes it was made for).
     pub(crate) fn write<B: BufMut>(&self, payload: &[u8], buf: &mut B) {
-        debug_assert_eq!(payload.len(), self.payload_len);
-        buf.put_slice(&self.bytes[self.start..self.end]);
+        let mut head = [0; Self::MAX_LEN];
+        let n = self.fill(&mut head);
+        buf.put_slice(&head[..n]);
+        buf.put_slice(payload);
+    }
+
+    /// As [`StreamDataHead::write`], the head written in place: assembled on the stack and copied
+    /// out, its bytes would be read back before they are stored, a stall on every frame.
+    #[inline(always)]
+    pub(crate) fn write_in_place(&self, payload: &[u8], buf: &mut BytesMut) {
+        let at = buf.len();
+        // A fixed-size zeroing is a few stores in line; a variable one is a call to `memset`.
+        buf.extend_from_slice(&[0; Self::MAX_LEN]);
+        let n = self.fill(&mut buf[at..]);
+        buf.truncate(at + n);
         buf.put_slice(payload);
     }
 }
@@ -264,11 +300,7 @@ pub fn stream_data_frame_len_short(
     ack: Option<Seq>,
     payload_len: usize,
 ) -> usize {
-    let mut frame_len = DataFrame::header_len(stream, seq, ack) + payload_len;
-    if short {
-        frame_len = frame_len - varint::encoded_len(seq) + 2;
-    }
-    varint::encoded_len(len_u64(frame_len)) + frame_len
+    StreamDataHead::new(short, stream, seq, ack, false, payload_len).len()
 }
 
 /// Cuts a byte stream from a stream transport into frames.
@@ -407,15 +439,55 @@ impl StreamDecoder {
     /// the decoder.
     #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        match self.next_delimited()? {
+            Some(frame) => self.decode(frame).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next complete frame's bytes (after its length prefix), not yet decoded: give them to
+    /// [`StreamDecoder::decode`], or a data frame's to [`StreamDecoder::decode_data`].
+    ///
+    /// The two steps are apart so that a caller can take a data frame's fields straight from
+    /// `decode_data` into its own locals: a [`Frame`] built and moved on costs a stalled copy of
+    /// its 128 bytes at every step.
+    #[inline]
+    pub(crate) fn next_delimited(&mut self) -> Result<Option<Bytes>, DecodeError> {
         if let Some(e) = self.poisoned.as_deref().copied() {
             return Err(e);
         }
-        // Returned as it came, not rebuilt in a match: a frame is moved once less.
-        let next = self.decode_next();
+        let next = self.delimit();
         if let Err(e) = &next {
             self.poison(*e);
         }
         next
+    }
+
+    /// Decodes a frame [`StreamDecoder::next_delimited`] returned.
+    pub(crate) fn decode(&mut self, frame: Bytes) -> Result<Frame, DecodeError> {
+        match frame.first() {
+            Some(&first) if is_data(first) => self.decode_data(frame).map(Frame::Data),
+            _ => Frame::decode(frame, &self.limits).inspect_err(|e| self.poison(*e)),
+        }
+    }
+
+    /// Decodes a data frame [`StreamDecoder::next_delimited`] returned (its first byte passed
+    /// [`is_data`]), filling in a sequence number left implicit.
+    #[inline(always)]
+    pub(crate) fn decode_data(&mut self, mut frame: Bytes) -> Result<DataFrame, DecodeError> {
+        let first = frame.first().copied().unwrap_or_default();
+        // Advanced in place: a `slice` would cost a reference count up and down.
+        frame.advance(1);
+        match DataFrame::decode_body(first, self.largest_seq, frame) {
+            Ok(data) => {
+                self.largest_seq = Some(self.largest_seq.map_or(data.seq, |l| l.max(data.seq)));
+                Ok(data)
+            }
+            Err(e) => {
+                self.poison(e);
+                Err(e)
+            }
+        }
     }
 
     /// Keeps `e` for every later call and lets go of what was buffered.
@@ -483,7 +555,7 @@ impl StreamDecoder {
     }
 
     #[inline]
-    fn decode_next(&mut self) -> Result<Option<Frame>, DecodeError> {
+    fn delimit(&mut self) -> Result<Option<Bytes>, DecodeError> {
         if !self.preface_done {
             if self.carried() == 0 && self.chunk.len() >= PREFACE.len() {
                 // The common case, the whole preface in the first chunk: checked in place.
@@ -518,7 +590,7 @@ impl StreamDecoder {
                     } else {
                         self.chunk.split_to(len)
                     };
-                    return self.decode_frame(frame).map(Some);
+                    return Ok(Some(frame));
                 }
                 Front::Need(total) => {
                     if !self.chunk.is_empty() {
@@ -540,29 +612,20 @@ impl StreamDecoder {
                         return Ok(None);
                     };
                     c.partial.advance(prefix);
-                    let frame = c.partial.split_to(len).freeze();
-                    return self.decode_frame(frame).map(Some);
+                    return Ok(Some(c.partial.split_to(len).freeze()));
                 }
                 Front::Need(_) if self.chunk.is_empty() => return Ok(None),
                 Front::Need(total) => self.top_up(total),
             }
         }
     }
+}
 
-    /// Decodes one delimited frame, filling in a sequence number left implicit.
-    #[inline]
-    fn decode_frame(&mut self, mut frame: Bytes) -> Result<Frame, DecodeError> {
-        let first = frame.first().copied().unwrap_or_default();
-        if first & !0x0f == 0 && !frame.is_empty() {
-            // Advanced in place: a `slice` would cost a reference count up and down.
-            frame.advance(1);
-            // A data frame, the common case: decoded here, knowing the connection's numbers.
-            let data = DataFrame::decode_body(first, self.largest_seq, frame)?;
-            self.largest_seq = Some(self.largest_seq.map_or(data.seq, |l| l.max(data.seq)));
-            return Ok(Frame::Data(data));
-        }
-        Frame::decode(frame, &self.limits)
-    }
+/// Whether a delimited frame starting with `first` is a data frame, the common case, which
+/// [`StreamDecoder::decode_data`] decodes.
+#[inline(always)]
+pub(crate) fn is_data(first: u8) -> bool {
+    first & !0x0f == 0
 }
 
 /// Bytes a datagram spends before its frame: the version and the checksum.

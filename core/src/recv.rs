@@ -24,6 +24,22 @@ use crate::config::{Config, RecvRanges};
 use crate::frame::{AckFrame, AckRanges};
 use crate::time::{Instant, Span, micros};
 
+/// Where [`Receiver::on_data`] hands the messages due to the application: any
+/// `FnMut(stream, seq, payload)`, or a type of the caller's whose method is inlined into the
+/// receiver's fast path (a closure's call may not be, and then the payload is stored and loaded
+/// back on every message).
+pub trait Deliver {
+    /// The message numbered `seq` on `stream` is due.
+    fn deliver(&mut self, stream: u64, seq: Seq, payload: Bytes);
+}
+
+impl<F: FnMut(u64, Seq, Bytes)> Deliver for F {
+    #[inline(always)]
+    fn deliver(&mut self, stream: u64, seq: Seq, payload: Bytes) {
+        self(stream, seq, payload);
+    }
+}
+
 /// What became of one arriving data frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrival {
@@ -109,6 +125,9 @@ impl Receiver {
     /// Takes one data frame; calls `deliver(stream, seq, payload)` for each message now due to the
     /// application, in the order they are due. An `unordered` message is due on arrival; an ordered
     /// one once every earlier sequence number has arrived.
+    // Always: a healthy path's every arrival takes the first branch, and inlined it hands the
+    // payload on in registers, where a call would store it and load it back.
+    #[inline(always)]
     pub fn on_data(
         &mut self,
         now: Instant,
@@ -116,22 +135,35 @@ impl Receiver {
         seq: Seq,
         unordered: bool,
         payload: Bytes,
-        deliver: &mut impl FnMut(u64, Seq, Bytes),
+        deliver: &mut impl Deliver,
     ) -> Arrival {
         if seq == self.watermark && self.above.is_empty() && self.reorder.is_empty() {
-            // A healthy path's every arrival: the next one, with nothing above it. What the general
-            // path below does for it, without its lookups.
-            deliver(stream, seq, payload);
+            // The next one, with nothing above it: what `on_data_general` does for it, without
+            // its lookups.
+            deliver.deliver(stream, seq, payload);
             self.watermark += 1;
             self.ack.note(now, false);
             return Arrival::Delivered;
         }
+        self.on_data_general(now, stream, seq, unordered, payload, deliver)
+    }
+
+    /// [`Receiver::on_data`] for any arrival.
+    fn on_data_general(
+        &mut self,
+        now: Instant,
+        stream: u64,
+        seq: Seq,
+        unordered: bool,
+        payload: Bytes,
+        deliver: &mut impl Deliver,
+    ) -> Arrival {
         if seq < self.watermark || self.above.contains(seq) {
             // Our ack was lost or is late: tell the sender again, promptly, so it stops resending.
             self.ack.note(now, true);
             #[cfg(feature = "canary")]
             if self.canary == Some(crate::canary::Canary::SkipDedup) {
-                deliver(stream, seq, payload);
+                deliver.deliver(stream, seq, payload);
             }
             return Arrival::Duplicate;
         }
@@ -168,14 +200,14 @@ impl Receiver {
             self.reorder[i] = Some((stream, payload));
             Arrival::Buffered
         } else {
-            deliver(stream, seq, payload);
+            deliver.deliver(stream, seq, payload);
             Arrival::Delivered
         }
     }
 
     /// Delivers the watermark's message, then everything contiguous after it.
-    fn advance(&mut self, stream: u64, payload: Bytes, deliver: &mut impl FnMut(u64, Seq, Bytes)) {
-        deliver(stream, self.watermark, payload);
+    fn advance(&mut self, stream: u64, payload: Bytes, deliver: &mut impl Deliver) {
+        deliver.deliver(stream, self.watermark, payload);
         self.step_watermark(deliver);
         while let Some(end) = self.above.pop_if_starts_at(self.watermark) {
             while self.watermark < end {
@@ -186,10 +218,10 @@ impl Receiver {
 
     /// Moves the watermark up by one. The reorder buffer's front slot is the current watermark's, so
     /// it leaves with it, delivering its payload if one was buffered there.
-    fn step_watermark(&mut self, deliver: &mut impl FnMut(u64, Seq, Bytes)) {
+    fn step_watermark(&mut self, deliver: &mut impl Deliver) {
         if let Some(Some((stream, payload))) = self.reorder.pop_front() {
             self.reorder_bytes -= payload.len();
-            deliver(stream, self.watermark, payload);
+            deliver.deliver(stream, self.watermark, payload);
         }
         self.watermark += 1;
     }

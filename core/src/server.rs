@@ -438,14 +438,20 @@ impl Server {
         let mut session = id.and_then(|id| Some((id, self.sessions.get_mut(&id)?)));
         let events = &mut self.events;
         let mut drained = (false, None);
-        c.link.input(now, data, |_, i| match (i, &mut session) {
-            (Incoming::Frame(f), Some((id, s)))
-                if incoming.is_empty() && !drained.0 && !is_handshake_or_close(&f) =>
-            {
-                let (ended, acknowledged) = deliver_frame(*id, s, now, f, events);
-                drained = (ended, acknowledged.or(drained.1));
-            }
-            (i, _) => incoming.push(i),
+        c.link.input(now, data, |_, i| {
+            let fast = incoming.is_empty() && !drained.0;
+            let (ended, acknowledged) = match (i, &mut session) {
+                (Incoming::Data(d), Some((id, s))) if fast => {
+                    deliver(*id, s, now, events, |c, sink| {
+                        c.handle_data_into(now, d, sink)
+                    })
+                }
+                (Incoming::Frame(f), Some((id, s))) if fast && !is_handshake_or_close(&f) => {
+                    deliver(*id, s, now, events, |c, _| c.handle_frame(now, f))
+                }
+                (i, _) => return incoming.push(i),
+            };
+            drained = (ended, acknowledged.or(drained.1));
         });
         if let Some(id) = id
             && drained != (false, None)
@@ -464,6 +470,7 @@ impl Server {
         }
         for i in incoming.drain(..) {
             match i {
+                Incoming::Data(d) => self.on_frame(now, conn, Frame::Data(d)),
                 Incoming::Frame(f) => self.on_frame(now, conn, f),
                 Incoming::Broken(e) => {
                     self.drop_conn(now, conn, DisconnectCause::Decode(e));
@@ -613,7 +620,9 @@ impl Server {
             }
             (frame, Some(id)) => {
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    let drained = deliver_frame(id, s, now, frame, &mut self.events);
+                    let drained = deliver(id, s, now, &mut self.events, |c, _| {
+                        c.handle_frame(now, frame)
+                    });
                     self.after_drain(id, drained);
                 }
             }
@@ -1142,21 +1151,30 @@ impl Server {
     }
 
     /// The next event for the application.
+    // Inlined, the event is read from the queue where the caller wants it (see
+    // `Channel::poll_event`).
+    #[inline]
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         let event = self.events.pop_front()?;
+        if self.stores.is_some() {
+            self.consumed(&event);
+        }
+        Some(event)
+    }
+
+    /// With shared stores, a message handed to the application is recorded as consumed: another
+    /// server taking the session over does not hand it out again. Not flushed on its own: losing
+    /// it in a crash costs one flagged redelivery, and the next durability point flushes it
+    /// anyway. A fenced store says so at that next point.
+    fn consumed(&mut self, event: &ServerEvent) {
         if let ServerEvent::Session {
             session,
             event: SessionEvent::Received(m) | SessionEvent::Redelivered(m),
-        } = &event
+        } = event
         {
-            // Handed to the application: with a shared store, another server taking the session
-            // over does not hand it out again. Not flushed on its own: losing it in a crash costs
-            // one flagged redelivery, and the next durability point flushes it anyway. A fenced
-            // store says so at that next point.
             let (id, seq) = (*session, m.seq);
             let _ = self.record(id, false, |s| s.consumed(seq));
         }
-        Some(event)
     }
 
     /// When [`Server::handle_timeout`] next has work to do.
@@ -1600,14 +1618,16 @@ fn is_handshake_or_close(frame: &Frame) -> bool {
     )
 }
 
-/// Hands one frame to a session's channel; the events it makes go into the server's queue, the
-/// data path's without a stop in the channel's own queue. Returns what [`drain_events`] returns.
-fn deliver_frame(
+/// Hands one frame to a session's channel (`hand` gives it to the channel, with a sink for a data
+/// frame's events); the events it makes go into the server's queue, the data path's without a stop
+/// in the channel's own queue. Returns what [`drain_events`] returns.
+#[inline(always)]
+fn deliver(
     id: SessionId,
     s: &mut Session,
     now: Instant,
-    frame: Frame,
     events: &mut VecDeque<ServerEvent>,
+    hand: impl FnOnce(&mut Channel, &mut SessionSink<'_>),
 ) -> (bool, Option<Seq>) {
     let Session {
         channel, requests, ..
@@ -1618,7 +1638,7 @@ fn deliver_frame(
         events,
         acknowledged: None,
     };
-    channel.handle_frame_into(now, frame, &mut sink);
+    hand(channel, &mut sink);
     let acknowledged = sink.acknowledged;
     let (ended, later) = drain_events(id, s, now, events);
     (ended, later.or(acknowledged))
@@ -1634,6 +1654,7 @@ struct SessionSink<'a> {
 }
 
 impl Sink for SessionSink<'_> {
+    #[inline(always)]
     fn received(&mut self, _: &mut Events, message: Message) {
         let event = if message.stream < REPLY_STREAM {
             SessionEvent::Received(message)

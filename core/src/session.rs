@@ -19,6 +19,7 @@ use crate::Seq;
 use crate::channel::Channel;
 use crate::config::Transport;
 use crate::event::{CloseReason, Event, Message};
+use crate::frame::DataFrame;
 use crate::frame::{DecodeError, DecodeLimits, Frame};
 use crate::framing::{self, StreamDecoder};
 use crate::identity::SessionId;
@@ -506,7 +507,10 @@ impl Outbox {
     reason = "lives briefly on the stack between decoding and handling, like Frame itself"
 )]
 pub(crate) enum Incoming {
-    /// A frame for the session layer or the channel.
+    /// A data frame, for the channel: apart from [`Incoming::Frame`] because it is decoded without
+    /// a [`Frame`] built around it (see [`StreamDecoder::next_delimited`]).
+    Data(DataFrame),
+    /// Any other frame, for the session layer or the channel.
     Frame(Frame),
     /// The bytes did not decode: the connection is unusable.
     Broken(DecodeError),
@@ -577,28 +581,35 @@ impl Link {
                 decoder.feed_bytes(data);
                 let mut heard = false;
                 loop {
-                    let next = match &mut self.framing {
-                        Framing::Stream(d) => d.next_frame(),
-                        Framing::Datagram { .. } => return,
+                    let Framing::Stream(d) = &mut self.framing else {
+                        return;
+                    };
+                    let next = match d.next_delimited() {
+                        Ok(Some(frame)) if frame.first().copied().is_some_and(framing::is_data) => {
+                            d.decode_data(frame).map(Incoming::Data)
+                        }
+                        Ok(Some(frame)) => d.decode(frame).map(Incoming::Frame),
+                        Ok(None) => return,
+                        Err(e) => Err(e),
                     };
                     match next {
-                        Ok(Some(frame)) => {
+                        Ok(incoming) => {
                             // Every frame of one read arrived at the same `now`: once is enough.
                             if !heard {
                                 self.liveness.on_receive(now);
                                 heard = true;
                             }
-                            // Looked at in place: most frames are data, and moving one in and
-                            // out of `intercept` costs more than this test.
-                            if matches!(frame, Frame::Ping { .. } | Frame::Pong { .. }) {
-                                if let Some(frame) = self.intercept(now, frame) {
-                                    on(self, Incoming::Frame(frame));
+                            match incoming {
+                                Incoming::Frame(
+                                    frame @ (Frame::Ping { .. } | Frame::Pong { .. }),
+                                ) => {
+                                    if let Some(frame) = self.intercept(now, frame) {
+                                        on(self, Incoming::Frame(frame));
+                                    }
                                 }
-                            } else {
-                                on(self, Incoming::Frame(frame));
+                                other => on(self, other),
                             }
                         }
-                        Ok(None) => return,
                         Err(e) => {
                             on(self, Incoming::Broken(e));
                             return;
