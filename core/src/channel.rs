@@ -141,7 +141,7 @@ impl Events {
     // and read back whole, a stall on every message.
     #[inline(always)]
     fn push_back(&mut self, event: Event) {
-        self.0.get_or_insert_with(Box::default).push_back(event);
+        crate::queue::push_back(self.0.get_or_insert_with(Box::default), event);
     }
 
     #[inline]

@@ -19,7 +19,7 @@ use crate::reconnect::{GaveUp, ReconnectPolicy, Reconnector};
 use crate::send::SendError;
 use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
-    Requests, SessionCounters, SessionEvent, move_all, session_event,
+    Requests, SessionCounters, SessionEvent, session_event,
 };
 use crate::store::{Identity, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
@@ -582,7 +582,7 @@ impl Client {
     /// all of them, in one bulk move where no store must hear of the session's end.
     pub fn take_events(&mut self, into: &mut VecDeque<SessionEvent>) {
         if self.store.is_none() {
-            return move_all(&mut self.events, into);
+            return crate::queue::move_all(&mut self.events, into);
         }
         while let Some(e) = self.poll_event() {
             into.push_back(e);

@@ -674,6 +674,8 @@ impl DataFrame {
     /// Decodes what follows a data frame's first byte; `largest` is the largest sequence number
     /// decoded on the connection, around which a short one (the `N` flag) is expanded, `None`
     /// where the flag is not allowed.
+    // Always: a call returns the frame through memory, stored field by field and read back whole.
+    #[inline(always)]
     pub(crate) fn decode_body(
         first: u8,
         largest: Option<Seq>,

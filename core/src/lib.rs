@@ -42,6 +42,7 @@ pub mod framing;
 pub mod identity;
 pub mod liveness;
 pub mod mode;
+mod queue;
 pub mod ranges;
 pub mod reconnect;
 pub mod recv;

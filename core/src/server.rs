@@ -24,7 +24,7 @@ use crate::mode::{Mode, Sent};
 use crate::send::SendError;
 use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
-    Requests, SessionCounters, SessionEvent, move_all, session_event,
+    Requests, SessionCounters, SessionEvent, session_event,
 };
 use crate::store::{Identity, SessionStore, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
@@ -1143,7 +1143,7 @@ impl Server {
     /// of them, in one bulk move where no session store must hear of them one by one.
     pub fn take_events(&mut self, into: &mut VecDeque<ServerEvent>) {
         if self.stores.is_none() {
-            return move_all(&mut self.events, into);
+            return crate::queue::move_all(&mut self.events, into);
         }
         while let Some(e) = self.poll_event() {
             into.push_back(e);
@@ -1656,15 +1656,21 @@ struct SessionSink<'a> {
 impl Sink for SessionSink<'_> {
     #[inline(always)]
     fn received(&mut self, _: &mut Events, message: Message) {
-        let event = if message.stream < REPLY_STREAM {
-            SessionEvent::Received(message)
+        let session = self.id;
+        if message.stream < REPLY_STREAM {
+            // Built in place, past the only call (see `queue::push_back`).
+            crate::queue::push_back(
+                self.events,
+                ServerEvent::Session {
+                    session,
+                    event: SessionEvent::Received(message),
+                },
+            );
         } else {
-            session_event(Event::Received(message), self.requests)
-        };
-        self.events.push_back(ServerEvent::Session {
-            session: self.id,
-            event,
-        });
+            let event = session_event(Event::Received(message), self.requests);
+            self.events
+                .push_back(ServerEvent::Session { session, event });
+        }
     }
 
     fn acknowledged(&mut self, _: &mut Events, below: Seq) {

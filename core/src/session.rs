@@ -8,7 +8,7 @@
 //! the first round trip of the new connection.
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
@@ -380,16 +380,6 @@ impl Requests {
         if self.0.as_ref().is_some_and(|p| p.by_seq.is_empty()) {
             self.0 = None;
         }
-    }
-}
-
-/// Moves everything in `from` to the back of `into`, in order: the two queues traded rather than
-/// copied when `into` is empty (the usual case, the application keeping up).
-pub(crate) fn move_all<T>(from: &mut VecDeque<T>, into: &mut VecDeque<T>) {
-    if into.is_empty() {
-        core::mem::swap(into, from);
-    } else {
-        into.append(from);
     }
 }
 

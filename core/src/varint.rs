@@ -113,8 +113,9 @@ fn read(bytes: &[u8]) -> u64 {
 }
 
 /// Writes `v` in its shortest form at the start of `out` and returns how many bytes that took:
-/// the same bytes as [`encode`], for callers that assemble a header on the stack and copy it out
-/// once. `out` must have room for [`encoded_len`]`(v)` bytes.
+/// the same bytes as [`encode`], for callers that write a header into a slice.
+/// `out` must have room for [`encoded_len`]`(v)` bytes.
+#[inline]
 pub(crate) fn write(v: u64, out: &mut [u8]) -> usize {
     debug_assert!(v <= MAX, "varint value above varint::MAX");
     let v = v & MAX;
