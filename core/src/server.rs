@@ -1655,19 +1655,20 @@ struct SessionSink<'a> {
 
 impl Sink for SessionSink<'_> {
     #[inline(always)]
-    fn received(&mut self, _: &mut Events, message: Message) {
+    fn received(&mut self, _: &mut Events, stream: u64, seq: Seq, payload: Bytes) {
         let session = self.id;
-        if message.stream < REPLY_STREAM {
-            // Built in place, past the only call (see `queue::push_back`).
-            crate::queue::push_back(
-                self.events,
-                ServerEvent::Session {
-                    session,
-                    event: SessionEvent::Received(message),
-                },
-            );
+        let message = || Message {
+            stream,
+            seq,
+            payload,
+        };
+        if stream < REPLY_STREAM {
+            self.events.push_back(ServerEvent::Session {
+                session,
+                event: SessionEvent::Received(message()),
+            });
         } else {
-            let event = session_event(Event::Received(message), self.requests);
+            let event = session_event(Event::Received(message()), self.requests);
             self.events
                 .push_back(ServerEvent::Session { session, event });
         }
