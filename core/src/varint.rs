@@ -102,7 +102,8 @@ pub fn decode<B: Buf>(buf: &mut B) -> Result<u64, DecodeError> {
 }
 
 /// The value of a whole varint, `bytes` being exactly its 1, 2, 4 or 8 bytes.
-fn read(bytes: &[u8]) -> u64 {
+#[inline]
+pub(crate) fn read(bytes: &[u8]) -> u64 {
     match *bytes {
         [a] => u64::from(a),
         [a, b] => u64::from(u16::from_be_bytes([a & 0x3f, b])),
