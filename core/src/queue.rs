@@ -99,10 +99,14 @@ impl<T> Ring<T> {
     }
 }
 
-/// Moves everything in `from` to the back of `into`, in order: the two queues traded rather than
-/// copied when `into` is empty (the usual case, the application keeping up).
+/// Moves everything in `from` to the back of `into`, in order, copying whichever queue is shorter:
+/// when `into` holds fewer, they go to the front of `from` and the two queues trade (with `into`
+/// empty, the usual case, nothing is copied at all).
 pub(crate) fn move_all<T>(from: &mut VecDeque<T>, into: &mut VecDeque<T>) {
-    if into.is_empty() {
+    if into.len() < from.len() {
+        while let Some(value) = into.pop_back() {
+            from.push_front(value);
+        }
         core::mem::swap(into, from);
     } else {
         into.append(from);
@@ -152,13 +156,20 @@ mod tests {
     }
 
     #[test]
-    fn moving_all_keeps_the_order_whether_or_not_the_destination_is_empty() {
+    fn moving_all_keeps_the_order_whichever_queue_is_shorter() {
         let mut from: VecDeque<u32> = (0..3).collect();
         let mut into = VecDeque::new();
         move_all(&mut from, &mut into);
         assert!(from.is_empty());
-        let mut more: VecDeque<u32> = (3..5).collect();
-        move_all(&mut more, &mut into);
+        // Fewer to move than `into` holds: appended.
+        let mut fewer: VecDeque<u32> = (3..5).collect();
+        move_all(&mut fewer, &mut into);
         assert!(into.iter().copied().eq(0..5));
+        assert!(fewer.is_empty());
+        // More to move than `into` holds: `into`'s go to their front, and the queues trade.
+        let mut more: VecDeque<u32> = (5..20).collect();
+        move_all(&mut more, &mut into);
+        assert!(into.iter().copied().eq(0..20));
+        assert!(more.is_empty());
     }
 }
