@@ -79,7 +79,7 @@ impl<T> Ring<T> {
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
-        self.resize((2 * self.slots.len()).max(8));
+        self.resize((2 * self.slots.len()).max(4));
     }
 
     /// The same values in order, in `cap` slots from the first.
