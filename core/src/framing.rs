@@ -458,7 +458,7 @@ impl StreamDecoder {
         // the general path's.
         if let [first, ..] = self.chunk[..]
             && first >> 7 == 0
-            && self.carry.is_none()
+            && self.carried() == 0
             && self.preface_done
         {
             let prefix = 1usize << (first >> 6);
