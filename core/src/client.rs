@@ -19,7 +19,7 @@ use crate::reconnect::{GaveUp, ReconnectPolicy, Reconnector};
 use crate::send::SendError;
 use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
-    Requests, SessionCounters, SessionEvent, session_event,
+    Requests, SessionCounters, SessionEvent, SessionSink, session_event,
 };
 use crate::store::{Identity, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
@@ -404,7 +404,17 @@ impl Client {
         // the input path does not allocate.
         let mut frames = core::mem::take(&mut self.scratch);
         let malformed = link.malformed();
-        link.input(now, data, |_, inc| frames.push(inc));
+        // Data frames go straight to the channel, and their events straight into the session's
+        // queue, while nothing waits in `frames` before them. Only without a store: with one, an
+        // ack is made durable before the application hears of it (`drain_channel`).
+        let fast = self.store.is_none();
+        let (channel, events, requests) = (&mut self.channel, &mut self.events, &mut self.requests);
+        link.input(now, data, |link, inc| match inc {
+            Incoming::Data(d) if fast && link.established && frames.is_empty() => {
+                channel.handle_data_into(now, d, &mut SessionSink::new(&mut *events, requests));
+            }
+            other => frames.push(other),
+        });
         self.counters.malformed_datagrams += link.malformed() - malformed;
         for inc in frames.drain(..) {
             match inc {

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
 
 use crate::Seq;
-use crate::channel::{Channel, Events, Sink};
+use crate::channel::Channel;
 use crate::config::{Config, ConfigError};
 use crate::event::{Event, Message};
 use crate::frame::{DecodeLimits, Frame, HelloFrame, RefuseFrame, WelcomeFrame};
@@ -24,7 +24,7 @@ use crate::mode::{Mode, Sent};
 use crate::send::SendError;
 use crate::session::{
     DisconnectCause, Entropy, HeldClose, Incoming, Link, LostReason, REPLY_STREAM, RefuseCode,
-    Requests, SessionCounters, SessionEvent, session_event,
+    Requests, SessionCounters, SessionEvent, SessionQueue, SessionSink, session_event,
 };
 use crate::store::{Identity, SessionStore, Store, StoreError, Stored};
 use crate::tiebreak::{Arbiter, Role};
@@ -1627,58 +1627,30 @@ fn deliver(
     s: &mut Session,
     now: Instant,
     events: &mut VecDeque<ServerEvent>,
-    hand: impl FnOnce(&mut Channel, &mut SessionSink<'_>),
+    hand: impl FnOnce(&mut Channel, &mut SessionSink<'_, ToServer<'_>>),
 ) -> (bool, Option<Seq>) {
     let Session {
         channel, requests, ..
     } = s;
-    let mut sink = SessionSink {
-        id,
-        requests,
-        events,
-        acknowledged: None,
-    };
+    let mut sink = SessionSink::new(ToServer { id, events }, requests);
     hand(channel, &mut sink);
     let acknowledged = sink.acknowledged;
     let (ended, later) = drain_events(id, s, now, events);
     (ended, later.or(acknowledged))
 }
 
-/// A session's data-path events, made straight into the server's queue.
-struct SessionSink<'a> {
+/// A session's events, as the server's: wrapped with the session's id.
+struct ToServer<'a> {
     id: SessionId,
-    requests: &'a mut Requests,
     events: &'a mut VecDeque<ServerEvent>,
-    /// The newest cumulative ack point it heard of.
-    acknowledged: Option<Seq>,
 }
 
-impl Sink for SessionSink<'_> {
+impl SessionQueue for ToServer<'_> {
     #[inline(always)]
-    fn received(&mut self, _: &mut Events, stream: u64, seq: Seq, payload: Bytes) {
-        let session = self.id;
-        let message = || Message {
-            stream,
-            seq,
-            payload,
-        };
-        if stream < REPLY_STREAM {
-            self.events.push_back(ServerEvent::Session {
-                session,
-                event: SessionEvent::Received(message()),
-            });
-        } else {
-            let event = session_event(Event::Received(message()), self.requests);
-            self.events
-                .push_back(ServerEvent::Session { session, event });
-        }
-    }
-
-    fn acknowledged(&mut self, _: &mut Events, below: Seq) {
-        self.acknowledged = Some(below);
+    fn push(&mut self, event: SessionEvent) {
         self.events.push_back(ServerEvent::Session {
             session: self.id,
-            event: SessionEvent::Acknowledged { below },
+            event,
         });
     }
 }

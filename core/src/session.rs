@@ -8,7 +8,7 @@
 //! the first round trip of the new connection.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
@@ -16,7 +16,7 @@ use core::fmt;
 use bytes::{Bytes, BytesMut};
 
 use crate::Seq;
-use crate::channel::Channel;
+use crate::channel::{Channel, Events, Sink};
 use crate::config::Transport;
 use crate::event::{CloseReason, Event, Message};
 use crate::frame::DataFrame;
@@ -380,6 +380,60 @@ impl Requests {
         if self.0.as_ref().is_some_and(|p| p.by_seq.is_empty()) {
             self.0 = None;
         }
+    }
+}
+
+/// Where a session's events go: the client's queue, or the server's (with the session's id).
+pub(crate) trait SessionQueue {
+    /// Appends `event`.
+    fn push(&mut self, event: SessionEvent);
+}
+
+impl SessionQueue for &mut VecDeque<SessionEvent> {
+    #[inline(always)]
+    fn push(&mut self, event: SessionEvent) {
+        self.push_back(event);
+    }
+}
+
+/// A channel's data-path events made straight into a session queue, without a stop in the
+/// channel's own queue (see [`Channel::handle_data_into`]).
+pub(crate) struct SessionSink<'a, Q> {
+    queue: Q,
+    requests: &'a mut Requests,
+    /// The newest cumulative ack point it heard of.
+    pub(crate) acknowledged: Option<Seq>,
+}
+
+impl<'a, Q: SessionQueue> SessionSink<'a, Q> {
+    pub(crate) fn new(queue: Q, requests: &'a mut Requests) -> Self {
+        SessionSink {
+            queue,
+            requests,
+            acknowledged: None,
+        }
+    }
+}
+
+impl<Q: SessionQueue> Sink for SessionSink<'_, Q> {
+    #[inline(always)]
+    fn received(&mut self, _: &mut Events, stream: u64, seq: Seq, payload: Bytes) {
+        let message = Message {
+            stream,
+            seq,
+            payload,
+        };
+        let event = if stream < REPLY_STREAM {
+            SessionEvent::Received(message)
+        } else {
+            session_event(Event::Received(message), self.requests)
+        };
+        self.queue.push(event);
+    }
+
+    fn acknowledged(&mut self, _: &mut Events, below: Seq) {
+        self.acknowledged = Some(below);
+        self.queue.push(SessionEvent::Acknowledged { below });
     }
 }
 
