@@ -427,7 +427,7 @@ impl Channel {
                     };
                     // A data frame goes from the decoder to the receiver field by field: built
                     // into a `Frame` it would be copied twice more on the way.
-                    let decoded = if frame.first().copied().is_some_and(framing::is_data) {
+                    let decoded = if framing::is_data(&frame) {
                         decoder
                             .decode_data(frame)
                             .map(|d| self.handle_data_into(now, d, &mut Queue))

@@ -453,22 +453,13 @@ impl StreamDecoder {
     /// its 128 bytes at every step.
     #[inline(always)]
     pub(crate) fn next_delimited(&mut self) -> Result<Option<Bytes>, DecodeError> {
-        // A busy connection's every frame, in line: whole in the current chunk behind a one- or
-        // two-byte length prefix, with nothing carried over. Anything else, errors included, is
-        // the general path's.
-        if let [first, ..] = self.chunk[..]
-            && first >> 7 == 0
-            && self.carried() == 0
+        // A busy connection's every frame, in line: whole in the current chunk, with nothing
+        // carried over. Anything else, errors included, is the general path's.
+        if self.carried() == 0
             && self.preface_done
+            && let Ok(Front::Whole { prefix, len }) = self.front(&self.chunk)
         {
-            let prefix = 1usize << (first >> 6);
-            if let Some(bytes) = self.chunk.get(..prefix) {
-                let len = varint::read(bytes) as usize;
-                if len != 0 && len <= self.limits.max_frame_size && self.chunk.len() - prefix >= len
-                {
-                    return Ok(Some(self.cut(prefix, len)));
-                }
-            }
+            return Ok(Some(self.cut(prefix, len)));
         }
         self.next_delimited_general()
     }
@@ -487,13 +478,14 @@ impl StreamDecoder {
 
     /// Decodes a frame [`StreamDecoder::next_delimited`] returned.
     pub(crate) fn decode(&mut self, frame: Bytes) -> Result<Frame, DecodeError> {
-        match frame.first() {
-            Some(&first) if is_data(first) => self.decode_data(frame).map(Frame::Data),
-            _ => Frame::decode(frame, &self.limits).inspect_err(|e| self.poison(*e)),
+        if is_data(&frame) {
+            self.decode_data(frame).map(Frame::Data)
+        } else {
+            Frame::decode(frame, &self.limits).inspect_err(|e| self.poison(*e))
         }
     }
 
-    /// Decodes a data frame [`StreamDecoder::next_delimited`] returned (its first byte passed
+    /// Decodes a data frame [`StreamDecoder::next_delimited`] returned (one that passed
     /// [`is_data`]), filling in a sequence number left implicit.
     #[inline(always)]
     pub(crate) fn decode_data(&mut self, mut frame: Bytes) -> Result<DataFrame, DecodeError> {
@@ -527,15 +519,12 @@ impl StreamDecoder {
     }
 
     /// The length prefix at the front of `buf`, checked against the limits.
+    #[inline(always)]
     fn front(&self, buf: &[u8]) -> Result<Front, DecodeError> {
-        let Some(&first) = buf.first() else {
-            return Ok(Front::Need(1));
+        let (prefix, len) = match length_prefix(buf) {
+            Ok(p) => p,
+            Err(need) => return Ok(Front::Need(need)),
         };
-        let prefix = 1usize << (first >> 6);
-        if buf.len() < prefix {
-            return Ok(Front::Need(prefix));
-        }
-        let len = varint::decode(&mut &buf[..prefix])?;
         if len == 0 {
             return Err(DecodeError::Empty);
         }
@@ -649,11 +638,24 @@ impl StreamDecoder {
     }
 }
 
-/// Whether a delimited frame starting with `first` is a data frame, the common case, which
+/// Whether a delimited `frame` is a data frame, the common case, which
 /// [`StreamDecoder::decode_data`] decodes.
 #[inline(always)]
-pub(crate) fn is_data(first: u8) -> bool {
-    first & !0x0f == 0
+pub(crate) fn is_data(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|first| first & !0x0f == 0)
+}
+
+/// The length prefix at the front of `buf`: how many bytes it takes and the frame length it
+/// gives, or `Err(n)` while fewer than the `n` bytes it takes are there.
+#[inline(always)]
+pub(crate) fn length_prefix(buf: &[u8]) -> Result<(usize, u64), usize> {
+    let Some(&first) = buf.first() else {
+        return Err(1);
+    };
+    let prefix = 1usize << (first >> 6);
+    buf.get(..prefix)
+        .map(|bytes| (prefix, varint::read(bytes)))
+        .ok_or(prefix)
 }
 
 /// Bytes a datagram spends before its frame: the version and the checksum.

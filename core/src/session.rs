@@ -423,12 +423,7 @@ impl<Q: SessionQueue> Sink for SessionSink<'_, Q> {
             seq,
             payload,
         };
-        let event = if stream < REPLY_STREAM {
-            SessionEvent::Received(message)
-        } else {
-            session_event(Event::Received(message), self.requests)
-        };
-        self.queue.push(event);
+        self.queue.push(received_event(message, self.requests));
     }
 
     fn acknowledged(&mut self, _: &mut Events, below: Seq) {
@@ -437,18 +432,25 @@ impl<Q: SessionQueue> Sink for SessionSink<'_, Q> {
     }
 }
 
+/// A message the channel delivered, as the application sees it: a reply to one of this end's
+/// requests, or a message.
+#[inline(always)]
+fn received_event(m: Message, requests: &mut Requests) -> SessionEvent {
+    if m.stream < REPLY_STREAM {
+        return SessionEvent::Received(m);
+    }
+    let to = m.stream - REPLY_STREAM;
+    requests.answered(to);
+    SessionEvent::Reply {
+        to,
+        payload: m.payload,
+    }
+}
+
 /// Turns a channel event into the session event the application sees.
 pub(crate) fn session_event(event: Event, requests: &mut Requests) -> SessionEvent {
     match event {
-        Event::Received(m) if m.stream >= REPLY_STREAM => {
-            let to = m.stream - REPLY_STREAM;
-            requests.answered(to);
-            SessionEvent::Reply {
-                to,
-                payload: m.payload,
-            }
-        }
-        Event::Received(m) => SessionEvent::Received(m),
+        Event::Received(m) => received_event(m, requests),
         Event::ReceivedUnreliable { stream, payload } => {
             SessionEvent::ReceivedUnreliable { stream, payload }
         }
@@ -629,7 +631,7 @@ impl Link {
                         return;
                     };
                     let next = match d.next_delimited() {
-                        Ok(Some(frame)) if frame.first().copied().is_some_and(framing::is_data) => {
+                        Ok(Some(frame)) if framing::is_data(&frame) => {
                             d.decode_data(frame).map(Incoming::Data)
                         }
                         Ok(Some(frame)) => d.decode(frame).map(Incoming::Frame),

@@ -114,11 +114,8 @@ impl Boundary {
                 return None;
             }
             self.prefix_len = 0;
-            let mut field = &self.prefix[..need];
             // A prefix the decoder will refuse: what follows is its business, not the reader's.
-            let len = crate::varint::decode(&mut field)
-                .ok()
-                .and_then(|l| usize::try_from(l).ok())
+            let len = usize::try_from(crate::varint::read(&self.prefix[..need]))
                 .unwrap_or(usize::MAX - 8);
             self.total = need + len;
             self.skip = len;
@@ -142,15 +139,10 @@ impl Boundary {
     /// prefix in place: a saturated link of small frames has hundreds per read. Stops at the first
     /// frame that is not all there (or is empty), for [`Boundary::follow`] to take from there.
     fn step_whole_frames(&mut self, bytes: &[u8], mut at: usize) -> usize {
-        while let Some(&first) = bytes.get(at) {
-            let need = 1usize << (first >> 6);
-            let Some(mut field) = bytes.get(at..at + need) else {
-                break;
-            };
-            let Some(len) = crate::varint::decode(&mut field)
-                .ok()
-                .and_then(|l| usize::try_from(l).ok())
-            else {
+        while let Ok((need, len)) =
+            crate::framing::length_prefix(bytes.get(at..).unwrap_or_default())
+        {
+            let Ok(len) = usize::try_from(len) else {
                 break;
             };
             if len == 0 || len > bytes.len() - at - need {
