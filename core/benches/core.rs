@@ -55,6 +55,33 @@ trait Driven {
     fn delivered(&self) -> u64;
 }
 
+/// Two ends joined in memory, the sender waiting for its acks.
+trait Joined {
+    /// Moves bytes both ways and takes both ends' events; whether any bytes moved.
+    fn shuttle(&mut self) -> bool;
+    /// Whether everything sent is acknowledged.
+    fn settled(&self) -> bool;
+    /// Moves the clock on to the delayed-ack timer and fires both ends' timers.
+    fn jump_to_ack_timer(&mut self);
+}
+
+/// Past the default delayed-ack timer.
+const ACK_TIMER: Duration = Duration::from_millis(6);
+
+/// Drives `pair` until everything sent is acknowledged. The last few arrivals wait for the
+/// delayed-ack timer: when nothing moved, the clock jumps to it.
+fn settle(pair: &mut impl Joined) {
+    loop {
+        let moved = pair.shuttle();
+        if pair.settled() {
+            break;
+        }
+        if !moved {
+            pair.jump_to_ack_timer();
+        }
+    }
+}
+
 /// Two channels wired back to back, the way an adapter drives each end, with clocks that advance
 /// only when an ack timer has to fire.
 struct Pair {
@@ -86,39 +113,45 @@ impl Driven for Pair {
         for _ in 0..BATCH {
             self.a.send(payload.clone()).expect("room for a batch");
         }
-        loop {
-            let mut moved = false;
-            // Room for a whole batch before writing, as an adapter's write buffer would have: a
-            // batch that outgrows the buffer midway is copied to a new one.
-            self.buf.reserve(BATCH_ROOM);
-            while let Some(n) = self.a.poll_transmit(self.now, &mut self.buf) {
-                self.b.handle_input(self.now, self.buf.split_to(n).freeze());
-                moved = true;
-            }
-            while let Some(event) = self.b.poll_event() {
-                if let Event::Received(m) = event {
-                    black_box(&m.payload);
-                    self.delivered += 1;
-                }
-            }
-            self.buf.reserve(BATCH_ROOM);
-            while let Some(n) = self.b.poll_transmit(self.now, &mut self.buf) {
-                self.a.handle_input(self.now, self.buf.split_to(n).freeze());
-                moved = true;
-            }
-            while let Some(event) = self.a.poll_event() {
-                black_box(event);
-            }
-            if self.a.sender().queued_messages() == 0 {
-                break;
-            }
-            if !moved {
-                // The last few arrivals wait for the delayed-ack timer: jump to it.
-                self.now = self.now + Duration::from_millis(6);
-                self.a.handle_timeout(self.now);
-                self.b.handle_timeout(self.now);
+        settle(self);
+    }
+}
+
+impl Joined for Pair {
+    fn shuttle(&mut self) -> bool {
+        let mut moved = false;
+        // Room for a whole batch before writing, as an adapter's write buffer would have: a batch
+        // that outgrows the buffer midway is copied to a new one.
+        self.buf.reserve(BATCH_ROOM);
+        while let Some(n) = self.a.poll_transmit(self.now, &mut self.buf) {
+            self.b.handle_input(self.now, self.buf.split_to(n).freeze());
+            moved = true;
+        }
+        while let Some(event) = self.b.poll_event() {
+            if let Event::Received(m) = event {
+                black_box(&m.payload);
+                self.delivered += 1;
             }
         }
+        self.buf.reserve(BATCH_ROOM);
+        while let Some(n) = self.b.poll_transmit(self.now, &mut self.buf) {
+            self.a.handle_input(self.now, self.buf.split_to(n).freeze());
+            moved = true;
+        }
+        while let Some(event) = self.a.poll_event() {
+            black_box(event);
+        }
+        moved
+    }
+
+    fn settled(&self) -> bool {
+        self.a.sender().queued_messages() == 0
+    }
+
+    fn jump_to_ack_timer(&mut self) {
+        self.now = self.now + ACK_TIMER;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
     }
 }
 
@@ -198,7 +231,7 @@ impl Driven for SessionPair {
         };
         pair.server.on_connection(now, 0);
         pair.client.on_connected(now);
-        pair.shuttle();
+        pair.move_bytes();
         let mut connected = false;
         while let Some(e) = pair.client.poll_event() {
             connected |= matches!(e, SessionEvent::Connected { .. });
@@ -217,26 +250,33 @@ impl Driven for SessionPair {
                 .send(0, Mode::Ordered, payload.clone())
                 .expect("room for a batch");
         }
-        loop {
-            let moved = self.shuttle();
-            while let Some(event) = self.client.poll_event() {
-                black_box(event);
-            }
-            if self.client.channel().sender().queued_messages() == 0 {
-                break;
-            }
-            if !moved {
-                self.now = self.now + Duration::from_millis(6);
-                self.client.handle_timeout(self.now);
-                self.server.handle_timeout(self.now);
-            }
+        settle(self);
+    }
+}
+
+impl Joined for SessionPair {
+    fn shuttle(&mut self) -> bool {
+        let moved = self.move_bytes();
+        while let Some(event) = self.client.poll_event() {
+            black_box(event);
         }
+        moved
+    }
+
+    fn settled(&self) -> bool {
+        self.client.channel().sender().queued_messages() == 0
+    }
+
+    fn jump_to_ack_timer(&mut self) {
+        self.now = self.now + ACK_TIMER;
+        self.client.handle_timeout(self.now);
+        self.server.handle_timeout(self.now);
     }
 }
 
 impl SessionPair {
     /// Moves bytes both ways until neither end has any to write; true if any moved.
-    fn shuttle(&mut self) -> bool {
+    fn move_bytes(&mut self) -> bool {
         let mut moved = false;
         loop {
             let mut again = false;
