@@ -154,6 +154,8 @@ struct Run {
     stats: Option<(Stats, Stats)>,
     /// Messages sent that never arrived (only the MQTT peer loses any).
     lost: u64,
+    /// CPU time the whole process spent on the run, all threads, both ends.
+    cpu: Option<Duration>,
 }
 
 impl Run {
@@ -164,6 +166,29 @@ impl Run {
     fn mb_per_sec(&self) -> f64 {
         self.rate() * self.size as f64 / 1e6
     }
+}
+
+/// CPU time this process's threads have run so far, from the kernel's per-thread accounting
+/// (nanoseconds, unlike `getrusage`'s ticks); `None` off Linux.
+fn cpu_time() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            // A thread that ended between the listing and the read.
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// Runs `run`, recording the CPU time the process spent on it.
+fn timed_cpu(run: impl FnOnce() -> Run) -> Run {
+    let before = cpu_time();
+    let mut r = run();
+    r.cpu = cpu_time().zip(before).map(|(after, before)| after - before);
+    r
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -1200,6 +1225,11 @@ fn throughput_row(label: &str, runs: &[Run]) -> String {
     };
     let io = per_msg(|s| s.io);
     let all = per_msg(|s| s.all);
+    let cpu = median(
+        runs.iter()
+            .filter_map(|r| r.cpu.map(|c| c.as_nanos() as f64 / r.msgs as f64))
+            .collect(),
+    );
     let acks = median(
         runs.iter()
             .filter_map(|r| r.stats)
@@ -1228,17 +1258,18 @@ fn throughput_row(label: &str, runs: &[Run]) -> String {
         String::new()
     };
     format!(
-        "  {label:<36} {:>9} {:>19} {:>10.1} {:>9} {:>9} {:>8}{lost}",
+        "  {label:<36} {:>9} {:>19} {:>10.1} {:>11.0} {:>9} {:>9} {:>8}{lost}",
         si(median(rates)),
         format!("({}–{})", si(lo), si(hi)),
         median(mbs),
+        cpu,
         sys(io),
         sys(all),
         share
     )
 }
 
-const THROUGHPUT_HEADER: &str = "  implementation                        msgs/s   (min–max of runs)       MB/s  io sc/msg  all sc/msg  acks/frames";
+const THROUGHPUT_HEADER: &str = "  implementation                        msgs/s   (min–max of runs)       MB/s  cpu ns/msg  io sc/msg  all sc/msg  acks/frames";
 
 fn main() {
     let settings = Settings::from_env();
@@ -1293,7 +1324,9 @@ fn main() {
                 for _ in 0..settings.reps {
                     run_id += 1;
                     let counter = Perf::start(perf);
-                    let mut run = tokio_run(&rt, broker, run_id, kind, size, settings.secs, false);
+                    let mut run = timed_cpu(|| {
+                        tokio_run(&rt, broker, run_id, kind, size, settings.secs, false)
+                    });
                     run.syscalls = counter.stop();
                     runs.push(run);
                 }
@@ -1412,40 +1445,43 @@ fn main() {
 
     if settings.wants("runtimes") {
         println!(
-            "\n== other runtimes, 64 B, one direction ({} runs each; median)",
+            "\n== other runtimes, one direction ({} runs each; median)",
             settings.reps
         );
         println!("{THROUGHPUT_HEADER}");
-        for (which, name) in [(OtherRt::Smol, "smol"), (OtherRt::AsyncStd, "async-std")] {
-            let mut rates = Vec::new();
-            // Per-message calls, batch calls, raw TCP.
-            for variant in 0..3 {
-                let go = |secs| match variant {
-                    0 => other_steadfast(which, SMALL, secs, false),
-                    1 => other_steadfast(which, SMALL, secs, true),
-                    _ => other_raw(which, SMALL, secs),
-                };
-                go(Duration::from_millis(200));
-                let mut runs = Vec::new();
-                for _ in 0..settings.reps {
-                    let counter = Perf::start(perf);
-                    let mut run = go(settings.secs);
-                    run.syscalls = counter.stop();
-                    runs.push(run);
+        for &size in &settings.sizes {
+            println!("  -- {size} B messages");
+            for (which, name) in [(OtherRt::Smol, "smol"), (OtherRt::AsyncStd, "async-std")] {
+                let mut rates = Vec::new();
+                // Per-message calls, batch calls, raw TCP.
+                for variant in 0..3 {
+                    let go = |secs| match variant {
+                        0 => other_steadfast(which, size, secs, false),
+                        1 => other_steadfast(which, size, secs, true),
+                        _ => other_raw(which, size, secs),
+                    };
+                    go(Duration::from_millis(200));
+                    let mut runs = Vec::new();
+                    for _ in 0..settings.reps {
+                        let counter = Perf::start(perf);
+                        let mut run = timed_cpu(|| go(settings.secs));
+                        run.syscalls = counter.stop();
+                        runs.push(run);
+                    }
+                    rates.push(median(runs.iter().map(Run::rate).collect()));
+                    let label = match variant {
+                        0 => format!("steadfast-{name}"),
+                        1 => format!("steadfast-{name}, batch calls"),
+                        _ => format!("raw {name} TcpStream + BufWriter"),
+                    };
+                    println!("{}", throughput_row(&label, &runs));
                 }
-                rates.push(median(runs.iter().map(Run::rate).collect()));
-                let label = match variant {
-                    0 => format!("steadfast-{name}"),
-                    1 => format!("steadfast-{name}, batch calls"),
-                    _ => format!("raw {name} TcpStream + BufWriter"),
-                };
-                println!("{}", throughput_row(&label, &runs));
+                println!(
+                    "    {size} B steadfast-{name} / raw {name}: {:.3}; with batch calls {:.3} (goal >= 0.85)",
+                    rates[0] / rates[2],
+                    rates[1] / rates[2]
+                );
             }
-            println!(
-                "    steadfast-{name} / raw {name}: {:.3}; with batch calls {:.3} (goal >= 0.85)",
-                rates[0] / rates[2],
-                rates[1] / rates[2]
-            );
         }
     }
 
