@@ -599,18 +599,40 @@ impl Client {
         }
     }
 
+    /// Moves up to `max` of the oldest events to the back of `into`: [`Client::poll_event`] for
+    /// each, in one bulk move. Returns how many it moved.
+    pub fn poll_events(&mut self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
+        let n = max.min(self.events.len());
+        let start = into.len();
+        into.extend(self.events.drain(..n));
+        if self.store.is_some() && into[start..].iter().any(SessionEvent::ends_session) {
+            self.clear_store();
+        }
+        n
+    }
+
+    /// The queue itself, for the driver: it acts on new events where they stand (answers awaited
+    /// requests), and the application takes the rest straight from here, so that an event is not
+    /// moved from queue to queue on its way.
+    #[cfg(feature = "driver")]
+    pub(crate) fn events_mut(&mut self) -> &mut VecDeque<SessionEvent> {
+        &mut self.events
+    }
+
+    /// The driver saw the session's last event queued: the store is cleared now, not once the
+    /// application takes that event (which it may never do).
+    #[cfg(feature = "driver")]
+    pub(crate) fn session_ended(&mut self) {
+        self.clear_store();
+    }
+
     /// The next event for the application.
     // Inlined, the event is read from the queue where the caller wants it (see
     // `Channel::poll_event`).
     #[inline]
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         let event = self.events.pop_front()?;
-        if self.store.is_some()
-            && matches!(
-                event,
-                SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
-            )
-        {
+        if self.store.is_some() && event.ends_session() {
             self.clear_store();
         }
         Some(event)

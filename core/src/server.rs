@@ -1150,6 +1150,28 @@ impl Server {
         }
     }
 
+    /// Moves up to `max` of the oldest events to the back of `into`: [`Server::poll_event`] for
+    /// each, in one bulk move. Returns how many it moved.
+    pub fn poll_events(&mut self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
+        let n = max.min(self.events.len());
+        let start = into.len();
+        into.extend(self.events.drain(..n));
+        if self.stores.is_some() {
+            for event in &into[start..] {
+                self.consumed(event);
+            }
+        }
+        n
+    }
+
+    /// The queue itself, for the driver: it acts on new events where they stand (answers awaited
+    /// requests, authenticates), and the application takes the rest straight from here, so that
+    /// an event is not moved from queue to queue on its way.
+    #[cfg(feature = "driver")]
+    pub(crate) fn events_mut(&mut self) -> &mut VecDeque<ServerEvent> {
+        &mut self.events
+    }
+
     /// The next event for the application.
     // Inlined, the event is read from the queue where the caller wants it (see
     // `Channel::poll_event`).

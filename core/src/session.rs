@@ -118,6 +118,17 @@ pub enum SessionEvent {
     },
 }
 
+impl SessionEvent {
+    /// Whether this is the session's last event: [`SessionEvent::SessionLost`] or
+    /// [`SessionEvent::Closed`].
+    pub fn ends_session(&self) -> bool {
+        matches!(
+            self,
+            SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }
+        )
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -86,21 +86,6 @@ pub(crate) fn events_or_wait(
     Poll::Ready(n)
 }
 
-/// Moves up to `max` events from `take` into `into`; returns how many.
-pub(crate) fn take_up_to<E>(
-    into: &mut Vec<E>,
-    max: usize,
-    mut take: impl FnMut() -> Option<E>,
-) -> usize {
-    let mut n = 0;
-    while n < max {
-        let Some(e) = take() else { break };
-        into.push(e);
-        n += 1;
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,15 +127,5 @@ mod tests {
         }
         assert!(sent, "the first one went");
         assert_eq!(q, payloads(4).split_off(2));
-    }
-
-    #[test]
-    fn taking_events_stops_at_the_limit_or_when_none_are_left() {
-        let mut source: VecDeque<u32> = (0..5).collect();
-        let mut into = Vec::new();
-        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 3);
-        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 2);
-        assert_eq!(take_up_to(&mut into, 3, || source.pop_front()), 0);
-        assert_eq!(into, [0, 1, 2, 3, 4]);
     }
 }

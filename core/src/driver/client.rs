@@ -11,7 +11,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, events_or_wait, take_up_to};
+use super::batch::{Run, events_or_wait};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -61,7 +61,10 @@ impl ClientOptions {
 pub(crate) struct State {
     client: Client,
     clock: Clock,
-    events: VecDeque<SessionEvent>,
+    /// How many events at the front of the client's queue the driver has routed: the
+    /// application takes events straight from that queue, and only routed ones are there for it
+    /// once the lock is released.
+    routed: usize,
     event_waiter: Option<Waker>,
     /// Senders waiting for room in the send queue.
     capacity: Vec<Waker>,
@@ -77,15 +80,14 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Routes the core's events where they stand in the application's queue, moved into it in
-    /// bulk: request replies to their futures, the rest left for the application.
+    /// Routes the core's new events where they stand in its queue: request replies to their
+    /// futures, the rest left there for the application.
     fn drain_events(&mut self, wakes: &mut Wakes) {
-        let before = self.events.len();
-        self.client.take_events(&mut self.events);
+        let before = self.routed;
         let mut i = before;
-        while i < self.events.len() {
+        while i < self.client.events_mut().len() {
             let mut ended = false;
-            match &self.events[i] {
+            match &self.client.events_mut()[i] {
                 SessionEvent::Connected {
                     session,
                     resumed,
@@ -103,7 +105,7 @@ impl State {
                     if self.requests.awaits(to) =>
                 {
                     let to = *to;
-                    let result = match self.events.remove(i) {
+                    let result = match self.client.events_mut().remove(i) {
                         Some(SessionEvent::Reply { payload, .. }) => Ok(payload),
                         _ => Err(RequestError::TimedOut),
                     };
@@ -124,24 +126,45 @@ impl State {
                 _ => {}
             }
             if ended {
+                self.client.session_ended();
                 self.end(wakes);
             }
             i += 1;
         }
-        if self.events.len() > before {
+        self.routed = i;
+        if i > before {
             wakes.wake(&mut self.event_waiter);
         }
     }
 
     /// The application takes an event; a message taken counts as consumed unless it says otherwise.
     fn take_event(&mut self) -> Option<SessionEvent> {
-        let event = self.events.pop_front()?;
+        if self.routed == 0 {
+            return None;
+        }
+        self.routed -= 1;
+        let event = self.client.poll_event()?;
         if !self.manual_consume
             && let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = &event
         {
             self.client.consumed(m.seq);
         }
         Some(event)
+    }
+
+    /// The application takes up to `max` events, into `into`; returns how many.
+    fn take_events(&mut self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
+        let start = into.len();
+        let n = self.client.poll_events(into, max.min(self.routed));
+        self.routed -= n;
+        if !self.manual_consume && self.client.is_durable() {
+            for event in &into[start..] {
+                if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = event {
+                    self.client.consumed(m.seq);
+                }
+            }
+        }
+        n
     }
 
     fn end(&mut self, wakes: &mut Wakes) {
@@ -328,7 +351,7 @@ impl ClientHandle {
     pub async fn next_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
             self.shared.with(|s, _| {
-                let n = take_up_to(into, max, || s.take_event());
+                let n = s.take_events(into, max);
                 events_or_wait(n, max, s.over, &mut s.event_waiter, cx.waker())
             })
         })
@@ -337,8 +360,7 @@ impl ClientHandle {
 
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        self.shared
-            .with(|s, _| take_up_to(into, max, || s.take_event()))
+        self.shared.with(|s, _| s.take_events(into, max))
     }
 
     /// Polls for the next event (for building a `Stream`).
@@ -504,7 +526,7 @@ fn start<R: Runtime>(
     let shared = Shared::new(State {
         client,
         clock,
-        events: VecDeque::new(),
+        routed: 0,
         event_waiter: None,
         capacity: Vec::new(),
         requests: Awaited::new(),

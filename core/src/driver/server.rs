@@ -11,7 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, events_or_wait, take_up_to};
+use super::batch::{Run, events_or_wait};
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -102,7 +102,10 @@ pub(crate) struct State {
     slots: BTreeMap<ConnId, Slot>,
     next_conn: ConnId,
     scratch: BytesMut,
-    events: VecDeque<ServerEvent>,
+    /// How many events at the front of the server's queue the driver has routed: the
+    /// application takes events straight from that queue, and only routed ones are there for it
+    /// once the lock is released.
+    routed: usize,
     event_waiter: Option<Waker>,
     capacity: Vec<Waker>,
     requests: Awaited<(SessionId, Seq)>,
@@ -138,17 +141,17 @@ impl State {
                 wakes.wake(&mut slot.waker);
             }
             let mut answered = false;
-            let before = self.events.len();
-            self.server.take_events(&mut self.events);
+            let before = self.routed;
             let mut i = before;
-            while i < self.events.len() {
+            while i < self.server.events_mut().len() {
                 match self.route(now, i, wakes) {
                     Routed::Kept => i += 1,
                     Routed::Taken => {}
                     Routed::Answered => answered = true,
                 }
             }
-            if self.events.len() > before {
+            self.routed = i;
+            if i > before {
                 wakes.wake(&mut self.event_waiter);
             }
             // An inline authentication verdict makes more to write.
@@ -167,17 +170,17 @@ impl State {
         }
     }
 
-    /// Routes the event at `i` of the application's queue where it stands: the driver acts on what
-    /// it must (wakes senders, answers awaited requests, authenticates inline) and leaves the rest
-    /// for the application, so a message's event is moved into this queue once, in bulk.
+    /// Routes the event at `i` of the server's queue where it stands: the driver acts on what it
+    /// must (wakes senders, answers awaited requests, authenticates inline) and leaves the rest
+    /// for the application, which takes them from that queue.
     fn route(&mut self, now: crate::time::Instant, i: usize, wakes: &mut Wakes) -> Routed {
-        let (session, event) = match &self.events[i] {
+        let (session, event) = match &self.server.events_mut()[i] {
             ServerEvent::Authenticate { conn, credentials } => {
                 let Some(check) = &self.authenticator else {
                     return Routed::Kept;
                 };
                 let (conn, accept) = (*conn, check(credentials));
-                self.events.remove(i);
+                self.server.events_mut().remove(i);
                 tracing::debug!(conn, accept, "authenticated");
                 self.server.authenticate(now, conn, accept);
                 return Routed::Answered;
@@ -200,7 +203,7 @@ impl State {
                 if self.requests.awaits(&(session, *to)) =>
             {
                 let key = (session, *to);
-                let result = match self.events.remove(i) {
+                let result = match self.server.events_mut().remove(i) {
                     Some(ServerEvent::Session {
                         event: SessionEvent::Reply { payload, .. },
                         ..
@@ -227,6 +230,22 @@ impl State {
             self.end_requests(session, wakes);
         }
         Routed::Kept
+    }
+
+    /// The application takes up to `max` events, into `into`; returns how many.
+    fn take_events(&mut self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
+        let n = self.server.poll_events(into, max.min(self.routed));
+        self.routed -= n;
+        n
+    }
+
+    /// The application takes the next event.
+    fn take_event(&mut self) -> Option<ServerEvent> {
+        if self.routed == 0 {
+            return None;
+        }
+        self.routed -= 1;
+        self.server.poll_event()
     }
 
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
@@ -437,7 +456,7 @@ impl ServerHandle {
 
     /// The next event, without waiting.
     pub fn try_event(&self) -> Option<ServerEvent> {
-        self.shared.with(|s, _| s.events.pop_front())
+        self.shared.with(|s, _| s.take_event())
     }
 
     /// Waits for an event, then moves up to `max` of those ready into `into` under one lock:
@@ -446,7 +465,7 @@ impl ServerHandle {
     pub async fn next_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
         core::future::poll_fn(|cx| {
             self.shared.with(|s, _| {
-                let n = take_up_to(into, max, || s.events.pop_front());
+                let n = s.take_events(into, max);
                 events_or_wait(n, max, s.shutdown, &mut s.event_waiter, cx.waker())
             })
         })
@@ -455,13 +474,12 @@ impl ServerHandle {
 
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
-        self.shared
-            .with(|s, _| take_up_to(into, max, || s.events.pop_front()))
+        self.shared.with(|s, _| s.take_events(into, max))
     }
 
     /// Polls for the next event (for building a `Stream`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
-        self.shared.with(|s, _| match s.events.pop_front() {
+        self.shared.with(|s, _| match s.take_event() {
             Some(e) => Poll::Ready(Some(e)),
             None if s.shutdown => Poll::Ready(None),
             None => {
@@ -581,7 +599,7 @@ fn serve<R: Runtime>(
         slots: BTreeMap::new(),
         next_conn: 0,
         scratch: BytesMut::new(),
-        events: VecDeque::new(),
+        routed: 0,
         event_waiter: None,
         capacity: Vec::new(),
         requests: Awaited::new(),

@@ -171,16 +171,23 @@ impl Net {
                 }
             }
         }
-        self.server_events
-            .extend(std::iter::from_fn(|| self.server.poll_event()));
+        // In bulk, a few at a time, as the driver's `next_events` takes them: every test's events
+        // pass through the limit.
+        while self.server.poll_events(&mut self.server_events, 2) > 0 {}
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];
+            let events = &mut self.client_events[i];
             // The application takes each message and is done with it at once.
-            while let Some(e) = c.poll_event() {
-                if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = &e {
-                    c.consumed(m.seq);
+            loop {
+                let start = events.len();
+                if c.poll_events(events, 2) == 0 {
+                    break;
                 }
-                self.client_events[i].push(e);
+                for e in &events[start..] {
+                    if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = e {
+                        c.consumed(m.seq);
+                    }
+                }
             }
         }
         if self.deliver_one(now) {
