@@ -60,6 +60,9 @@ impl<S> Shared<S> {
     }
 
     /// Runs `f` under the lock, then delivers the wake-ups it asked for.
+    // Inlined into each caller, so that what `f` returns (an event, a send's result) is built
+    // where the caller wants it instead of copied out of this frame.
+    #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut S, &mut Wakes) -> R) -> R {
         let mut wakes = Wakes::default();
         let r = {
