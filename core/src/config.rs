@@ -107,15 +107,20 @@ impl Config {
     /// scrambled by per-packet jitter that the de-duplication bound turns reordering into loss.
     /// A stream may have its whole queue in flight: a receiver that takes a 64 KiB read's worth
     /// of small frames at once would otherwise leave the sender idle until its ack came back.
+    ///
+    /// The queue holds 16,384 messages: a window of messages in flight caps a session at one
+    /// window per round trip, and at 4,096 a 50 ms path allowed 82,000 messages a second (on
+    /// loopback, the sender's waits for acks cost 5–10% of its 64 B rate).
+    /// Memory stays bounded by `max_queued_bytes`, and queues grow only as they are used.
     pub fn new(transport: Transport) -> Self {
         let max_in_flight = match transport {
-            Transport::Stream => 4096,
+            Transport::Stream => 16384,
             Transport::Datagram => 256,
         };
         Config {
             transport,
             delivery: Delivery::Ordered,
-            max_queued_messages: 4096,
+            max_queued_messages: 16384,
             max_queued_bytes: 16 << 20,
             max_in_flight,
             max_unreliable_queued: 1024,

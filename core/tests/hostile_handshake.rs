@@ -280,6 +280,7 @@ fn a_client_advertising_a_huge_window_gets_no_more_in_flight_than_the_servers_ow
     let mut c = config();
     // Below the queue bound, so that the two bounds show apart.
     c.channel.max_in_flight = 1000;
+    c.channel.max_queued_messages = 4096;
     let limit = c.channel.in_flight_limit(varint::MAX);
     assert_eq!(limit, 1000);
     let mut b = Bench::new(c);
