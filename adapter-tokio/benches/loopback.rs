@@ -44,7 +44,7 @@
 //!
 //! Environment: `LOOPBACK_ONLY=throughput,wire,latency,runtimes,recovery` (a subset),
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
-//! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (3), `LOOPBACK_RATES`
+//! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (5), `LOOPBACK_RATES`
 //! (10000,100000),
 //! `LOOPBACK_KINDS` (steadfast,batched,down,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
@@ -125,7 +125,7 @@ impl Settings {
             reps: env_f64("LOOPBACK_REPS", 3.0).max(1.0) as usize,
             wire_secs: Duration::from_secs_f64(env_f64("LOOPBACK_WIRE_SECS", 0.5)),
             latency_secs: Duration::from_secs_f64(env_f64("LOOPBACK_LATENCY_SECS", 1.5)),
-            latency_reps: env_f64("LOOPBACK_LATENCY_REPS", 3.0).max(1.0) as usize,
+            latency_reps: env_f64("LOOPBACK_LATENCY_REPS", 5.0).max(1.0) as usize,
             rates: list("LOOPBACK_RATES", "10000,100000")
                 .iter()
                 .filter_map(|r| r.parse().ok())
@@ -1397,12 +1397,13 @@ fn main() {
         println!(
             "  implementation            rate/s      p50        p99      p99.9        max   samples/run  p99 of each run"
         );
+        const IMPLS: [(&str, bool); 2] = [("steadfast-tokio", true), ("raw TCP ping-pong", false)];
         for &rate in &settings.rates {
-            let mut p99s = Vec::new();
-            for (name, steadfast) in [("steadfast-tokio", true), ("raw TCP ping-pong", false)] {
-                // Per run: p50, p99, p99.9, max (µs), samples.
-                let mut runs: Vec<[f64; 5]> = Vec::new();
-                for _ in 0..settings.latency_reps {
+            // Per implementation, per run: p50, p99, p99.9, max (µs), samples. The two alternate
+            // run by run, so that both meet the same spells of a noisy machine.
+            let mut runs: [Vec<[f64; 5]>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..settings.latency_reps {
+                for (i, (_, steadfast)) in IMPLS.into_iter().enumerate() {
                     let h = rt.block_on(async {
                         if steadfast {
                             latency_steadfast(rate, settings.latency_secs).await
@@ -1411,7 +1412,7 @@ fn main() {
                         }
                     });
                     let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-                    runs.push([
+                    runs[i].push([
                         us(0.5),
                         us(0.99),
                         us(0.999),
@@ -1419,6 +1420,9 @@ fn main() {
                         h.len() as f64,
                     ]);
                 }
+            }
+            let mut p99s = Vec::new();
+            for ((name, _), runs) in IMPLS.into_iter().zip(&runs) {
                 let col = |i: usize| median(runs.iter().map(|r| r[i]).collect());
                 p99s.push(col(1));
                 println!(
@@ -1435,10 +1439,17 @@ fn main() {
                         .join(", ")
                 );
             }
+            let pairs: Vec<f64> = runs[0]
+                .iter()
+                .zip(&runs[1])
+                .map(|(ours, raw)| ours[1] / raw[1])
+                .collect();
+            let (lo, hi) = min_max(&pairs);
             println!(
-                "    p99 steadfast / raw TCP at {}/s: {:.2} (goal <= 1.2)",
+                "    p99 steadfast / raw TCP at {}/s: {:.2} (goal <= 1.2); run by run {:.2} (median), {lo:.2}–{hi:.2}",
                 si(rate as f64),
-                p99s[0] / p99s[1]
+                p99s[0] / p99s[1],
+                median(pairs.clone()),
             );
         }
     }
