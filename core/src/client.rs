@@ -602,9 +602,8 @@ impl Client {
     /// Moves up to `max` of the oldest events to the back of `into`: [`Client::poll_event`] for
     /// each, in one bulk move. Returns how many it moved.
     pub fn poll_events(&mut self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        let n = max.min(self.events.len());
         let start = into.len();
-        into.extend(self.events.drain(..n));
+        let n = crate::queue::drain_front(&mut self.events, into, max);
         if self.store.is_some() && into[start..].iter().any(SessionEvent::ends_session) {
             self.clear_store();
         }

@@ -113,6 +113,13 @@ pub(crate) fn move_all<T>(from: &mut VecDeque<T>, into: &mut VecDeque<T>) {
     }
 }
 
+/// Moves up to `max` values from the front of `from` to the back of `into`; returns how many.
+pub(crate) fn drain_front<T>(from: &mut VecDeque<T>, into: &mut Vec<T>, max: usize) -> usize {
+    let n = max.min(from.len());
+    into.extend(from.drain(..n));
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

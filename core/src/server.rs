@@ -1153,9 +1153,8 @@ impl Server {
     /// Moves up to `max` of the oldest events to the back of `into`: [`Server::poll_event`] for
     /// each, in one bulk move. Returns how many it moved.
     pub fn poll_events(&mut self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
-        let n = max.min(self.events.len());
         let start = into.len();
-        into.extend(self.events.drain(..n));
+        let n = crate::queue::drain_front(&mut self.events, into, max);
         if self.stores.is_some() {
             for event in &into[start..] {
                 self.consumed(event);

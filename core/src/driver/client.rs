@@ -137,18 +137,14 @@ impl State {
         }
     }
 
-    /// The application takes an event; a message taken counts as consumed unless it says otherwise.
+    /// The application takes an event.
     fn take_event(&mut self) -> Option<SessionEvent> {
         if self.routed == 0 {
             return None;
         }
         self.routed -= 1;
         let event = self.client.poll_event()?;
-        if !self.manual_consume
-            && let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = &event
-        {
-            self.client.consumed(m.seq);
-        }
+        self.consume(core::slice::from_ref(&event));
         Some(event)
     }
 
@@ -157,14 +153,21 @@ impl State {
         let start = into.len();
         let n = self.client.poll_events(into, max.min(self.routed));
         self.routed -= n;
-        if !self.manual_consume && self.client.is_durable() {
-            for event in &into[start..] {
-                if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = event {
-                    self.client.consumed(m.seq);
-                }
+        self.consume(&into[start..]);
+        n
+    }
+
+    /// The messages among events the application took count as consumed, unless it says when.
+    fn consume(&mut self, taken: &[SessionEvent]) {
+        // Without a store there is nothing to record.
+        if self.manual_consume || !self.client.is_durable() {
+            return;
+        }
+        for event in taken {
+            if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = event {
+                self.client.consumed(m.seq);
             }
         }
-        n
     }
 
     fn end(&mut self, wakes: &mut Wakes) {
