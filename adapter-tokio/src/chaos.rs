@@ -11,7 +11,7 @@
 //! use std::time::Duration;
 //! use steadfast_tokio::chaos::{ChaosProxy, Fault, Target};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
-//! use tokio::net::{TcpListener, TcpStream};
+//! use tokio::net::{TcpListener, TcpSocket, TcpStream};
 //! use tokio::time::timeout;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -95,7 +95,7 @@ use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
 use rand_pcg::Pcg64;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -895,7 +895,7 @@ async fn run_conn(
     faults: watch::Receiver<Faults>,
     bytes: Arc<Counters>,
 ) {
-    let server = match TcpStream::connect(upstream).await {
+    let server = match connect_resetting(upstream).await {
         Ok(server) => Arc::new(server),
         Err(error) => {
             debug!(%id, %upstream, %error, "chaos: upstream connect failed");
@@ -905,12 +905,13 @@ async fn run_conn(
     };
     let _ = server.set_nodelay(true);
     match shared.lock().conns.get_mut(&id) {
-        Some(conn) => conn.server = Some(server.clone()),
-        None => {
-            // Reset while connecting: give the server the RST it would have had.
-            zero_linger(&server);
-            return;
+        Some(conn) => {
+            // From here a reset finds the socket in the table and zeroes its linger itself.
+            let _ = socket2::SockRef::from(&*server).set_linger(None);
+            conn.server = Some(server.clone());
         }
+        // Reset while connecting: the zero linger still set gives the server its RST.
+        None => return,
     }
     let mut pumps = JoinSet::new();
     for direction in Direction::BOTH {
@@ -1206,6 +1207,18 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Connects with a zero linger already set, so that if a reset aborts this task before the socket
+/// is in the table (the upstream may have accepted it already), its close still sends an RST and
+/// not a FIN.
+async fn connect_resetting(upstream: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match upstream {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO))?;
+    socket.connect(upstream).await
 }
 
 /// Makes the socket's close send an RST. Through socket2 rather than tokio's `set_zero_linger`,
