@@ -621,8 +621,10 @@ struct Conn {
     upstream: SocketAddr,
     faults: watch::Sender<Faults>,
     client: Arc<TcpStream>,
-    /// Set once the upstream connect succeeds.
-    server: Option<Arc<TcpStream>>,
+    /// A second handle on the upstream socket, made before it connects, so that a reset can give
+    /// it a zero linger even while the connect is under way (the upstream may have accepted it
+    /// already); the handle only sets options, and is dropped with the entry.
+    server: Option<socket2::Socket>,
     bytes: Arc<Counters>,
     task: AbortHandle,
 }
@@ -866,7 +868,7 @@ fn reset(table: &mut Table, id: ConnId, why: &str) {
     };
     zero_linger(&conn.client);
     if let Some(server) = &conn.server {
-        zero_linger(server);
+        let _ = server.set_linger(Some(Duration::ZERO));
     }
     conn.task.abort();
     info!(%id, why, "chaos: connection reset");
@@ -895,8 +897,10 @@ async fn run_conn(
     faults: watch::Receiver<Faults>,
     bytes: Arc<Counters>,
 ) {
-    let server = match connect_resetting(upstream).await {
-        Ok(server) => Arc::new(server),
+    let server = match connect_upstream(&shared, id, upstream).await {
+        Ok(Some(server)) => Arc::new(server),
+        // Reset before the socket was made: there is nobody upstream to tell.
+        Ok(None) => return,
         Err(error) => {
             debug!(%id, %upstream, %error, "chaos: upstream connect failed");
             shared.reset(id, "upstream unreachable");
@@ -904,15 +908,6 @@ async fn run_conn(
         }
     };
     let _ = server.set_nodelay(true);
-    match shared.lock().conns.get_mut(&id) {
-        Some(conn) => {
-            // From here a reset finds the socket in the table and zeroes its linger itself.
-            let _ = socket2::SockRef::from(&*server).set_linger(None);
-            conn.server = Some(server.clone());
-        }
-        // Reset while connecting: the zero linger still set gives the server its RST.
-        None => return,
-    }
     let mut pumps = JoinSet::new();
     for direction in Direction::BOTH {
         let (src, dst) = match direction {
@@ -1209,16 +1204,26 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Connects with a zero linger already set, so that if a reset aborts this task before the socket
-/// is in the table (the upstream may have accepted it already), its close still sends an RST and
-/// not a FIN.
-async fn connect_resetting(upstream: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match upstream {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO))?;
-    socket.connect(upstream).await
+/// Connects connection `id` upstream, with a second handle on the socket in the table from before
+/// the connect starts: a reset that aborts this task mid-connect, after the upstream accepted,
+/// still closes the socket with an RST, and dropping the proxy still closes it with a FIN.
+async fn connect_upstream(
+    shared: &Shared,
+    id: ConnId,
+    upstream: SocketAddr,
+) -> io::Result<Option<TcpStream>> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    match shared.lock().conns.get_mut(&id) {
+        Some(conn) => conn.server = Some(socket.try_clone()?),
+        None => return Ok(None),
+    }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket.connect(upstream).await.map(Some)
 }
 
 /// Makes the socket's close send an RST. Through socket2 rather than tokio's `set_zero_linger`,
