@@ -49,7 +49,8 @@
 //! `LOOPBACK_KINDS` (steadfast,batched,down,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
 //! counts; they need `perf` and permission to attach to this process), `LOOPBACK_PACER=sleep` (the
-//! latency section's pacer sleeps instead of spinning).
+//! latency section's pacer sleeps instead of spinning), `LOOPBACK_WORKERS` (2, the tokio runtime's
+//! worker threads; with 1, the spinning pacer and the runtime no longer share a core).
 
 use std::future::Future;
 use std::io::Read;
@@ -95,6 +96,8 @@ struct Settings {
     recovery_reps: usize,
     partition: Duration,
     perf: bool,
+    /// Worker threads of the tokio runtime every tokio run uses.
+    workers: usize,
 }
 
 fn env_f64(name: &str, default: f64) -> f64 {
@@ -133,6 +136,7 @@ impl Settings {
             recovery_reps: env_f64("LOOPBACK_RECOVERY_REPS", 3.0).max(1.0) as usize,
             partition: Duration::from_secs_f64(env_f64("LOOPBACK_PARTITION_SECS", 5.0)),
             perf: std::env::var("LOOPBACK_PERF").map_or(true, |v| v != "0"),
+            workers: env_f64("LOOPBACK_WORKERS", 2.0).max(1.0) as usize,
         }
     }
 
@@ -1274,7 +1278,7 @@ const THROUGHPUT_HEADER: &str = "  implementation                        msgs/s 
 fn main() {
     let settings = Settings::from_env();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(settings.workers)
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -1284,8 +1288,9 @@ fn main() {
     async_std::task::block_on(async_std::task::spawn(async {}));
     let perf = settings.perf && Perf::start(true).stop().is_some();
     println!(
-        "loopback harness: {} cpus, throughput runs of {:?} x {}, syscall counts {}",
+        "loopback harness: {} cpus, {} tokio workers, throughput runs of {:?} x {}, syscall counts {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        settings.workers,
         settings.secs,
         settings.reps,
         if perf {
