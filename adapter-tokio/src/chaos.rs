@@ -11,7 +11,7 @@
 //! use std::time::Duration;
 //! use steadfast_tokio::chaos::{ChaosProxy, Fault, Target};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
-//! use tokio::net::{TcpListener, TcpSocket, TcpStream};
+//! use tokio::net::{TcpListener, TcpStream};
 //! use tokio::time::timeout;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -868,7 +868,7 @@ fn reset(table: &mut Table, id: ConnId, why: &str) {
     };
     zero_linger(&conn.client);
     if let Some(server) = &conn.server {
-        let _ = server.set_linger(Some(Duration::ZERO));
+        zero_linger(server);
     }
     conn.task.abort();
     info!(%id, why, "chaos: connection reset");
@@ -1226,10 +1226,11 @@ async fn connect_upstream(
     socket.connect(upstream).await.map(Some)
 }
 
-/// Makes the socket's close send an RST. Through socket2 rather than tokio's `set_zero_linger`,
-/// which only recent tokio versions have.
-fn zero_linger(socket: &TcpStream) {
-    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+/// Makes the socket's close send an RST: a tokio stream, or the table's second handle on one still
+/// connecting. Through socket2 rather than tokio's `set_zero_linger`, which only recent tokio
+/// versions have.
+fn zero_linger<'s>(socket: impl Into<socket2::SockRef<'s>>) {
+    let _ = socket.into().set_linger(Some(Duration::ZERO));
 }
 
 fn shutdown_write(dst: &TcpStream) -> io::Result<()> {
