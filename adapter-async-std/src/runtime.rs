@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_io::{AsyncRead, AsyncWrite};
-use steadfast_core::driver::{BoxFuture, Io, Listen, Runtime, Timer};
+use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, TryWrite};
 
 /// async-std as the driver's runtime: tasks go to its global executor, sockets and timers to the
 /// async-io reactor underneath it.
@@ -90,6 +90,11 @@ impl Io for Stream {
     fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // async-std's close only flushes (a no-op on TCP); the peer must see the end of the stream.
         Poll::Ready(self.0.shutdown(std::net::Shutdown::Write))
+    }
+
+    fn try_writer(&self) -> Option<Arc<dyn TryWrite>> {
+        // A clone shares the socket, which stays open while the writer lives.
+        Some(Arc::new(FdWriter(self.0.clone())))
     }
 }
 

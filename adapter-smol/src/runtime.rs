@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use smol::Async;
 use smol::io::{AsyncRead, AsyncWrite};
-use steadfast_core::driver::{BoxFuture, Io, Listen, Runtime, Timer};
+use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, TryWrite};
 
 /// smol as the driver's runtime: tasks go to smol's global executor, sockets and timers to
 /// async-io's reactor.
@@ -107,6 +107,11 @@ impl Io for Stream {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // async-net's close shuts the write side down.
         Pin::new(&mut self.0).poll_close(cx)
+    }
+
+    fn try_writer(&self) -> Option<Arc<dyn TryWrite>> {
+        // A clone shares the socket, which stays open while the writer lives.
+        Some(Arc::new(FdWriter(self.0.clone())))
     }
 }
 

@@ -4,9 +4,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use steadfast_core::driver::{BoxFuture, Io, Listen, Runtime, Timer};
+use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, TryWrite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The tokio runtime the driver runs on: the one current where the session was created.
@@ -24,14 +25,47 @@ impl Tokio {
 }
 
 /// A tokio TCP stream with Nagle off: the core batches writes itself.
+///
+/// Shared, so that an application thread can write a send's frames itself while the connection's
+/// task has nothing to write ([`Io::try_writer`]); reads and the task's writes go through tokio's
+/// readiness as `TcpStream`'s own `AsyncRead` and `AsyncWrite` do.
 #[derive(Debug)]
-pub struct Stream(tokio::net::TcpStream);
+pub struct Stream(Arc<tokio::net::TcpStream>);
 
 impl Stream {
     /// Wraps a connected stream.
     pub fn new(stream: tokio::net::TcpStream) -> io::Result<Self> {
         stream.set_nodelay(true)?;
-        Ok(Stream(stream))
+        Ok(Stream(Arc::new(stream)))
+    }
+
+    fn poll_read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            // A read that would block clears the readiness, so the next poll registers.
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write_from(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn shutdown_write(&self) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -95,44 +129,49 @@ pub(crate) fn poll_read_slice<T: AsyncRead + Unpin>(
 
 impl Io for Stream {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        poll_read_slice(&mut self.0, cx, buf)
+        poll_read_slice(self, cx, buf)
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        self.poll_write_from(cx, buf)
     }
 
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shutdown_write()
+    }
+
+    fn try_writer(&self) -> Option<Arc<dyn TryWrite>> {
+        Some(Arc::new(FdWriter(self.0.clone())))
     }
 }
 
 /// The stream as a tokio reader and writer, so that layers such as TLS can wrap it.
 impl AsyncRead for Stream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        self.poll_read_into(cx, buf)
     }
 }
 
 impl AsyncWrite for Stream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        self.poll_write_from(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Nothing is buffered here.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shutdown_write()
     }
 }
 

@@ -12,6 +12,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 
 use super::batch::{Run, events_or_wait};
+use super::direct::Direct;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -70,6 +71,13 @@ pub(crate) struct State {
     capacity: Vec<Waker>,
     requests: Awaited<Seq>,
     driver: Option<Waker>,
+    /// The deadline the driver sleeps until: a send that makes the core want an earlier one must
+    /// wake it, even when it wrote its frames itself.
+    armed: Option<crate::time::Instant>,
+    /// Sends made while the driver has nothing to write go out through this.
+    direct: Direct,
+    /// What a direct write left unwritten: the driver writes it before anything newer.
+    pending: BytesMut,
     /// The session is over: no more events will come.
     over: bool,
     /// Live [`ClientHandle`]s; when the last goes, the session is closed.
@@ -170,6 +178,27 @@ impl State {
         }
     }
 
+    /// Gets the frames a send just queued on their way: written from this thread if the direct
+    /// path is open, else by the driver, woken for them.
+    fn kick(&mut self, wakes: &mut Wakes) {
+        if self.direct.is_open() {
+            let now = self.clock.now();
+            while self.pending.len() < WRITE_BATCH
+                && self.client.poll_transmit(now, &mut self.pending).is_some()
+            {}
+            let sent = self.direct.write(&self.pending);
+            bytes::Buf::advance(&mut self.pending, sent);
+            let earlier = match (self.client.poll_timeout(), self.armed) {
+                (Some(t), Some(armed)) => t < armed,
+                (t, _) => t.is_some(),
+            };
+            if self.pending.is_empty() && !earlier {
+                return;
+            }
+        }
+        wakes.wake(&mut self.driver);
+    }
+
     fn end(&mut self, wakes: &mut Wakes) {
         self.over = true;
         self.requests.end(.., wakes);
@@ -233,10 +262,20 @@ impl ClientHandle {
         })
     }
 
+    /// Runs a command that queues frames on the core, and gets them on their way.
+    fn send_command<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        self.shared.with(|s, wakes| {
+            let r = f(s);
+            s.drain_events(wakes);
+            s.kick(wakes);
+            r
+        })
+    }
+
     /// Sends `payload` on `stream` with delivery `mode`, or refuses it at once (a full queue is
     /// [`SendError::QueueFull`]). Callable from any thread.
     pub fn try_send(&self, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
-        self.command(|s| s.client.send(stream, mode, payload))
+        self.send_command(|s| s.client.send(stream, mode, payload))
     }
 
     /// Sends `payload`, waiting for room while the queue is full (backpressure).
@@ -253,7 +292,7 @@ impl ClientHandle {
                     }
                     r => {
                         s.drain_events(wakes);
-                        wakes.wake(&mut s.driver);
+                        s.kick(wakes);
                         Poll::Ready(r)
                     }
                 }
@@ -303,7 +342,7 @@ impl ClientHandle {
                 let (run, sent) = Run::send(payloads, |p| s.client.send(stream, mode, p));
                 if sent {
                     s.drain_events(wakes);
-                    wakes.wake(&mut s.driver);
+                    s.kick(wakes);
                 }
                 run.poll(s.over, payloads, &mut s.capacity, cx.waker())
             })
@@ -314,7 +353,7 @@ impl ClientHandle {
     /// Replies to the server's message `to`: reliable, de-duplicated, and it survives reconnects.
     /// Callable from any thread.
     pub fn reply(&self, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
-        self.command(|s| s.client.reply(to, payload))
+        self.send_command(|s| s.client.reply(to, payload))
     }
 
     /// Sends a request on `stream` and waits for the server's reply, at most `timeout`.
@@ -325,7 +364,7 @@ impl ClientHandle {
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
         let seq = self
-            .command(|s| {
+            .send_command(|s| {
                 let deadline = s.clock.now() + timeout;
                 let r = s.client.request(stream, payload, deadline);
                 if let Ok(seq) = r {
@@ -534,6 +573,9 @@ fn start<R: Runtime>(
         capacity: Vec::new(),
         requests: Awaited::new(),
         driver: None,
+        armed: None,
+        direct: Direct::default(),
+        pending: BytesMut::new(),
         over: false,
         handles: 1,
         manual_consume,
@@ -569,10 +611,17 @@ impl<R: Runtime> ClientDriver<R> {
     fn step(&mut self, input: Option<Bytes>, ended: bool, connected: Option<bool>) -> Step {
         let out = &mut self.out;
         let writing = self.io.is_some();
+        let writer = match (connected, &self.io) {
+            (Some(true), Some(io)) => io.try_writer(),
+            _ => None,
+        };
         self.shared.with(|s, wakes| {
             let now = s.clock.now();
             match connected {
-                Some(true) => s.client.on_connected(now),
+                Some(true) => {
+                    s.client.on_connected(now);
+                    s.direct = Direct::new(writer);
+                }
                 Some(false) => s.client.on_connect_failed(now),
                 None => {}
             }
@@ -581,6 +630,7 @@ impl<R: Runtime> ClientDriver<R> {
             }
             if ended {
                 s.client.on_disconnected(now);
+                s.direct.clear();
             }
             if s.client.poll_timeout().is_some_and(|t| t <= now) {
                 s.client.handle_timeout(now);
@@ -589,13 +639,23 @@ impl<R: Runtime> ClientDriver<R> {
             while let Some(d) = s.client.poll_directive(now) {
                 directives.push(d);
             }
+            if !directives.is_empty() {
+                // A connection made or dropped: the old socket takes nothing more.
+                s.direct.clear();
+            }
             if writing && !directives.contains(&Directive::Disconnect) {
+                // What a direct write left goes first: it was made before anything the core
+                // makes now.
+                out.extend_from_slice(&s.pending);
                 while out.len() < WRITE_BATCH && s.client.poll_transmit(now, out).is_some() {}
             }
+            s.pending.clear();
+            s.direct.driver_holds(!out.is_empty());
             s.drain_events(wakes);
+            s.armed = s.client.poll_timeout();
             Step {
                 directives,
-                deadline: s.client.poll_timeout(),
+                deadline: s.armed,
                 over: s.over,
             }
         })

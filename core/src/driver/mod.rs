@@ -11,6 +11,7 @@
 //! | [`client`] | [`ClientHandle`] and the [`ClientDriver`] future that owns a client's connection |
 //! | [`server`] | [`ServerHandle`], the accept-and-timer future and one task per connection |
 //! | `batch` | many sends or many events per lock of the shared state |
+//! | `direct` | a send's frames written by its own thread while the driver has nothing to write |
 //! | `read` | a connection's reads, cut where its frames end so that large frames arrive whole |
 //! | `shared` | the state the application's threads and the driver share, behind one mutex |
 //! | `sync` | the `std`/`loom` switch for that state's primitives |
@@ -31,6 +32,7 @@ use std::io;
 
 mod batch;
 pub mod client;
+mod direct;
 mod read;
 mod requests;
 pub mod server;
@@ -38,6 +40,9 @@ mod shared;
 mod sync;
 
 pub use client::{ClientDriver, ClientHandle, ClientOptions};
+#[cfg(unix)]
+pub use direct::FdWriter;
+pub use direct::TryWrite;
 pub use server::{ServerDriver, ServerHandle, ServerOptions};
 
 pub(crate) use read::{ReadBuf, poll_read_chunk};
@@ -85,6 +90,13 @@ pub trait Io: Send + Unpin + 'static {
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
     /// Shuts the write side down.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// A way for other threads to write to this stream without waiting while the driver owns it
+    /// (see [`TryWrite`]); `None`, the default, keeps every write on the driver task. The writer
+    /// must keep the socket open while it lives, and write to the same byte stream `poll_write`
+    /// does, with nothing buffered in between.
+    fn try_writer(&self) -> Option<alloc::sync::Arc<dyn TryWrite>> {
+        None
+    }
 }
 
 /// A bound listener.

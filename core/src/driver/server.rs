@@ -12,11 +12,12 @@ use core::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 
 use super::batch::{Run, events_or_wait};
+use super::direct::Direct;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
-    Alarm, Clock, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+    Alarm, Clock, Io, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
 };
 use crate::Seq;
 use crate::config::ConfigError;
@@ -94,6 +95,8 @@ struct Slot {
     /// Close once `out` is written.
     close: bool,
     waker: Option<Waker>,
+    /// The application's sends go out through this while the task has nothing to write.
+    direct: Direct,
 }
 
 pub(crate) struct State {
@@ -119,8 +122,9 @@ pub(crate) struct State {
 
 impl State {
     /// Moves what the core wants written to the connections' slots and its events to the
-    /// application, waking whoever must act.
-    fn flush(&mut self, wakes: &mut Wakes) {
+    /// application, waking whoever must act. With `direct` (an application's send), a connection
+    /// whose task has nothing to write is written to from here instead, so its task need not wake.
+    fn flush(&mut self, wakes: &mut Wakes, direct: bool) {
         let now = self.clock.now();
         loop {
             loop {
@@ -131,6 +135,13 @@ impl State {
                 let Some(slot) = self.slots.get_mut(&t.conn) else {
                     continue;
                 };
+                if direct && !t.close && !slot.close && slot.out.is_empty() {
+                    let sent = slot.direct.write(&self.scratch);
+                    if sent == self.scratch.len() {
+                        continue;
+                    }
+                    bytes::Buf::advance(&mut self.scratch, sent);
+                }
                 let data = self.scratch.split();
                 if slot.out.is_empty() {
                     slot.out = data;
@@ -307,7 +318,7 @@ impl ServerHandle {
     fn command<T>(&self, f: impl FnOnce(&mut Server) -> T) -> T {
         self.shared.with(|s, wakes| {
             let r = f(&mut s.server);
-            s.flush(wakes);
+            s.flush(wakes, true);
             r
         })
     }
@@ -347,7 +358,7 @@ impl ServerHandle {
                         Poll::Pending
                     }
                     r => {
-                        s.flush(wakes);
+                        s.flush(wakes, true);
                         Poll::Ready(r)
                     }
                 }
@@ -385,7 +396,7 @@ impl ServerHandle {
             self.shared.with(|s, wakes| {
                 let (run, sent) = Run::send(payloads, |p| s.server.send(session, stream, mode, p));
                 if sent {
-                    s.flush(wakes);
+                    s.flush(wakes, true);
                 }
                 run.poll(s.shutdown, payloads, &mut s.capacity, cx.waker())
             })
@@ -401,7 +412,13 @@ impl ServerHandle {
         mode: Mode,
         payload: &Bytes,
     ) -> Vec<(SessionId, SendError)> {
-        self.command(|s| s.broadcast(sessions, stream, mode, payload))
+        // Each connection's own task writes: one write per session under the server's lock
+        // would hold every other connection up for a fan-out's length.
+        self.shared.with(|s, wakes| {
+            let refused = s.server.broadcast(sessions, stream, mode, payload);
+            s.flush(wakes, false);
+            refused
+        })
     }
 
     /// Replies to `session`'s message `to`. Callable from any thread.
@@ -425,7 +442,7 @@ impl ServerHandle {
                 if let Ok(seq) = r {
                     s.requests.expect((session, seq));
                 }
-                s.flush(wakes);
+                s.flush(wakes, true);
                 r
             })
             .map_err(RequestError::Send)?;
@@ -440,7 +457,7 @@ impl ServerHandle {
         self.shared.with(|s, wakes| {
             let now = s.clock.now();
             s.server.authenticate(now, conn, accept);
-            s.flush(wakes);
+            s.flush(wakes, false);
         });
     }
 
@@ -667,6 +684,9 @@ impl<R: Runtime> Future for ServerDriver<R> {
                             out: BytesMut::new(),
                             close: false,
                             waker: None,
+                            direct: Direct::new(
+                                accepted.as_ref().and_then(|(io, _)| io.try_writer()),
+                            ),
                         },
                     );
                     s.server.on_connection(now, id);
@@ -675,7 +695,7 @@ impl<R: Runtime> Future for ServerDriver<R> {
                 if s.server.poll_timeout().is_some_and(|t| t <= now) {
                     s.server.handle_timeout(now);
                 }
-                s.flush(wakes);
+                s.flush(wakes, false);
                 s.armed = s.server.poll_timeout();
                 (s.armed, s.shutdown, conn)
             });
@@ -726,7 +746,7 @@ struct ConnTask<S> {
     span: tracing::Span,
 }
 
-impl<S: super::Io> ConnTask<S> {
+impl<S: Io> ConnTask<S> {
     /// Tells the core the connection ended and forgets it.
     fn ended(&mut self) {
         let id = self.id;
@@ -734,12 +754,12 @@ impl<S: super::Io> ConnTask<S> {
             let now = s.clock.now();
             s.slots.remove(&id);
             s.server.on_disconnected(now, id);
-            s.flush(wakes);
+            s.flush(wakes, false);
         });
     }
 }
 
-impl<S: super::Io> Future for ConnTask<S> {
+impl<S: Io> Future for ConnTask<S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -773,7 +793,7 @@ impl<S: super::Io> Future for ConnTask<S> {
                 if let Some(data) = input {
                     let now = s.clock.now();
                     s.server.handle_input(now, id, data);
-                    s.flush(wakes);
+                    s.flush(wakes, false);
                 }
                 let Some(slot) = s.slots.get_mut(&id) else {
                     return true;
@@ -785,6 +805,7 @@ impl<S: super::Io> Future for ConnTask<S> {
                     out.extend_from_slice(&slot.out);
                     slot.out.clear();
                 }
+                slot.direct.driver_holds(!out.is_empty());
                 slot.close
             });
             this.closing |= gone;
