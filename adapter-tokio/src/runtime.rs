@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, TryWrite};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// The tokio runtime the driver runs on: the one current where the session was created.
 #[derive(Debug, Clone)]
@@ -39,29 +39,51 @@ impl Stream {
         Ok(Stream(Arc::new(stream)))
     }
 
-    fn poll_read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    /// One read or write through tokio's readiness, as `TcpStream`'s own are made: one that moves
+    /// less than `len` bytes clears the readiness (the socket is drained, or full), so the next
+    /// poll registers for a wake-up instead of making a system call that would only block.
+    fn poll_io(
+        &self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        len: usize,
+        mut op: impl FnMut(&socket2::Socket) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            // A read that would block clears the readiness, so the next poll registers.
-            match self.0.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
+            if interest.is_readable() {
+                ready!(self.0.poll_read_ready(cx))?;
+            } else {
+                ready!(self.0.poll_write_ready(cx))?;
+            }
+            let mut short = None;
+            let done = self.0.try_io(interest, || {
+                let n = op(&socket2::SockRef::from(&*self.0))?;
+                if 0 < n && n < len {
+                    // Reported as would-block only so that tokio clears the readiness it saw.
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Ok(n)
+            });
+            match (done, short) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (done, None) => return Poll::Ready(done),
             }
         }
     }
 
+    fn poll_read_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let len = buf.len();
+        self.poll_io(cx, Interest::READABLE, len, |s| {
+            std::io::Read::read(&mut &*s, buf)
+        })
+    }
+
     fn poll_write_from(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_io(cx, Interest::WRITABLE, buf.len(), |s| {
+            std::io::Write::write(&mut &*s, buf)
+        })
     }
 
     fn shutdown_write(&self) -> Poll<io::Result<()>> {
@@ -129,7 +151,7 @@ pub(crate) fn poll_read_slice<T: AsyncRead + Unpin>(
 
 impl Io for Stream {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        poll_read_slice(self, cx, buf)
+        self.poll_read_from(cx, buf)
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
@@ -152,7 +174,9 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.poll_read_into(cx, buf)
+        let n = ready!(self.poll_read_from(cx, buf.initialize_unfilled()))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
