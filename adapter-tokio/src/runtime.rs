@@ -135,7 +135,8 @@ impl Runtime for Tokio {
     }
 }
 
-/// [`Io::poll_read`] for any tokio reader (the plain stream and, with `tls`, the TLS one).
+/// [`Io::poll_read`] for a tokio reader (the TLS stream).
+#[cfg(feature = "tls")]
 pub(crate) fn poll_read_slice<T: AsyncRead + Unpin>(
     io: &mut T,
     cx: &mut Context<'_>,
