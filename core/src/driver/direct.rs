@@ -13,9 +13,9 @@
 //! locked step in which it holds none. A burst of sends still leaves as a few large writes from
 //! the driver, not one small write per message: after a direct write the path stays closed until
 //! the driver has run, and a driver that has just written reopens it only after a second step
-//! with nothing to write. Without that second step a saturated sender alternates, one message
-//! written direct and then the batch behind it by the driver: two writes where one does, which
-//! cost about a tenth of the 64 B message rate.
+//! with nothing to write. Without that second step, a driver that has just written a batch would
+//! let the next send of a burst go out alone ahead of the batch behind it: two writes where one
+//! does.
 
 use alloc::sync::Arc;
 use std::io;

@@ -21,7 +21,9 @@
 //! code: a client whose threads are all busy (the field report's saturated CPUs) keeps acknowledging as
 //! long as the runtime's own threads get scheduled. Application threads — async or plain — only lock
 //! the shared state for the duration of a core call, so a send or reply from a busy worker thread never
-//! waits for the network.
+//! waits for the network. A send made while the connection's driver has nothing to write is written
+//! by the sending thread itself, with a write that never blocks (`direct`): the hand-off to the
+//! driver task is what held messages up at a steady rate on a busy machine.
 
 use alloc::boxed::Box;
 use core::future::Future;
