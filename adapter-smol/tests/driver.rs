@@ -241,13 +241,7 @@ fn a_failed_write_leads_to_a_resume_like_a_failed_read() {
             .await
             .unwrap();
         let rt = Faulty::default();
-        let mut options = ClientOptions::new(vec![server.local_addr()]);
-        // Every connection counts as stable, so the break is retried at once.
-        options.config.reconnect.stable_after = Duration::ZERO;
-        let (client, driver) =
-            steadfast_smol::core::driver::client::client(rt.clone(), options, entropy()).unwrap();
-        smol::spawn(driver).detach();
-        assert!(client.connected().await);
+        let client = client_of(&rt, &server).await;
 
         rt.break_writes.store(true, Ordering::SeqCst);
         client
@@ -316,6 +310,7 @@ async fn client_of(
     server: &steadfast_smol::ServerHandle,
 ) -> steadfast_smol::ClientHandle {
     let mut options = ClientOptions::new(vec![server.local_addr()]);
+    // Every connection counts as stable, so a break is retried at once.
     options.config.reconnect.stable_after = Duration::ZERO;
     let (client, driver) =
         steadfast_smol::core::driver::client::client(rt.clone(), options, entropy()).unwrap();

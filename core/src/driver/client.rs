@@ -599,6 +599,14 @@ fn start<R: Runtime>(
     Ok((ClientHandle { shared }, driver))
 }
 
+/// A driver that ends, or is dropped with its runtime, lets its socket close: the direct path's
+/// share of it would otherwise keep it open for as long as the application keeps a handle.
+impl<R: Runtime> Drop for ClientDriver<R> {
+    fn drop(&mut self) {
+        self.shared.with(|s, _| s.direct.clear());
+    }
+}
+
 /// What one locked step of the driver found.
 struct Step {
     directives: Vec<Directive>,

@@ -44,6 +44,11 @@ impl<T: std::os::fd::AsFd + Send + Sync> TryWrite for FdWriter<T> {
     }
 }
 
+/// The most bytes written direct at once: the copy into the socket is made under the session's
+/// lock, which the connection's driver and (on a server) every other connection wait for. More is
+/// left to the driver, which copies outside the lock.
+const MAX_DIRECT: usize = 64 * 1024;
+
 /// One connection's direct path: the writer, and whether writing through it now keeps the
 /// stream's order. Lives in the state the lock guards.
 #[derive(Default)]
@@ -83,15 +88,13 @@ impl Direct {
     }
 
     /// Writes as much of `data` as the socket takes now and closes the path until the driver has
-    /// run (if `data` is empty, does nothing); returns how many bytes went. The rest, if any, is the driver's to write first. A
+    /// run (if `data` is empty or larger than `MAX_DIRECT`, does nothing); returns how many bytes
+    /// went. The rest, if any, is the driver's to write first. A
     /// failed write is not reported here: the driver's own write of the rest meets the failure
     /// and ends the connection as it always does.
     pub(crate) fn write(&mut self, data: &[u8]) -> usize {
-        let Some(writer) = self
-            .writer
-            .as_ref()
-            .filter(|_| self.open && !data.is_empty())
-        else {
+        let fits = !data.is_empty() && data.len() <= MAX_DIRECT;
+        let Some(writer) = self.writer.as_ref().filter(|_| self.open && fits) else {
             return 0;
         };
         self.open = false;
@@ -184,6 +187,15 @@ mod tests {
         let (mut direct, socket) = open_path(4, false);
         assert_eq!(direct.write(b"abcdef"), 4);
         assert_eq!(*socket.taken.lock().unwrap(), b"abcd");
+    }
+
+    #[test]
+    fn a_large_write_is_left_for_the_driver_and_the_path_stays_open() {
+        let (mut direct, socket) = open_path(1 << 20, false);
+        assert_eq!(direct.write(&alloc::vec![7; MAX_DIRECT + 1]), 0);
+        assert!(direct.is_open());
+        assert_eq!(direct.write(&alloc::vec![7; MAX_DIRECT]), MAX_DIRECT);
+        assert_eq!(socket.taken.lock().unwrap().len(), MAX_DIRECT);
     }
 
     #[test]

@@ -746,6 +746,19 @@ struct ConnTask<S> {
     span: tracing::Span,
 }
 
+/// A task dropped with its runtime lets its socket close: the direct path's share of it would
+/// otherwise keep it open for as long as the application keeps a handle.
+impl<S> Drop for ConnTask<S> {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.shared.with(|s, _| {
+            if let Some(slot) = s.slots.get_mut(&id) {
+                slot.direct.clear();
+            }
+        });
+    }
+}
+
 impl<S: Io> ConnTask<S> {
     /// Tells the core the connection ended and forgets it.
     fn ended(&mut self) {
