@@ -28,12 +28,15 @@ struct Faulty {
     connected_once: Arc<AtomicBool>,
     /// Direct writes made through the client's connections.
     direct_writes: Arc<AtomicU64>,
+    /// The client's direct writers still alive: each holds a share of its socket.
+    live_writers: Arc<AtomicU64>,
 }
 
 struct FaultyStream {
     inner: Stream,
     break_writes: Option<Arc<AtomicBool>>,
     direct_writes: Arc<AtomicU64>,
+    live_writers: Arc<AtomicU64>,
 }
 
 /// The stream's own direct writer, counted, and broken with its stream.
@@ -41,6 +44,13 @@ struct CountedWriter {
     inner: Arc<dyn TryWrite>,
     writes: Arc<AtomicU64>,
     broken: Option<Arc<AtomicBool>>,
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for CountedWriter {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl TryWrite for CountedWriter {
@@ -76,10 +86,13 @@ impl Io for FaultyStream {
     }
 
     fn try_writer(&self) -> Option<Arc<dyn TryWrite>> {
+        let inner = self.inner.try_writer()?;
+        self.live_writers.fetch_add(1, Ordering::SeqCst);
         Some(Arc::new(CountedWriter {
-            inner: self.inner.try_writer()?,
+            inner,
             writes: self.direct_writes.clone(),
             broken: self.break_writes.clone(),
+            live: self.live_writers.clone(),
         }))
     }
 }
@@ -109,6 +122,7 @@ impl Listen for FaultyListener {
                 inner,
                 break_writes: None,
                 direct_writes: self.direct_writes.clone(),
+                live_writers: Arc::default(),
             };
             (s, peer)
         })
@@ -139,6 +153,7 @@ impl Runtime for Faulty {
         let first = !self.connected_once.swap(true, Ordering::SeqCst);
         let break_writes = first.then(|| self.break_writes.clone());
         let direct_writes = self.direct_writes.clone();
+        let live_writers = self.live_writers.clone();
         let connecting = Smol.connect(addr);
         Box::pin(async move {
             let inner = connecting.await?;
@@ -146,6 +161,7 @@ impl Runtime for Faulty {
                 inner,
                 break_writes,
                 direct_writes,
+                live_writers,
             })
         })
     }
@@ -304,16 +320,29 @@ async fn echo_server(rt: &Faulty) -> (steadfast_smol::ServerHandle, Arc<AtomicU6
     (server, direct_writes)
 }
 
+/// A client of `server` on `rt`, with options as `configure` leaves them, and its driver, not yet
+/// spawned.
+fn client_parts(
+    rt: &Faulty,
+    server: &steadfast_smol::ServerHandle,
+    configure: impl FnOnce(&mut ClientOptions),
+) -> (
+    steadfast_smol::ClientHandle,
+    steadfast_smol::core::driver::ClientDriver<Faulty>,
+) {
+    let mut options = ClientOptions::new(vec![server.local_addr()]);
+    // Every connection counts as stable, so a break is retried at once.
+    options.config.reconnect.stable_after = Duration::ZERO;
+    configure(&mut options);
+    steadfast_smol::core::driver::client::client(rt.clone(), options, entropy()).unwrap()
+}
+
 /// A client of `server` on `rt`, connected.
 async fn client_of(
     rt: &Faulty,
     server: &steadfast_smol::ServerHandle,
 ) -> steadfast_smol::ClientHandle {
-    let mut options = ClientOptions::new(vec![server.local_addr()]);
-    // Every connection counts as stable, so a break is retried at once.
-    options.config.reconnect.stable_after = Duration::ZERO;
-    let (client, driver) =
-        steadfast_smol::core::driver::client::client(rt.clone(), options, entropy()).unwrap();
+    let (client, driver) = client_parts(rt, server, |_| {});
     smol::spawn(driver).detach();
     assert!(client.connected().await);
     client
@@ -355,7 +384,13 @@ fn a_failed_direct_write_leads_to_a_resume_like_a_failed_driver_write() {
     smol::block_on(async {
         let rt = Faulty::default();
         let (server, _) = echo_server(&rt).await;
-        let client = client_of(&rt, &server).await;
+        // Acks wait up to a second, so that no ack timer has the driver write between the round
+        // trip below and the request after the break, however slowly this thread is scheduled.
+        let (client, driver) = client_parts(&rt, &server, |o| {
+            o.config.channel.max_ack_delay = Duration::from_secs(1);
+        });
+        smol::spawn(driver).detach();
+        assert!(client.connected().await);
         // A round trip leaves the client's driver with nothing to write: the path is open.
         let warm = client
             .request(0, Bytes::from_static(b"warm"), Duration::from_secs(3))
@@ -455,5 +490,25 @@ fn sends_from_many_threads_arrive_whole_and_in_order_with_direct_writes_among_th
         // requests above shows them written direct when the connection is idle.
         eprintln!("direct writes: client {client_direct}, server {server_direct}");
         assert!(client_direct > 0, "no send was written direct");
+    });
+}
+
+#[test]
+fn a_driver_dropped_with_its_runtime_lets_its_socket_go_while_the_application_keeps_its_handle() {
+    smol::block_on(async {
+        let rt = Faulty::default();
+        let (server, _) = echo_server(&rt).await;
+        let (client, driver) = client_parts(&rt, &server, |_| {});
+        // The driver on an executor of its own, which goes away as a runtime shut down would.
+        let executor = smol::Executor::new();
+        let task = executor.spawn(driver);
+        assert!(executor.run(client.connected()).await);
+        assert_eq!(rt.live_writers.load(Ordering::SeqCst), 1);
+        drop(task);
+        drop(executor);
+        // The direct writer, and the share of the socket it holds, went with the driver, though
+        // `client` is still held.
+        assert_eq!(rt.live_writers.load(Ordering::SeqCst), 0);
+        drop(client);
     });
 }
