@@ -18,6 +18,7 @@ use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
     Alarm, BoxFuture, Clock, Io, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+    sooner,
 };
 use crate::client::{Client, ClientConfig, Directive};
 use crate::config::ConfigError;
@@ -178,9 +179,10 @@ impl State {
         }
     }
 
-    /// Gets the frames a send just queued on their way: written from this thread if the direct
-    /// path is open, else by the driver, woken for them.
+    /// After a send: routes the events it made, and gets the frames it queued on their way,
+    /// written from this thread if the direct path is open, else by the driver, woken for them.
     fn kick(&mut self, wakes: &mut Wakes) {
+        self.drain_events(wakes);
         if self.direct.is_open() {
             let now = self.clock.now();
             while self.pending.len() < WRITE_BATCH
@@ -188,11 +190,7 @@ impl State {
             {}
             let sent = self.direct.write(&self.pending);
             bytes::Buf::advance(&mut self.pending, sent);
-            let earlier = match (self.client.poll_timeout(), self.armed) {
-                (Some(t), Some(armed)) => t < armed,
-                (t, _) => t.is_some(),
-            };
-            if self.pending.is_empty() && !earlier {
+            if self.pending.is_empty() && !sooner(self.client.poll_timeout(), self.armed) {
                 return;
             }
         }
@@ -266,7 +264,6 @@ impl ClientHandle {
     fn send_command<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         self.shared.with(|s, wakes| {
             let r = f(s);
-            s.drain_events(wakes);
             s.kick(wakes);
             r
         })
@@ -291,7 +288,6 @@ impl ClientHandle {
                         Poll::Pending
                     }
                     r => {
-                        s.drain_events(wakes);
                         s.kick(wakes);
                         Poll::Ready(r)
                     }
@@ -341,7 +337,6 @@ impl ClientHandle {
             self.shared.with(|s, wakes| {
                 let (run, sent) = Run::send(payloads, |p| s.client.send(stream, mode, p));
                 if sent {
-                    s.drain_events(wakes);
                     s.kick(wakes);
                 }
                 run.poll(s.over, payloads, &mut s.capacity, cx.waker())

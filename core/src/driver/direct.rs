@@ -66,8 +66,7 @@ impl Direct {
     pub(crate) fn new(writer: Option<Arc<dyn TryWrite>>) -> Self {
         Direct {
             writer,
-            open: false,
-            was_idle: false,
+            ..Direct::default()
         }
     }
 

@@ -180,6 +180,18 @@ pub(crate) fn poll_write_all<S: Io>(
     Poll::Ready(Ok(()))
 }
 
+/// Whether `next`, the deadline the core wants now, comes before `armed`, the one a driver sleeps
+/// until: if so, the driver must be woken to set its timer again.
+pub(crate) fn sooner(
+    next: Option<crate::time::Instant>,
+    armed: Option<crate::time::Instant>,
+) -> bool {
+    match (next, armed) {
+        (Some(t), Some(armed)) => t < armed,
+        (t, _) => t.is_some(),
+    }
+}
+
 /// Keeps one timer armed at a changing deadline, creating it on first use.
 pub(crate) struct Alarm {
     timer: Option<(std::time::Instant, Pin<Box<dyn Timer>>)>,

@@ -18,6 +18,7 @@ use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
     Alarm, Clock, Io, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+    sooner,
 };
 use crate::Seq;
 use crate::config::ConfigError;
@@ -135,7 +136,7 @@ impl State {
                 let Some(slot) = self.slots.get_mut(&t.conn) else {
                     continue;
                 };
-                if direct && !t.close && !slot.close && slot.out.is_empty() {
+                if direct && !t.close && !slot.close {
                     let sent = slot.direct.write(&self.scratch);
                     if sent == self.scratch.len() {
                         continue;
@@ -143,6 +144,8 @@ impl State {
                     bytes::Buf::advance(&mut self.scratch, sent);
                 }
                 let data = self.scratch.split();
+                // The task holds these now: nothing may be written direct ahead of them.
+                slot.direct.driver_holds(true);
                 if slot.out.is_empty() {
                     slot.out = data;
                 } else {
@@ -171,12 +174,7 @@ impl State {
             }
         }
         // The timer task sleeps until `armed`; it must hear of an earlier deadline.
-        let earlier = match (self.server.poll_timeout(), self.armed) {
-            (Some(t), Some(armed)) => t < armed,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if earlier {
+        if sooner(self.server.poll_timeout(), self.armed) {
             wakes.wake(&mut self.driver);
         }
     }
