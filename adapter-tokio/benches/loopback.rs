@@ -45,7 +45,8 @@
 //! Environment: `LOOPBACK_ONLY=throughput,wire,latency,runtimes,recovery` (a subset),
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (5), `LOOPBACK_RATES`
-//! (10000,100000),
+//! (10000,100000), `LOOPBACK_LATENCY_IMPLS` (steadfast,raw,pacer: which of the three the latency
+//! section runs, so that one can be counted alone under `perf stat`),
 //! `LOOPBACK_KINDS` (steadfast,batched,down,raw,framed,mqtt) and `LOOPBACK_SIZES` (64,65536) for the
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
 //! counts; they need `perf` and permission to attach to this process), `LOOPBACK_PACER=sleep` (the
@@ -92,6 +93,7 @@ struct Settings {
     wire_secs: Duration,
     latency_secs: Duration,
     latency_reps: usize,
+    latency_impls: Vec<String>,
     rates: Vec<u64>,
     recovery_reps: usize,
     partition: Duration,
@@ -129,6 +131,7 @@ impl Settings {
             wire_secs: Duration::from_secs_f64(env_f64("LOOPBACK_WIRE_SECS", 0.5)),
             latency_secs: Duration::from_secs_f64(env_f64("LOOPBACK_LATENCY_SECS", 1.5)),
             latency_reps: env_f64("LOOPBACK_LATENCY_REPS", 5.0).max(1.0) as usize,
+            latency_impls: list("LOOPBACK_LATENCY_IMPLS", "steadfast,raw,pacer"),
             rates: list("LOOPBACK_RATES", "10000,100000")
                 .iter()
                 .filter_map(|r| r.parse().ok())
@@ -1432,6 +1435,8 @@ fn main() {
         println!(
             "  implementation            rate/s      p50        p99      p99.9        max   samples/run  p99 of each run"
         );
+        // The names `LOOPBACK_LATENCY_IMPLS` picks them by, in the same order.
+        const LATENCY_KEYS: [&str; 3] = ["steadfast", "raw", "pacer"];
         const IMPLS: [&str; 3] = [
             "steadfast-tokio",
             "raw TCP ping-pong",
@@ -1443,6 +1448,9 @@ fn main() {
             let mut runs: [Vec<[f64; 5]>; 3] = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..settings.latency_reps {
                 for (i, _) in IMPLS.into_iter().enumerate() {
+                    if !settings.latency_impls.iter().any(|k| k == LATENCY_KEYS[i]) {
+                        continue;
+                    }
                     let secs = settings.latency_secs;
                     let h = rt.block_on(async {
                         match i {
@@ -1465,6 +1473,9 @@ fn main() {
             for (name, runs) in IMPLS.into_iter().zip(&runs) {
                 let col = |i: usize| median(runs.iter().map(|r| r[i]).collect());
                 p99s.push(col(1));
+                if runs.is_empty() {
+                    continue;
+                }
                 println!(
                     "  {name:<24} {:>7} {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>8.1}µs {:>12}  [{}]",
                     si(rate as f64),
@@ -1480,6 +1491,9 @@ fn main() {
                 );
             }
             for (raw, what) in [(1, "raw TCP"), (2, "raw TCP, pacer writes")] {
+                if runs[0].is_empty() || runs[raw].is_empty() {
+                    continue;
+                }
                 let pairs: Vec<f64> = runs[0]
                     .iter()
                     .zip(&runs[raw])

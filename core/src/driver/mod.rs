@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`client`] | [`ClientHandle`] and the [`ClientDriver`] future that owns a client's connection |
 //! | [`server`] | [`ServerHandle`], the accept-and-timer future and one task per connection |
+//! | `arming` | when the server's timer task sleeps until, and when another task must wake it |
 //! | `batch` | many sends or many events per lock of the shared state |
 //! | `direct` | a send's frames written by its own thread while the driver has nothing to write |
 //! | `read` | a connection's reads, cut where its frames end so that large frames arrive whole |
@@ -32,6 +33,7 @@ use core::pin::Pin;
 use core::task::{Context, Poll};
 use std::io;
 
+mod arming;
 mod batch;
 pub mod client;
 mod direct;

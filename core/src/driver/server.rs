@@ -11,6 +11,7 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
+use super::arming::Arming;
 use super::batch::{Run, events_or_wait};
 use super::direct::Direct;
 use super::requests::{self, Awaited};
@@ -18,7 +19,6 @@ use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
     Alarm, Clock, Io, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
-    sooner,
 };
 use crate::Seq;
 use crate::config::ConfigError;
@@ -113,9 +113,9 @@ pub(crate) struct State {
     event_waiter: Option<Waker>,
     capacity: Vec<Waker>,
     requests: Awaited<(SessionId, Seq)>,
-    /// The accept-and-timer task, and the deadline its timer is set for.
+    /// The accept-and-timer task, and when its timer is set for.
     driver: Option<Waker>,
-    armed: Option<crate::time::Instant>,
+    arming: Arming,
     authenticator: Option<Authenticator>,
     shutdown: bool,
     handles: usize,
@@ -173,8 +173,7 @@ impl State {
                 break;
             }
         }
-        // The timer task sleeps until `armed`; it must hear of an earlier deadline.
-        if sooner(self.server.poll_timeout(), self.armed) {
+        if self.arming.must_wake(self.server.poll_timeout()) {
             wakes.wake(&mut self.driver);
         }
     }
@@ -604,6 +603,7 @@ fn serve<R: Runtime>(
         .map_err(|_| ConfigError::Zero("listener address"))?;
     let clock = Clock::new(R::now);
     let max_frame = options.config.channel.max_frame_size;
+    let arming = Arming::new(options.config.channel.max_ack_delay);
     let server = match sessions {
         Some(sessions) => Server::with_sessions(options.config, clock.now(), entropy, sessions)?,
         None => Server::new(options.config, clock.now(), entropy)?,
@@ -619,7 +619,7 @@ fn serve<R: Runtime>(
         capacity: Vec::new(),
         requests: Awaited::new(),
         driver: None,
-        armed: None,
+        arming,
         authenticator: options.authenticator,
         shutdown: false,
         handles: 1,
@@ -694,8 +694,8 @@ impl<R: Runtime> Future for ServerDriver<R> {
                     s.server.handle_timeout(now);
                 }
                 s.flush(wakes, false);
-                s.armed = s.server.poll_timeout();
-                (s.armed, s.shutdown, conn)
+                let armed = s.arming.arm(now, s.server.poll_timeout());
+                (armed, s.shutdown, conn)
             });
             if stop {
                 this.listener = None;
