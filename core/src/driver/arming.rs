@@ -68,6 +68,14 @@ mod tests {
         Instant::from_nanos(ms * 1_000_000)
     }
 
+    /// A timer asleep until the heartbeat at 1 s, woken by a deadline at `deadline` ms.
+    fn woken_for(deadline: u64) -> Arming {
+        let mut a = Arming::new(ACK);
+        a.arm(at(0), Some(at(1000)));
+        assert!(a.must_wake(Some(at(deadline))));
+        a
+    }
+
     #[test]
     fn an_idle_timer_sleeps_until_the_cores_deadline() {
         let mut a = Arming::new(ACK);
@@ -77,17 +85,13 @@ mod tests {
 
     #[test]
     fn the_first_sooner_deadline_wakes_the_timer_and_starts_it_ticking() {
-        let mut a = Arming::new(ACK);
-        a.arm(at(0), Some(at(1000)));
-        assert!(a.must_wake(Some(at(15))));
+        let mut a = woken_for(15);
         assert_eq!(a.arm(at(11), Some(at(1000))), Some(at(16)));
     }
 
     #[test]
     fn deadlines_the_next_tick_covers_need_no_wake() {
-        let mut a = Arming::new(ACK);
-        a.arm(at(0), Some(at(1000)));
-        assert!(a.must_wake(Some(at(15))));
+        let mut a = woken_for(15);
         a.arm(at(10), Some(at(1000)));
         // Messages read at 11, 12 and 14 ms owe acks 5 ms later: none is before the tick at 15.
         for read in [11, 12, 14] {
@@ -99,18 +103,14 @@ mod tests {
 
     #[test]
     fn a_tick_with_no_new_deadline_stops_the_ticking() {
-        let mut a = Arming::new(ACK);
-        a.arm(at(0), Some(at(1000)));
-        assert!(a.must_wake(Some(at(15))));
+        let mut a = woken_for(15);
         assert_eq!(a.arm(at(10), Some(at(1000))), Some(at(15)));
         assert_eq!(a.arm(at(15), Some(at(1000))), Some(at(1000)));
     }
 
     #[test]
     fn a_deadline_sooner_than_the_tick_still_wakes_the_timer() {
-        let mut a = Arming::new(ACK);
-        a.arm(at(0), Some(at(1000)));
-        assert!(a.must_wake(Some(at(5))));
+        let mut a = woken_for(5);
         a.arm(at(1), Some(at(1000)));
         assert!(a.must_wake(Some(at(3))));
     }
