@@ -12,7 +12,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 
 use super::batch::{Run, events_or_wait};
-use super::direct::{Direct, Returned, TakesBack};
+use super::direct::Direct;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -180,8 +180,7 @@ impl State {
     }
 
     /// After a send: routes the events it made, and gets the frames it queued on their way,
-    /// written from this thread once the lock is released if the direct path is open, else by
-    /// the driver, woken for them.
+    /// written from this thread if the direct path is open, else by the driver, woken for them.
     fn kick(&mut self, wakes: &mut Wakes) {
         self.drain_events(wakes);
         if self.direct.is_open() {
@@ -189,9 +188,8 @@ impl State {
             while self.pending.len() < WRITE_BATCH
                 && self.client.poll_transmit(now, &mut self.pending).is_some()
             {}
-            if let Some(write) = self.direct.take(0, &mut self.pending) {
-                wakes.write(write);
-            }
+            let sent = self.direct.write(&self.pending);
+            bytes::Buf::advance(&mut self.pending, sent);
             if self.pending.is_empty() && !sooner(self.client.poll_timeout(), self.armed) {
                 return;
             }
@@ -206,14 +204,6 @@ impl State {
         wakes.wake_all(&mut self.closed_waiters);
         wakes.wake_all(&mut self.connected_waiters);
         wakes.wake(&mut self.event_waiter);
-    }
-}
-
-impl TakesBack for State {
-    fn take_back(&mut self, back: Returned, wakes: &mut Wakes) {
-        if self.direct.take_back(back, &mut self.pending) {
-            wakes.wake(&mut self.driver);
-        }
     }
 }
 
@@ -633,7 +623,7 @@ impl<R: Runtime> ClientDriver<R> {
             match connected {
                 Some(true) => {
                     s.client.on_connected(now);
-                    s.direct.set(writer);
+                    s.direct = Direct::new(writer);
                 }
                 Some(false) => s.client.on_connect_failed(now),
                 None => {}
@@ -656,15 +646,13 @@ impl<R: Runtime> ClientDriver<R> {
                 // A connection made or dropped: the old socket takes nothing more.
                 s.direct.clear();
             }
-            if !writing || directives.contains(&Directive::Disconnect) {
-                s.pending.clear();
-            } else if s.direct.driver_may_write() {
+            if writing && !directives.contains(&Directive::Disconnect) {
                 // What a direct write left goes first: it was made before anything the core
                 // makes now.
                 out.extend_from_slice(&s.pending);
-                s.pending.clear();
                 while out.len() < WRITE_BATCH && s.client.poll_transmit(now, out).is_some() {}
             }
+            s.pending.clear();
             s.direct.driver_holds(!out.is_empty());
             s.drain_events(wakes);
             s.armed = s.client.poll_timeout();

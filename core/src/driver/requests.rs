@@ -8,7 +8,6 @@ use core::task::{Context, Poll, Waker};
 use bytes::Bytes;
 
 use super::RequestError;
-use super::direct::TakesBack;
 use super::shared::{Shared, Wakes, register};
 
 /// Where an awaited request stands.
@@ -63,7 +62,7 @@ impl<K: Ord + Copy> Awaited<K> {
 }
 
 /// Awaits the answer to `key` in the state `S`, whose [`Awaited`] and "is over" flag `part` finds.
-pub(crate) async fn answer<S: TakesBack, K: Ord + Copy>(
+pub(crate) async fn answer<S, K: Ord + Copy>(
     shared: &Shared<S>,
     key: K,
     part: fn(&mut S) -> (&mut Awaited<K>, bool),
@@ -78,14 +77,14 @@ pub(crate) async fn answer<S: TakesBack, K: Ord + Copy>(
 }
 
 /// Forgets an awaited request whose future is dropped.
-struct Guard<'a, S: TakesBack, K: Ord + Copy> {
+struct Guard<'a, S, K: Ord + Copy> {
     shared: &'a Shared<S>,
     key: K,
     part: fn(&mut S) -> (&mut Awaited<K>, bool),
     done: bool,
 }
 
-impl<S: TakesBack, K: Ord + Copy> Guard<'_, S, K> {
+impl<S, K: Ord + Copy> Guard<'_, S, K> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
         let (key, part) = (self.key, self.part);
         let r = self.shared.with(|s, _| {
@@ -105,7 +104,7 @@ impl<S: TakesBack, K: Ord + Copy> Guard<'_, S, K> {
     }
 }
 
-impl<S: TakesBack, K: Ord + Copy> Drop for Guard<'_, S, K> {
+impl<S, K: Ord + Copy> Drop for Guard<'_, S, K> {
     fn drop(&mut self) {
         if !self.done {
             let (key, part) = (self.key, self.part);

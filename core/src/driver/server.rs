@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::arming::Arming;
 use super::batch::{Run, events_or_wait};
-use super::direct::{Direct, Returned, TakesBack};
+use super::direct::Direct;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -136,13 +136,12 @@ impl State {
                 let Some(slot) = self.slots.get_mut(&t.conn) else {
                     continue;
                 };
-                if direct
-                    && !t.close
-                    && !slot.close
-                    && let Some(write) = slot.direct.take(t.conn, &mut self.scratch)
-                {
-                    wakes.write(write);
-                    continue;
+                if direct && !t.close && !slot.close {
+                    let sent = slot.direct.write(&self.scratch);
+                    if sent == self.scratch.len() {
+                        continue;
+                    }
+                    bytes::Buf::advance(&mut self.scratch, sent);
                 }
                 let data = self.scratch.split();
                 // The task holds these now: nothing may be written direct ahead of them.
@@ -272,16 +271,6 @@ impl State {
         wakes.wake(&mut self.event_waiter);
         wakes.wake_all(&mut self.capacity);
         self.requests.end(.., wakes);
-    }
-}
-
-impl TakesBack for State {
-    fn take_back(&mut self, back: Returned, wakes: &mut Wakes) {
-        if let Some(slot) = self.slots.get_mut(&back.key)
-            && slot.direct.take_back(back, &mut slot.out)
-        {
-            wakes.wake(&mut slot.waker);
-        }
     }
 }
 
@@ -821,11 +810,6 @@ impl<S: Io> Future for ConnTask<S> {
                     return true;
                 };
                 register(&mut slot.waker, cx.waker());
-                // Its bytes wait while a direct write is out: what that leaves goes first, and
-                // its return wakes this task. So does a close, which must follow them.
-                if !slot.direct.driver_may_write() {
-                    return false;
-                }
                 if out.is_empty() {
                     core::mem::swap(out, &mut slot.out);
                 } else {

@@ -12,7 +12,6 @@
 use alloc::vec::Vec;
 use core::task::Waker;
 
-use super::direct::{Outgoing, TakesBack};
 use super::sync::{Arc, Mutex, lock};
 
 /// State of type `S` behind one lock, with wake-ups deferred past the lock.
@@ -20,34 +19,21 @@ pub(crate) struct Shared<S> {
     inner: Mutex<S>,
 }
 
-/// Wake-ups to deliver, and direct writes to make, once the lock is released.
+/// Wake-ups to deliver once the lock is released.
 #[derive(Default)]
-pub(crate) struct Wakes {
-    wakers: Vec<Waker>,
-    // Nearly always at most one write: that one is kept without allocating.
-    write: Option<Outgoing>,
-    more_writes: Vec<Outgoing>,
-}
+pub(crate) struct Wakes(alloc::vec::Vec<Waker>);
 
 impl Wakes {
     /// Wakes whoever waits in `slot` (once the lock is released).
     pub(crate) fn wake(&mut self, slot: &mut Option<Waker>) {
         if let Some(w) = slot.take() {
-            self.wakers.push(w);
+            self.0.push(w);
         }
     }
 
     /// Wakes every waiter in `list`.
-    pub(crate) fn wake_all(&mut self, list: &mut Vec<Waker>) {
-        self.wakers.append(list);
-    }
-
-    /// Makes `write` once the lock is released (see `direct`).
-    pub(crate) fn write(&mut self, write: Outgoing) {
-        match self.write {
-            None => self.write = Some(write),
-            Some(_) => self.more_writes.push(write),
-        }
+    pub(crate) fn wake_all(&mut self, list: &mut alloc::vec::Vec<Waker>) {
+        self.0.append(list);
     }
 }
 
@@ -66,15 +52,14 @@ pub(crate) fn register_in(list: &mut alloc::vec::Vec<Waker>, waker: &Waker) {
     }
 }
 
-impl<S: TakesBack> Shared<S> {
+impl<S> Shared<S> {
     pub(crate) fn new(state: S) -> Arc<Self> {
         Arc::new(Shared {
             inner: Mutex::new(state),
         })
     }
 
-    /// Runs `f` under the lock, then makes the direct writes it took (handing back, under the
-    /// lock again, what they left) and delivers the wake-ups it asked for.
+    /// Runs `f` under the lock, then delivers the wake-ups it asked for.
     // Inlined into each caller, so that what `f` returns (an event, a send's result) is built
     // where the caller wants it instead of copied out of this frame.
     #[inline(always)]
@@ -84,22 +69,10 @@ impl<S: TakesBack> Shared<S> {
             let mut state = lock(&self.inner);
             f(&mut state, &mut wakes)
         };
-        if let Some(write) = wakes.write.take() {
-            self.write_direct(write, &mut wakes);
-        }
-        for w in wakes.wakers {
+        for w in wakes.0 {
             w.wake();
         }
         r
-    }
-
-    #[inline(never)]
-    fn write_direct(&self, first: Outgoing, wakes: &mut Wakes) {
-        let more = core::mem::take(&mut wakes.more_writes);
-        for write in core::iter::once(first).chain(more) {
-            let back = write.write();
-            lock(&self.inner).take_back(back, wakes);
-        }
     }
 }
 
@@ -209,10 +182,6 @@ mod loom_models {
         items: alloc::vec::Vec<u32>,
         driver: Option<Waker>,
         closed: bool,
-    }
-
-    impl TakesBack for Queue {
-        fn take_back(&mut self, _: crate::driver::direct::Returned, _: &mut Wakes) {}
     }
 
     fn produce(shared: &Shared<Queue>, item: u32) -> bool {
