@@ -223,7 +223,8 @@ mod loom_models {
     use alloc::vec::Vec;
     use loom::thread;
 
-    /// A socket that takes one byte per call, or none every other call: partial writes throughout.
+    /// A socket that takes nothing on its first call, then one byte per call and nothing every other
+    /// call: partial writes throughout.
     struct Socket {
         wire: Mutex<Vec<u8>>,
         calls: loom::sync::atomic::AtomicUsize,
@@ -232,7 +233,7 @@ mod loom_models {
     impl TryWrite for Socket {
         fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
             use loom::sync::atomic::Ordering::SeqCst;
-            if self.calls.fetch_add(1, SeqCst) % 2 == 1 {
+            if self.calls.fetch_add(1, SeqCst) % 2 == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             self.wire.lock().unwrap().push(buf[0]);
@@ -254,8 +255,7 @@ mod loom_models {
     /// the driver.
     fn send(shared: &Shared<Conn>) {
         shared.with(|c, _| {
-            c.made.push(c.next);
-            c.next += 1;
+            c.make();
             if c.direct.is_open() {
                 let frames = core::mem::take(&mut c.made);
                 let sent = c.direct.write(&frames);
@@ -264,10 +264,22 @@ mod loom_models {
         });
     }
 
-    /// One turn of the driver: under the lock, takes what a direct write left, then what is
-    /// queued, after anything of its own still unwritten; then writes outside the lock.
-    fn driver_turn(shared: &Shared<Conn>, socket: &Socket, out: &mut Vec<u8>) {
+    impl Conn {
+        /// The core queues the next frame.
+        fn make(&mut self) {
+            self.made.push(self.next);
+            self.next += 1;
+        }
+    }
+
+    /// One turn of the driver: under the lock, the core may queue a frame of its own (an ack for
+    /// what the driver read); the driver takes what a direct write left, then what is queued,
+    /// after anything of its own still unwritten; then writes outside the lock.
+    fn driver_turn(shared: &Shared<Conn>, socket: &Socket, out: &mut Vec<u8>, ack: bool) {
         shared.with(|c, _| {
+            if ack {
+                c.make();
+            }
             out.append(&mut c.pending);
             out.append(&mut c.made);
             c.direct.driver_holds(!out.is_empty());
@@ -297,24 +309,32 @@ mod loom_models {
                 c.direct.driver_holds(false);
                 c.direct.driver_holds(false);
             });
-            let app = {
-                let s = shared.clone();
-                thread::spawn(move || {
-                    for _ in 0..3 {
-                        send(&s);
-                    }
+            // Two sending threads, and a driver that queues an ack of its own.
+            let apps: Vec<_> = [2, 1]
+                .into_iter()
+                .map(|sends| {
+                    let s = shared.clone();
+                    thread::spawn(move || {
+                        for _ in 0..sends {
+                            send(&s);
+                        }
+                    })
                 })
-            };
+                .collect();
             let mut out = Vec::new();
-            driver_turn(&shared, &socket, &mut out);
-            app.join().unwrap();
-            // Drain what is left, as the woken driver would.
-            for _ in 0..8 {
-                driver_turn(&shared, &socket, &mut out);
+            driver_turn(&shared, &socket, &mut out, true);
+            driver_turn(&shared, &socket, &mut out, false);
+            for app in apps {
+                app.join().unwrap();
             }
+            // Drain what is left, as the woken driver would.
+            for _ in 0..10 {
+                driver_turn(&shared, &socket, &mut out, false);
+            }
+            let made = shared.with(|c, _| c.next);
             assert_eq!(
                 *socket.wire.lock().unwrap(),
-                [0, 1, 2],
+                (0..made).collect::<Vec<u8>>(),
                 "every frame once, in order"
             );
         });
