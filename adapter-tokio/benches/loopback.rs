@@ -1435,20 +1435,19 @@ fn main() {
         println!(
             "  implementation            rate/s      p50        p99      p99.9        max   samples/run  p99 of each run"
         );
-        // The names `LOOPBACK_LATENCY_IMPLS` picks them by, in the same order.
-        const LATENCY_KEYS: [&str; 3] = ["steadfast", "raw", "pacer"];
-        const IMPLS: [&str; 3] = [
-            "steadfast-tokio",
-            "raw TCP ping-pong",
-            "raw TCP, pacer writes",
+        // Each with the name `LOOPBACK_LATENCY_IMPLS` picks it by.
+        const IMPLS: [(&str, &str); 3] = [
+            ("steadfast", "steadfast-tokio"),
+            ("raw", "raw TCP ping-pong"),
+            ("pacer", "raw TCP, pacer writes"),
         ];
         for &rate in &settings.rates {
             // Per implementation, per run: p50, p99, p99.9, max (µs), samples. They alternate
             // run by run, so that all meet the same spells of a noisy machine.
             let mut runs: [Vec<[f64; 5]>; 3] = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..settings.latency_reps {
-                for (i, _) in IMPLS.into_iter().enumerate() {
-                    if !settings.latency_impls.iter().any(|k| k == LATENCY_KEYS[i]) {
+                for (i, (key, _)) in IMPLS.into_iter().enumerate() {
+                    if !settings.latency_impls.iter().any(|k| k == key) {
                         continue;
                     }
                     let secs = settings.latency_secs;
@@ -1470,7 +1469,7 @@ fn main() {
                 }
             }
             let mut p99s = Vec::new();
-            for (name, runs) in IMPLS.into_iter().zip(&runs) {
+            for ((_, name), runs) in IMPLS.into_iter().zip(&runs) {
                 let col = |i: usize| median(runs.iter().map(|r| r[i]).collect());
                 p99s.push(col(1));
                 if runs.is_empty() {
