@@ -1262,11 +1262,8 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(SendError::Closed(payload));
         };
-        if mode == Mode::Unreliable && s.conn().is_none() {
-            return Ok(Sent::Unreliable);
-        }
         let kept = (journal && s.store.is_some() && mode.is_reliable()).then(|| payload.clone());
-        let result = s.channel.send_on(stream, mode, payload);
+        let result = queue_on(s, stream, mode, payload);
         if let (Ok(sent), Some(payload)) = (&result, kept)
             && let Some(seq) = sent.seq()
         {
@@ -1282,18 +1279,83 @@ impl Server {
                 return Err(SendError::Closed(m.payload));
             }
         }
-        let policy = self
-            .config
+        self.after_send(id, stream, &result);
+        result
+    }
+
+    /// After a send to session `id`: a full queue closes it if its stream's policy says so, and
+    /// its connection and timers learn what was queued.
+    fn after_send(&mut self, id: SessionId, stream: u64, result: &Result<Sent, SendError>) {
+        if matches!(result, Err(SendError::QueueFull(_)))
+            && self.overflow_policy(stream) == Overflow::CloseSession
+        {
+            self.overflow(id);
+            return;
+        }
+        self.touch_session(id);
+    }
+
+    fn overflow_policy(&self, stream: u64) -> Overflow {
+        self.config
             .stream_overflow
             .get(&stream)
             .copied()
-            .unwrap_or(self.config.overflow);
-        if matches!(result, Err(SendError::QueueFull(_))) && policy == Overflow::CloseSession {
-            self.overflow(id);
-            return result;
+            .unwrap_or(self.config.overflow)
+    }
+
+    /// Sends `payloads` to a session on `stream`, in order, front first, until they are all sent
+    /// or one is refused: [`Server::send`] for a run of messages, with the session looked up and
+    /// its timers brought up to date once per run instead of once per message. Each payload sent
+    /// is taken from `payloads`; a refused one comes back in the error, the ones after it stay.
+    ///
+    /// ```
+    /// # use std::collections::VecDeque;
+    /// # use bytes::Bytes;
+    /// # use rand_core::SeedableRng;
+    /// # use steadfast_core::server::{Server, ServerConfig};
+    /// # use steadfast_core::{Config, Mode, SendError, Transport, identity::SessionId, time::Instant};
+    /// # let entropy = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    /// # let config = ServerConfig::new(Config::new(Transport::Stream));
+    /// # let mut server = Server::new(config, Instant::ZERO, entropy).unwrap();
+    /// let mut batch: VecDeque<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i])).collect();
+    /// // No such session: the first payload comes back, the rest stay queued.
+    /// let refused = server.send_many(SessionId(7), 0, Mode::Ordered, &mut batch);
+    /// assert!(matches!(refused, Err(SendError::Closed(p)) if p[..] == [0]));
+    /// assert_eq!(batch.len(), 2);
+    /// ```
+    pub fn send_many(
+        &mut self,
+        session: SessionId,
+        stream: u64,
+        mode: Mode,
+        payloads: &mut VecDeque<Bytes>,
+    ) -> Result<(), SendError> {
+        let journaled = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.store.is_some());
+        if stream >= REPLY_STREAM || journaled {
+            // Each message is checked, or recorded, on its own.
+            while let Some(p) = payloads.pop_front() {
+                self.send(session, stream, mode, p)?;
+            }
+            return Ok(());
         }
-        self.touch_session(id);
-        result
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return match payloads.pop_front() {
+                Some(p) => Err(SendError::Closed(p)),
+                None => Ok(()),
+            };
+        };
+        let mut result = Ok(Sent::Unreliable);
+        while let Some(p) = payloads.pop_front() {
+            result = queue_on(s, stream, mode, p);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.after_send(session, stream, &result);
+        result.map(|_| ())
     }
 
     /// Sends the same payload to many sessions (the field report's fan-out); returns the sends that
@@ -1715,6 +1777,15 @@ fn drain_events(
 }
 
 /// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
+/// Queues `payload` on session `s`'s channel; an unreliable one with no connection to go out on
+/// is dropped at once.
+fn queue_on(s: &mut Session, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
+    if mode == Mode::Unreliable && s.conn().is_none() {
+        return Ok(Sent::Unreliable);
+    }
+    s.channel.send_on(stream, mode, payload)
+}
+
 fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
     if !c.queued {
         c.queued = true;
@@ -2000,10 +2071,8 @@ mod tests {
         wire.freeze()
     }
 
-    #[test]
-    fn a_quiet_session_gives_back_the_room_its_queues_grew() {
-        let mut s = server();
-        let t = Instant::ZERO;
+    /// A client's hello on connection 1: the session it opened.
+    fn open_session(s: &mut Server, t: Instant) -> SessionId {
         s.on_connection(t, 1);
         let hello = Frame::Hello(HelloFrame {
             nonce: 1,
@@ -2012,9 +2081,96 @@ mod tests {
             credentials: Bytes::new(),
         });
         s.handle_input(t, 1, stream(&[hello], true));
-        let [id] = drain(&mut s, t)[..] else {
+        let [id] = drain(s, t)[..] else {
             panic!("one session");
         };
+        id
+    }
+
+    /// Everything the server writes now.
+    fn written(s: &mut Server, t: Instant) -> BytesMut {
+        let mut wire = BytesMut::new();
+        while s.poll_transmit(t, &mut wire).is_some() {}
+        wire
+    }
+
+    fn payloads(n: u8) -> VecDeque<Bytes> {
+        (0..n).map(|i| Bytes::from(alloc::vec![i; 3])).collect()
+    }
+
+    #[test]
+    fn a_run_of_sends_puts_on_the_wire_what_one_send_each_does() {
+        let t = Instant::ZERO;
+        let (mut each, mut run) = (server(), server());
+        let (a, b) = (open_session(&mut each, t), open_session(&mut run, t));
+        for p in payloads(40) {
+            each.send(a, 3, Mode::Ordered, p).expect("room");
+        }
+        let mut batch = payloads(40);
+        run.send_many(b, 3, Mode::Ordered, &mut batch)
+            .expect("room");
+        assert!(batch.is_empty());
+        assert_eq!(written(&mut each, t), written(&mut run, t));
+        assert_eq!(
+            each.poll_timeout(),
+            run.poll_timeout(),
+            "the same timers armed"
+        );
+    }
+
+    #[test]
+    fn a_run_stops_at_a_full_queue_and_hands_the_refused_payload_back() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        let id = open_session(&mut s, t);
+        let room = s.sessions[&id].channel.config().max_queued_messages;
+        let mut batch: VecDeque<Bytes> = (0..room + 5).map(|_| Bytes::from_static(b"x")).collect();
+        match s.send_many(id, 0, Mode::Ordered, &mut batch) {
+            Err(SendError::QueueFull(p)) => assert_eq!(&p[..], b"x"),
+            other => panic!("the queue filled: {other:?}"),
+        }
+        assert_eq!(batch.len(), 4, "the ones after the refused one stay");
+        assert!(
+            s.sessions.contains_key(&id),
+            "the default policy waits for room"
+        );
+    }
+
+    #[test]
+    fn a_run_that_overflows_a_stream_that_closes_on_overflow_closes_the_session() {
+        let entropy =
+            Box::new(<rand_chacha::ChaCha8Rng as rand_core::SeedableRng>::seed_from_u64(1));
+        let mut config = ServerConfig::new(Config::new(crate::Transport::Stream));
+        config.stream_overflow.insert(9, Overflow::CloseSession);
+        let room = config.channel.max_queued_messages;
+        let mut s = Server::new(config, Instant::ZERO, entropy).expect("valid config");
+        let t = Instant::ZERO;
+        let id = open_session(&mut s, t);
+        let mut batch: VecDeque<Bytes> = (0..room + 1).map(|_| Bytes::from_static(b"x")).collect();
+        assert!(matches!(
+            s.send_many(id, 9, Mode::Ordered, &mut batch),
+            Err(SendError::QueueFull(_))
+        ));
+        let lost = core::iter::from_fn(|| s.poll_event()).any(|e| {
+            matches!(
+                e,
+                ServerEvent::Session {
+                    event: SessionEvent::SessionLost {
+                        reason: LostReason::Overflow,
+                        ..
+                    },
+                    ..
+                }
+            )
+        });
+        assert!(lost, "the application hears why the session went");
+    }
+
+    #[test]
+    fn a_quiet_session_gives_back_the_room_its_queues_grew() {
+        let mut s = server();
+        let t = Instant::ZERO;
+        let id = open_session(&mut s, t);
         let burst = |s: &mut Server, n: usize| {
             for _ in 0..n {
                 s.send(id, 0, Mode::Ordered, Bytes::from_static(b"x"))

@@ -33,18 +33,29 @@ impl Run {
         payloads: &mut VecDeque<Bytes>,
         mut send: impl FnMut(Bytes) -> Result<Sent, SendError>,
     ) -> (Run, bool) {
-        let mut sent = false;
-        while let Some(p) = payloads.pop_front() {
-            match send(p) {
-                Ok(_) => sent = true,
-                Err(SendError::QueueFull(p)) => {
-                    payloads.push_front(p);
-                    return (Run::Full, sent);
-                }
-                Err(e) => return (Run::Failed(e), sent),
+        Run::send_all(payloads, |q| {
+            while let Some(p) = q.pop_front() {
+                send(p)?;
             }
+            Ok(())
+        })
+    }
+
+    /// [`Run::send`] through a call that sends a whole run itself, taking each payload it sends
+    /// from the front and handing a refused one back in its error.
+    pub(crate) fn send_all(
+        payloads: &mut VecDeque<Bytes>,
+        send: impl FnOnce(&mut VecDeque<Bytes>) -> Result<(), SendError>,
+    ) -> (Run, bool) {
+        let before = payloads.len();
+        match send(payloads) {
+            Ok(()) => (Run::Done, before > 0),
+            Err(SendError::QueueFull(p)) => {
+                payloads.push_front(p);
+                (Run::Full, payloads.len() < before)
+            }
+            Err(e) => (Run::Failed(e), payloads.len() + 1 < before),
         }
-        (Run::Done, sent)
     }
 
     /// What a batch send's poll answers after this run: done, refused, or, for a full queue on a

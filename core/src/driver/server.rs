@@ -391,7 +391,8 @@ impl ServerHandle {
     ) -> Result<(), SendError> {
         core::future::poll_fn(|cx| {
             self.shared.with(|s, wakes| {
-                let (run, sent) = Run::send(payloads, |p| s.server.send(session, stream, mode, p));
+                let (run, sent) =
+                    Run::send_all(payloads, |q| s.server.send_many(session, stream, mode, q));
                 if sent {
                     s.flush(wakes, true);
                 }
