@@ -25,6 +25,11 @@ use crate::framing::PREFACE;
 /// Bytes read per call for small frames: large enough that a saturated link costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The most bytes read per call, on a connection whose reads keep filling the room they are given.
+/// A receiver acks once per read, so on a busy link larger reads mean fewer acks, and fewer
+/// wake-ups for the sender to process them.
+const READ_MAX: usize = 256 * 1024;
+
 /// Frames of at least this many bytes (length prefix included) are read into a buffer of their own.
 const LARGE: usize = 16 * 1024;
 
@@ -170,6 +175,10 @@ pub(crate) struct ReadBuf {
     /// A large frame, or a read expected to be one, gathered in a buffer of its own.
     gather: Option<Gather>,
     framing: Boundary,
+    /// The room `current` gets at its next refill: [`READ_CHUNK`], doubled up to [`READ_MAX`] after
+    /// each read that filled all the room it had, and back to `READ_CHUNK` after one that did not
+    /// fill a quarter of that.
+    room: usize,
     /// The decoder's limit on a frame's length (prefix excluded).
     max_frame: usize,
     recycler: Arc<Recycler>,
@@ -196,6 +205,7 @@ impl ReadBuf {
             spare: BytesMut::new(),
             gather: None,
             framing: Boundary::new(),
+            room: READ_CHUNK,
             max_frame,
             recycler,
         }
@@ -206,6 +216,7 @@ impl ReadBuf {
         self.current.clear();
         self.gather = None;
         self.framing = Boundary::new();
+        self.room = READ_CHUNK;
     }
 
     /// Whether `open` gets a buffer of its own.
@@ -236,22 +247,26 @@ impl ReadBuf {
 
     /// Gives `current` a full read's zero-filled room, reusing memory whose payloads are gone.
     fn refill(&mut self) {
-        self.current.clear();
-        if !self.current.try_reclaim(READ_CHUNK) {
+        let room = self.room;
+        if !reuse(&mut self.current, room) {
             core::mem::swap(&mut self.current, &mut self.spare);
-            self.current.clear();
-            if !self.current.try_reclaim(READ_CHUNK) {
+            if !reuse(&mut self.current, room) {
                 // Both still referenced: a new buffer; the older one is left to its payloads.
-                self.current = BytesMut::with_capacity(READ_CHUNK);
+                self.current = BytesMut::with_capacity(room);
             }
         }
-        self.current.resize(READ_CHUNK, 0);
+        self.current.resize(room, 0);
     }
 
     /// Takes in `n` bytes just read; returns what to hand the core now (empty while a large frame
     /// is still being gathered).
     fn filled(&mut self, n: usize) -> Bytes {
         let Some(mut g) = self.gather.take() else {
+            if n == self.current.len() {
+                self.room = (2 * self.room).min(READ_MAX);
+            } else if n < READ_CHUNK / 4 {
+                self.room = READ_CHUNK;
+            }
             let open = self.framing.follow(&self.current[..n]);
             let chunk = self.current.split_to(n).freeze();
             return match open {
@@ -305,6 +320,20 @@ impl ReadBuf {
         });
         chunk.slice(..start)
     }
+}
+
+/// Empties `buf` for `room` bytes of reading if its memory is free again and of about that size;
+/// memory sized for a larger room than reads now get is let go.
+fn reuse(buf: &mut BytesMut, room: usize) -> bool {
+    buf.clear();
+    if !buf.try_reclaim(room) {
+        return false;
+    }
+    if buf.capacity() > 2 * room {
+        *buf = BytesMut::new();
+        return false;
+    }
+    true
 }
 
 /// Reads once from `io` into `buf`. Returns the bytes to hand the core as a frozen, zero-copy chunk,
@@ -462,6 +491,61 @@ mod tests {
         assert_eq!(chunk.len(), 4 + 4 + 100);
         assert!(buf.current.capacity() <= READ_CHUNK);
         assert!(buf.gather.is_none());
+    }
+
+    /// The largest chunk each read handed on, in order, for a stream cut by `cuts`.
+    fn chunk_lens(sizes: &[usize], cuts: Vec<usize>) -> Vec<usize> {
+        read_all(wire(sizes), cuts, 1 << 20)
+            .iter()
+            .map(Bytes::len)
+            .collect()
+    }
+
+    #[test]
+    fn reads_that_fill_their_room_grow_to_a_quarter_mebibyte_and_no_more() {
+        // 2 MiB of small frames, every read taking all it is given.
+        let lens = chunk_lens(&[100; 20_000], alloc::vec![usize::MAX]);
+        assert!(lens[0] <= READ_CHUNK, "the first read is the usual size");
+        assert!(
+            lens.contains(&READ_MAX),
+            "a busy link reads more at a time: {lens:?}"
+        );
+        assert!(lens.iter().all(|&n| n <= READ_MAX));
+    }
+
+    #[test]
+    fn reads_that_come_in_short_fall_back_to_the_usual_room() {
+        // Four full reads grow the room; then the peer trickles 1 000 bytes at a time.
+        let mut cuts = alloc::vec![usize::MAX; 4];
+        cuts.push(1_000);
+        let mut io = Scripted {
+            wire: wire(&[100; 20_000]),
+            at: 0,
+            cuts,
+            reads: 0,
+        };
+        let mut buf = ReadBuf::new(1 << 20, Recycler::new());
+        let mut cx = Context::from_waker(core::task::Waker::noop());
+        let mut read = |buf: &mut ReadBuf| {
+            let Poll::Ready(Ok(Some(_))) = poll_read_chunk(&mut io, &mut cx, buf) else {
+                panic!("a chunk");
+            };
+        };
+        for _ in 0..5 {
+            read(&mut buf);
+        }
+        assert!(
+            buf.current.capacity() > READ_CHUNK,
+            "the full reads grew the room"
+        );
+        assert_eq!(buf.room, READ_CHUNK, "a short read shrinks it back");
+        // The large buffer serves until its room runs out, then goes: 1 000 reads is 1 MB.
+        let mut reads = 0;
+        while buf.current.capacity() > READ_CHUNK || buf.spare.capacity() > READ_CHUNK {
+            read(&mut buf);
+            reads += 1;
+            assert!(reads < 1_000, "the large buffers are let go");
+        }
     }
 
     proptest! {
