@@ -1279,16 +1279,14 @@ impl Server {
                 return Err(SendError::Closed(m.payload));
             }
         }
-        self.after_send(id, stream, &result);
+        self.after_send(id, stream, matches!(result, Err(SendError::QueueFull(_))));
         result
     }
 
     /// After a send to session `id`: a full queue closes it if its stream's policy says so, and
     /// its connection and timers learn what was queued.
-    fn after_send(&mut self, id: SessionId, stream: u64, result: &Result<Sent, SendError>) {
-        if matches!(result, Err(SendError::QueueFull(_)))
-            && self.overflow_policy(stream) == Overflow::CloseSession
-        {
+    fn after_send(&mut self, id: SessionId, stream: u64, queue_full: bool) {
+        if queue_full && self.overflow_policy(stream) == Overflow::CloseSession {
             self.overflow(id);
             return;
         }
@@ -1330,32 +1328,27 @@ impl Server {
         mode: Mode,
         payloads: &mut VecDeque<Bytes>,
     ) -> Result<(), SendError> {
-        let journaled = self
+        let Some(s) = self
             .sessions
-            .get(&session)
-            .is_some_and(|s| s.store.is_some());
-        if stream >= REPLY_STREAM || journaled {
-            // Each message is checked, or recorded, on its own.
+            .get_mut(&session)
+            .filter(|s| stream < REPLY_STREAM && s.store.is_none())
+        else {
+            // Refused whole, or checked and recorded message by message: `send` says which.
             while let Some(p) = payloads.pop_front() {
                 self.send(session, stream, mode, p)?;
             }
             return Ok(());
-        }
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return match payloads.pop_front() {
-                Some(p) => Err(SendError::Closed(p)),
-                None => Ok(()),
-            };
         };
-        let mut result = Ok(Sent::Unreliable);
+        let mut result = Ok(());
         while let Some(p) = payloads.pop_front() {
-            result = queue_on(s, stream, mode, p);
-            if result.is_err() {
+            if let Err(e) = queue_on(s, stream, mode, p) {
+                result = Err(e);
                 break;
             }
         }
-        self.after_send(session, stream, &result);
-        result.map(|_| ())
+        let queue_full = matches!(result, Err(SendError::QueueFull(_)));
+        self.after_send(session, stream, queue_full);
+        result
     }
 
     /// Sends the same payload to many sessions (the field report's fan-out); returns the sends that
@@ -1776,7 +1769,6 @@ fn drain_events(
     (ended, acknowledged)
 }
 
-/// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
 /// Queues `payload` on session `s`'s channel; an unreliable one with no connection to go out on
 /// is dropped at once.
 fn queue_on(s: &mut Session, stream: u64, mode: Mode, payload: Bytes) -> Result<Sent, SendError> {
@@ -1786,6 +1778,7 @@ fn queue_on(s: &mut Session, stream: u64, mode: Mode, payload: Bytes) -> Result<
     s.channel.send_on(stream, mode, payload)
 }
 
+/// Queues `conn` (that is, `c`) for [`Server::poll_transmit`], unless it waits there already.
 fn queue(ready: &mut VecDeque<ConnId>, conn: ConnId, c: &mut Conn) {
     if !c.queued {
         c.queued = true;

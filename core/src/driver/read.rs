@@ -251,7 +251,8 @@ impl ReadBuf {
         if !reuse(&mut self.current, room) {
             core::mem::swap(&mut self.current, &mut self.spare);
             if !reuse(&mut self.current, room) {
-                // Both still referenced: a new buffer; the older one is left to its payloads.
+                // Both still referenced, or sized for another room: a new buffer; an older one
+                // is left to its payloads.
                 self.current = BytesMut::with_capacity(room);
             }
         }
@@ -493,7 +494,7 @@ mod tests {
         assert!(buf.gather.is_none());
     }
 
-    /// The largest chunk each read handed on, in order, for a stream cut by `cuts`.
+    /// The length of each chunk handed on, in order, for a stream of frames of `sizes` cut by `cuts`.
     fn chunk_lens(sizes: &[usize], cuts: Vec<usize>) -> Vec<usize> {
         read_all(wire(sizes), cuts, 1 << 20)
             .iter()
