@@ -1155,20 +1155,26 @@ impl Server {
     pub fn poll_events(&mut self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
         let start = into.len();
         let n = crate::queue::drain_front(&mut self.events, into, max);
-        if self.stores.is_some() {
-            for event in &into[start..] {
-                self.consumed(event);
-            }
-        }
+        self.record_consumed(&into[start..]);
         n
     }
 
     /// The queue itself, for the driver: it acts on new events where they stand (answers awaited
-    /// requests, authenticates), and the application takes the rest straight from here, so that
-    /// an event is not moved from queue to queue on its way.
+    /// requests, authenticates), then moves the rest on to the application, which records them
+    /// with [`Server::record_consumed`] once it takes them.
     #[cfg(feature = "driver")]
     pub(crate) fn events_mut(&mut self) -> &mut VecDeque<ServerEvent> {
         &mut self.events
+    }
+
+    /// With shared stores, records the messages among `events`, handed to the application, as
+    /// consumed (see [`Server::poll_event`]).
+    pub(crate) fn record_consumed(&mut self, events: &[ServerEvent]) {
+        if self.stores.is_some() {
+            for event in events {
+                self.consumed(event);
+            }
+        }
     }
 
     /// The next event for the application.

@@ -1,4 +1,4 @@
-//! Batches: many sends, or many events, per lock of the shared state.
+//! Batches: many sends per lock of the shared state.
 //!
 //! A handle's single-message calls lock the session once per message and may wake its driver once
 //! per message. At small messages and high rates that lock and wake-up cost more than the core's
@@ -12,7 +12,7 @@ use core::task::{Poll, Waker};
 
 use bytes::Bytes;
 
-use super::shared::{register, register_in};
+use super::shared::register_in;
 use crate::mode::Sent;
 use crate::send::SendError;
 
@@ -79,22 +79,6 @@ impl Run {
             ))),
         }
     }
-}
-
-/// What a handle's `next_events` answers once `n` events were moved: those, or, when none was
-/// ready and more may come, a wait for the next (registered in `waiter`).
-pub(crate) fn events_or_wait(
-    n: usize,
-    max: usize,
-    over: bool,
-    waiter: &mut Option<Waker>,
-    waker: &Waker,
-) -> Poll<usize> {
-    if n == 0 && max > 0 && !over {
-        register(waiter, waker);
-        return Poll::Pending;
-    }
-    Poll::Ready(n)
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
-use super::batch::{Run, events_or_wait};
+use super::batch::Run;
 use super::direct::Direct;
+use super::inbox::Inbox;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -63,11 +64,8 @@ impl ClientOptions {
 pub(crate) struct State {
     client: Client,
     clock: Clock,
-    /// How many events at the front of the client's queue the driver has routed: the
-    /// application takes events straight from that queue, and only routed ones are there for it
-    /// once the lock is released.
-    routed: usize,
-    event_waiter: Option<Waker>,
+    /// Where the events the driver has routed wait for the application.
+    inbox: Arc<Inbox<SessionEvent>>,
     /// Senders waiting for room in the send queue.
     capacity: Vec<Waker>,
     requests: Awaited<Seq>,
@@ -83,17 +81,16 @@ pub(crate) struct State {
     over: bool,
     /// Live [`ClientHandle`]s; when the last goes, the session is closed.
     handles: usize,
-    manual_consume: bool,
     closed_waiters: Vec<Waker>,
     connected_waiters: Vec<Waker>,
 }
 
 impl State {
     /// Routes the core's new events where they stand in its queue: request replies to their
-    /// futures, the rest left there for the application.
-    fn drain_events(&mut self, wakes: &mut Wakes) {
-        let before = self.routed;
-        let mut i = before;
+    /// futures, the rest on to the application. Returns whether it woke the application, waiting
+    /// for events.
+    fn drain_events(&mut self, wakes: &mut Wakes) -> bool {
+        let mut i = 0;
         while i < self.client.events_mut().len() {
             let mut ended = false;
             match &self.client.events_mut()[i] {
@@ -140,38 +137,16 @@ impl State {
             }
             i += 1;
         }
-        self.routed = i;
-        if i > before {
-            wakes.wake(&mut self.event_waiter);
+        let woke = self.inbox.put(self.client.events_mut(), wakes);
+        // After the last events, not before: the application may look in between.
+        if self.over {
+            self.inbox.close(wakes);
         }
+        woke
     }
 
-    /// The application takes an event.
-    fn take_event(&mut self) -> Option<SessionEvent> {
-        if self.routed == 0 {
-            return None;
-        }
-        self.routed -= 1;
-        let event = self.client.poll_event()?;
-        self.consume(core::slice::from_ref(&event));
-        Some(event)
-    }
-
-    /// The application takes up to `max` events, into `into`; returns how many.
-    fn take_events(&mut self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        let start = into.len();
-        let n = self.client.poll_events(into, max.min(self.routed));
-        self.routed -= n;
-        self.consume(&into[start..]);
-        n
-    }
-
-    /// The messages among events the application took count as consumed, unless it says when.
+    /// The messages among events the application took count as consumed.
     fn consume(&mut self, taken: &[SessionEvent]) {
-        // Without a store there is nothing to record.
-        if self.manual_consume || !self.client.is_durable() {
-            return;
-        }
         for event in taken {
             if let SessionEvent::Received(m) | SessionEvent::Redelivered(m) = event {
                 self.client.consumed(m.seq);
@@ -203,7 +178,6 @@ impl State {
         wakes.wake_all(&mut self.capacity);
         wakes.wake_all(&mut self.closed_waiters);
         wakes.wake_all(&mut self.connected_waiters);
-        wakes.wake(&mut self.event_waiter);
     }
 }
 
@@ -218,6 +192,10 @@ impl State {
 /// application that stops taking events grows it by one entry per message received.
 pub struct ClientHandle {
     shared: Arc<Shared<State>>,
+    inbox: Arc<Inbox<SessionEvent>>,
+    /// Whether the messages the application takes count as consumed when taken (a durable store,
+    /// without [`ClientOptions::manual_consume`]).
+    consumes: bool,
 }
 
 impl core::fmt::Debug for ClientHandle {
@@ -231,6 +209,8 @@ impl Clone for ClientHandle {
         self.shared.with(|s, _| s.handles += 1);
         ClientHandle {
             shared: self.shared.clone(),
+            inbox: self.inbox.clone(),
+            consumes: self.consumes,
         }
     }
 }
@@ -379,37 +359,44 @@ impl ClientHandle {
 
     /// The next event, without waiting; `None` if none is ready.
     pub fn try_event(&self) -> Option<SessionEvent> {
-        self.shared.with(|s, _| s.take_event())
+        let event = self.inbox.take_one();
+        self.taken(event.as_slice());
+        event
     }
 
     /// Waits for an event, then moves up to `max` of those ready into `into` under one lock:
     /// [`ClientHandle::next_event`] for a batch. Returns how many it moved; 0 once the session is
     /// over and every event was taken (or if `max` is 0).
     pub async fn next_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        core::future::poll_fn(|cx| {
-            self.shared.with(|s, _| {
-                let n = s.take_events(into, max);
-                events_or_wait(n, max, s.over, &mut s.event_waiter, cx.waker())
-            })
-        })
-        .await
+        let start = into.len();
+        let n = core::future::poll_fn(|cx| self.inbox.poll_take(cx, into, max)).await;
+        self.taken(&into[start..]);
+        n
     }
 
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        self.shared.with(|s, _| s.take_events(into, max))
+        let start = into.len();
+        let n = self.inbox.take(into, max);
+        self.taken(&into[start..]);
+        n
     }
 
     /// Polls for the next event (for building a `Stream`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
-        self.shared.with(|s, _| match s.take_event() {
-            Some(e) => Poll::Ready(Some(e)),
-            None if s.over => Poll::Ready(None),
-            None => {
-                register(&mut s.event_waiter, cx.waker());
-                Poll::Pending
-            }
-        })
+        let polled = self.inbox.poll_one(cx);
+        if let Poll::Ready(Some(event)) = &polled {
+            self.taken(core::slice::from_ref(event));
+        }
+        polled
+    }
+
+    /// The messages among `events`, just taken by the application, count as consumed, unless it
+    /// says when (or there is no store to record it in).
+    fn taken(&self, events: &[SessionEvent]) {
+        if self.consumes && !events.is_empty() {
+            self.shared.with(|s, _| s.consume(events));
+        }
     }
 
     /// Waits until a connection carries the session (at once if one does); `false` if the session
@@ -560,11 +547,12 @@ fn start<R: Runtime>(
         Some(store) => Client::with_store(config, clock.now(), entropy, store)?,
         None => Client::new(config, clock.now(), entropy)?,
     };
+    let consumes = client.is_durable() && !manual_consume;
+    let inbox = Arc::new(Inbox::new());
     let shared = Shared::new(State {
         client,
         clock,
-        routed: 0,
-        event_waiter: None,
+        inbox: inbox.clone(),
         capacity: Vec::new(),
         requests: Awaited::new(),
         driver: None,
@@ -573,7 +561,6 @@ fn start<R: Runtime>(
         pending: BytesMut::new(),
         over: false,
         handles: 1,
-        manual_consume,
         closed_waiters: Vec::new(),
         connected_waiters: Vec::new(),
     });
@@ -591,7 +578,14 @@ fn start<R: Runtime>(
         write_failed: false,
         span: tracing::info_span!("steadfast_client"),
     };
-    Ok((ClientHandle { shared }, driver))
+    Ok((
+        ClientHandle {
+            shared,
+            inbox,
+            consumes,
+        },
+        driver,
+    ))
 }
 
 /// A driver that ends, or is dropped with its runtime, lets its socket close: the direct path's
@@ -607,6 +601,8 @@ struct Step {
     directives: Vec<Directive>,
     deadline: Option<crate::time::Instant>,
     over: bool,
+    /// The application was woken for events this step routed.
+    woke: bool,
 }
 
 impl<R: Runtime> ClientDriver<R> {
@@ -654,12 +650,13 @@ impl<R: Runtime> ClientDriver<R> {
             }
             s.pending.clear();
             s.direct.driver_holds(!out.is_empty());
-            s.drain_events(wakes);
+            let woke = s.drain_events(wakes);
             s.armed = s.client.poll_timeout();
             Step {
                 directives,
                 deadline: s.armed,
                 over: s.over,
+                woke,
             }
         })
     }
@@ -761,6 +758,11 @@ impl<R: Runtime> Future for ClientDriver<R> {
                     let _ = io.poll_shutdown(cx);
                 }
                 return Poll::Ready(());
+            }
+            // The application was waiting for what this step brought: yield to it (see the
+            // server's connection task).
+            if progress && step.woke {
+                break;
             }
             if progress {
                 continue;

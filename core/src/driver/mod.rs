@@ -11,8 +11,9 @@
 //! | [`client`] | [`ClientHandle`] and the [`ClientDriver`] future that owns a client's connection |
 //! | [`server`] | [`ServerHandle`], the accept-and-timer future and one task per connection |
 //! | `arming` | when the server's timer task sleeps until, and when another task must wake it |
-//! | `batch` | many sends or many events per lock of the shared state |
+//! | `batch` | many sends per lock of the shared state |
 //! | `direct` | a send's frames written by its own thread while the driver has nothing to write |
+//! | `inbox` | events on their way to the application, behind a lock of their own |
 //! | `read` | a connection's reads, cut where its frames end so that large frames arrive whole |
 //! | `shared` | the state the application's threads and the driver share, behind one mutex |
 //! | `sync` | the `std`/`loom` switch for that state's primitives |
@@ -37,6 +38,7 @@ mod arming;
 mod batch;
 pub mod client;
 mod direct;
+mod inbox;
 mod read;
 mod requests;
 pub mod server;

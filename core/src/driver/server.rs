@@ -12,8 +12,9 @@ use core::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 
 use super::arming::Arming;
-use super::batch::{Run, events_or_wait};
+use super::batch::Run;
 use super::direct::Direct;
+use super::inbox::Inbox;
 use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
@@ -106,11 +107,8 @@ pub(crate) struct State {
     slots: BTreeMap<ConnId, Slot>,
     next_conn: ConnId,
     scratch: BytesMut,
-    /// How many events at the front of the server's queue the driver has routed: the
-    /// application takes events straight from that queue, and only routed ones are there for it
-    /// once the lock is released.
-    routed: usize,
-    event_waiter: Option<Waker>,
+    /// Where the events the driver has routed wait for the application.
+    inbox: Arc<Inbox<ServerEvent>>,
     capacity: Vec<Waker>,
     requests: Awaited<(SessionId, Seq)>,
     /// The accept-and-timer task, and when its timer is set for.
@@ -125,8 +123,10 @@ impl State {
     /// Moves what the core wants written to the connections' slots and its events to the
     /// application, waking whoever must act. With `direct` (an application's send), a connection
     /// whose task has nothing to write is written to from here instead, so its task need not wake.
-    fn flush(&mut self, wakes: &mut Wakes, direct: bool) {
+    /// Returns whether it woke the application, waiting for events.
+    fn flush(&mut self, wakes: &mut Wakes, direct: bool) -> bool {
         let now = self.clock.now();
+        let mut woke = false;
         loop {
             loop {
                 self.scratch.clear();
@@ -155,8 +155,7 @@ impl State {
                 wakes.wake(&mut slot.waker);
             }
             let mut answered = false;
-            let before = self.routed;
-            let mut i = before;
+            let mut i = 0;
             while i < self.server.events_mut().len() {
                 match self.route(now, i, wakes) {
                     Routed::Kept => i += 1,
@@ -164,10 +163,7 @@ impl State {
                     Routed::Answered => answered = true,
                 }
             }
-            self.routed = i;
-            if i > before {
-                wakes.wake(&mut self.event_waiter);
-            }
+            woke |= self.inbox.put(self.server.events_mut(), wakes);
             // An inline authentication verdict makes more to write.
             if !answered {
                 break;
@@ -176,6 +172,7 @@ impl State {
         if self.arming.must_wake(self.server.poll_timeout()) {
             wakes.wake(&mut self.driver);
         }
+        woke
     }
 
     /// Routes the event at `i` of the server's queue where it stands: the driver acts on what it
@@ -240,22 +237,6 @@ impl State {
         Routed::Kept
     }
 
-    /// The application takes up to `max` events, into `into`; returns how many.
-    fn take_events(&mut self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
-        let n = self.server.poll_events(into, max.min(self.routed));
-        self.routed -= n;
-        n
-    }
-
-    /// The application takes the next event.
-    fn take_event(&mut self) -> Option<ServerEvent> {
-        if self.routed == 0 {
-            return None;
-        }
-        self.routed -= 1;
-        self.server.poll_event()
-    }
-
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
         self.requests.end((session, 0)..=(session, Seq::MAX), wakes);
         wakes.wake_all(&mut self.capacity);
@@ -268,7 +249,7 @@ impl State {
             wakes.wake(&mut slot.waker);
         }
         wakes.wake(&mut self.driver);
-        wakes.wake(&mut self.event_waiter);
+        self.inbox.close(wakes);
         wakes.wake_all(&mut self.capacity);
         self.requests.end(.., wakes);
     }
@@ -278,6 +259,9 @@ impl State {
 /// handle shuts the server down.
 pub struct ServerHandle {
     shared: Arc<Shared<State>>,
+    inbox: Arc<Inbox<ServerEvent>>,
+    /// Whether the messages the application takes must be recorded as consumed (shared stores).
+    records_consumed: bool,
     local_addr: SocketAddr,
 }
 
@@ -294,6 +278,8 @@ impl Clone for ServerHandle {
         self.shared.with(|s, _| s.handles += 1);
         ServerHandle {
             shared: self.shared.clone(),
+            inbox: self.inbox.clone(),
+            records_consumed: self.records_consumed,
             local_addr: self.local_addr,
         }
     }
@@ -471,37 +457,44 @@ impl ServerHandle {
 
     /// The next event, without waiting.
     pub fn try_event(&self) -> Option<ServerEvent> {
-        self.shared.with(|s, _| s.take_event())
+        let event = self.inbox.take_one();
+        self.taken(event.as_slice());
+        event
     }
 
     /// Waits for an event, then moves up to `max` of those ready into `into` under one lock:
     /// [`ServerHandle::next_event`] for a batch. Returns how many it moved; 0 once the server has
     /// shut down and every event was taken (or if `max` is 0).
     pub async fn next_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
-        core::future::poll_fn(|cx| {
-            self.shared.with(|s, _| {
-                let n = s.take_events(into, max);
-                events_or_wait(n, max, s.shutdown, &mut s.event_waiter, cx.waker())
-            })
-        })
-        .await
+        let start = into.len();
+        let n = core::future::poll_fn(|cx| self.inbox.poll_take(cx, into, max)).await;
+        self.taken(&into[start..]);
+        n
     }
 
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<ServerEvent>, max: usize) -> usize {
-        self.shared.with(|s, _| s.take_events(into, max))
+        let start = into.len();
+        let n = self.inbox.take(into, max);
+        self.taken(&into[start..]);
+        n
     }
 
     /// Polls for the next event (for building a `Stream`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
-        self.shared.with(|s, _| match s.take_event() {
-            Some(e) => Poll::Ready(Some(e)),
-            None if s.shutdown => Poll::Ready(None),
-            None => {
-                register(&mut s.event_waiter, cx.waker());
-                Poll::Pending
-            }
-        })
+        let polled = self.inbox.poll_one(cx);
+        if let Poll::Ready(Some(event)) = &polled {
+            self.taken(core::slice::from_ref(event));
+        }
+        polled
+    }
+
+    /// With shared stores, records the messages among `events`, just taken by the application,
+    /// as consumed.
+    fn taken(&self, events: &[ServerEvent]) {
+        if self.records_consumed && !events.is_empty() {
+            self.shared.with(|s, _| s.server.record_consumed(events));
+        }
     }
 
     /// Stops accepting, closes every connection, ends every awaited request. Sessions are not
@@ -605,6 +598,8 @@ fn serve<R: Runtime>(
     let clock = Clock::new(R::now);
     let max_frame = options.config.channel.max_frame_size;
     let arming = Arming::new(options.config.channel.max_ack_delay);
+    let records_consumed = sessions.is_some();
+    let inbox = Arc::new(Inbox::new());
     let server = match sessions {
         Some(sessions) => Server::with_sessions(options.config, clock.now(), entropy, sessions)?,
         None => Server::new(options.config, clock.now(), entropy)?,
@@ -615,8 +610,7 @@ fn serve<R: Runtime>(
         slots: BTreeMap::new(),
         next_conn: 0,
         scratch: BytesMut::new(),
-        routed: 0,
-        event_waiter: None,
+        inbox: inbox.clone(),
         capacity: Vec::new(),
         requests: Awaited::new(),
         driver: None,
@@ -636,7 +630,15 @@ fn serve<R: Runtime>(
         recycler: Recycler::new(),
         span: tracing::info_span!("steadfast_server", %local_addr),
     };
-    Ok((ServerHandle { shared, local_addr }, driver))
+    Ok((
+        ServerHandle {
+            shared,
+            inbox,
+            records_consumed,
+            local_addr,
+        },
+        driver,
+    ))
 }
 
 impl<R: Runtime> Future for ServerDriver<R> {
@@ -801,11 +803,12 @@ impl<S: Io> Future for ConnTask<S> {
             let read = input.is_some() || held;
             let id = this.id;
             let out = &mut this.out;
+            let mut woke = false;
             let gone = this.shared.with(|s, wakes| {
                 if let Some(data) = input {
                     let now = s.clock.now();
                     s.server.handle_input(now, id, data);
-                    s.flush(wakes, false);
+                    woke = s.flush(wakes, false);
                 }
                 let Some(slot) = s.slots.get_mut(&id) else {
                     return true;
@@ -840,6 +843,13 @@ impl<S: Io> Future for ConnTask<S> {
             }
             if !read && this.out.len() == before {
                 return Poll::Pending;
+            }
+            // The application was waiting for what this read brought: yield to it. A runtime that
+            // keeps a woken task on the worker that woke it (tokio does) runs it next, here, while
+            // the events are in this core's cache, and this task goes to the back of the queue,
+            // where an idle worker may take it and read on at the same time.
+            if woke {
+                break;
             }
         }
         cx.waker().wake_by_ref();

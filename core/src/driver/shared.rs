@@ -1,6 +1,7 @@
 //! The state a session's driver shares with the application's threads.
 //!
-//! Everything crosses here: sends and replies from any thread, events going out, wake-ups both ways.
+//! Everything crosses here: sends and replies from any thread, events going out (on to an
+//! [`Inbox`](super::inbox::Inbox) of their own), wake-ups both ways.
 //! One mutex guards it all, held only for the length of a core call, and wake-ups are collected under
 //! the lock but delivered after it is released, so a woken task never finds the lock still held by
 //! its waker. A waiter registers its waker under the same lock as it inspects the state, so a change

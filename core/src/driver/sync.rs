@@ -1,5 +1,5 @@
 //! The primitives behind the shared state: `std`'s normally, loom's under `--cfg loom` so the models
-//! in `shared` explore every interleaving of the real code.
+//! in `shared`, `direct` and `inbox` explore every interleaving of the real code.
 
 #[cfg(not(loom))]
 pub(crate) use alloc::sync::Arc;
