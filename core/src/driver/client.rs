@@ -759,9 +759,9 @@ impl<R: Runtime> Future for ClientDriver<R> {
                 }
                 return Poll::Ready(());
             }
-            // The application was waiting for what this step brought, and more is waiting to be
-            // read: yield to it (see the server's connection task).
-            if progress && step.woke && this.read_buf.more_waiting() {
+            // The application was waiting for what this step brought, and the link is busy: yield
+            // to it (see the server's connection task).
+            if progress && step.woke && this.read_buf.busy() {
                 break;
             }
             if progress {

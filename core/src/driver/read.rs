@@ -182,9 +182,8 @@ pub(crate) struct ReadBuf {
     /// The decoder's limit on a frame's length (prefix excluded).
     max_frame: usize,
     recycler: Arc<Recycler>,
-    /// The last read of small frames filled all the room it was given: more is likely waiting in
-    /// the socket.
-    full: bool,
+    /// The last read brought at least a quarter of [`READ_CHUNK`] of small frames: the link is busy.
+    busy: bool,
 }
 
 /// A buffer being filled with one large frame.
@@ -211,7 +210,7 @@ impl ReadBuf {
             room: READ_CHUNK,
             max_frame,
             recycler,
-            full: false,
+            busy: false,
         }
     }
 
@@ -223,11 +222,11 @@ impl ReadBuf {
         self.room = READ_CHUNK;
     }
 
-    /// Whether the last read was of small frames and filled all the room it was given, so that
-    /// more are likely waiting. (A large frame fills the room it is read into whether or not more
-    /// follow.)
-    pub(crate) fn more_waiting(&self) -> bool {
-        self.full
+    /// Whether the last read brought at least a quarter of [`READ_CHUNK`] of small frames: a busy
+    /// link, where more are likely waiting. (The threshold under which the room shrinks back; and
+    /// a large frame fills the buffer of its own size whether or not more follow.)
+    pub(crate) fn busy(&self) -> bool {
+        self.busy
     }
 
     /// Whether `open` gets a buffer of its own.
@@ -273,10 +272,10 @@ impl ReadBuf {
     /// Takes in `n` bytes just read; returns what to hand the core now (empty while a large frame
     /// is still being gathered).
     fn filled(&mut self, n: usize) -> Bytes {
-        self.full = false;
+        self.busy = false;
         let Some(mut g) = self.gather.take() else {
-            self.full = n == self.current.len();
-            if self.full {
+            self.busy = n >= READ_CHUNK / 4;
+            if n == self.current.len() {
                 self.room = (2 * self.room).min(READ_MAX);
             } else if n < READ_CHUNK / 4 {
                 self.room = READ_CHUNK;
@@ -527,9 +526,9 @@ mod tests {
         assert!(lens.iter().all(|&n| n <= READ_MAX));
     }
 
-    /// Reads `wire` cut by `cuts`; returns, per chunk handed on, whether the reader then said more
-    /// were waiting.
-    fn waiting_after_each_read(wire: Vec<u8>, cuts: Vec<usize>) -> Vec<bool> {
+    /// Reads `wire` cut by `cuts`; returns, per chunk handed on, whether the reader then called
+    /// the link busy.
+    fn busy_after_each_read(wire: Vec<u8>, cuts: Vec<usize>) -> Vec<bool> {
         let mut io = Scripted {
             wire,
             at: 0,
@@ -542,7 +541,7 @@ mod tests {
         loop {
             match poll_read_chunk(&mut io, &mut cx, &mut buf) {
                 Poll::Ready(Ok(Some(chunk))) if chunk.is_empty() => {}
-                Poll::Ready(Ok(Some(_))) => waiting.push(buf.more_waiting()),
+                Poll::Ready(Ok(Some(_))) => waiting.push(buf.busy()),
                 Poll::Ready(Ok(None)) => return waiting,
                 other => panic!("unexpected {other:?}"),
             }
@@ -550,17 +549,16 @@ mod tests {
     }
 
     #[test]
-    fn only_reads_of_small_frames_that_fill_their_room_say_more_are_waiting() {
-        // A busy link of small frames: every read but the last fills its room.
-        let busy = waiting_after_each_read(wire(&[100; 20_000]), alloc::vec![usize::MAX]);
-        assert!(busy.len() > 2);
-        assert!(busy[..busy.len() - 1].iter().all(|&w| w), "{busy:?}");
-        assert!(!busy[busy.len() - 1], "the stream's tail came in short");
-        // The same frames trickling in: no read fills its room.
-        let trickle = waiting_after_each_read(wire(&[100; 200]), alloc::vec![1_000]);
+    fn only_reads_of_many_small_frames_call_the_link_busy() {
+        // Small frames read 20 000 bytes at a time, then the last 900.
+        let busy = busy_after_each_read(wire(&[100; 200]), alloc::vec![20_000]);
+        assert_eq!(busy.len(), 2, "{busy:?}");
+        assert_eq!(busy, [true, false], "the stream's tail came in short");
+        // The same frames trickling in: no read is large enough.
+        let trickle = busy_after_each_read(wire(&[100; 200]), alloc::vec![1_000]);
         assert!(trickle.iter().all(|&w| !w), "{trickle:?}");
         // Large frames each fill the buffer of their own size, more following or not.
-        let large = waiting_after_each_read(wire(&[65_536; 8]), alloc::vec![usize::MAX]);
+        let large = busy_after_each_read(wire(&[65_536; 8]), alloc::vec![usize::MAX]);
         assert!(large.iter().skip(1).all(|&w| !w), "{large:?}");
     }
 

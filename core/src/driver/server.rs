@@ -844,13 +844,13 @@ impl<S: Io> Future for ConnTask<S> {
             if !read && this.out.len() == before {
                 return Poll::Pending;
             }
-            // The application was waiting for what this read brought, and more is waiting to be
-            // read: yield to it. A runtime that keeps a woken task on the worker that woke it
-            // (tokio does) runs it next, here, while the events are in this core's cache, and this
-            // task goes to the back of the queue, where an idle worker may take it and read on at
-            // the same time. (After a short read, the next read finds nothing: no need, and waking
-            // an idle worker for this task would cost the reply a system call.)
-            if woke && this.read_buf.more_waiting() {
+            // The application was waiting for what this read brought, and the link is busy: yield
+            // to it. A runtime that keeps a woken task on the worker that woke it (tokio does) runs
+            // it next, here, while the events are in this core's cache, and this task goes to the
+            // back of the queue, where an idle worker may take it and read on at the same time.
+            // (On a quiet link the next read finds nothing: no need, and waking an idle worker for
+            // this task would cost each message a system call.)
+            if woke && this.read_buf.busy() {
                 break;
             }
         }
