@@ -359,36 +359,24 @@ impl ClientHandle {
 
     /// The next event, without waiting; `None` if none is ready.
     pub fn try_event(&self) -> Option<SessionEvent> {
-        let event = self.inbox.take_one();
-        self.taken(event.as_slice());
-        event
+        self.inbox.take_one(|e| self.taken(e))
     }
 
     /// Waits for an event, then moves up to `max` of those ready into `into` under one lock:
     /// [`ClientHandle::next_event`] for a batch. Returns how many it moved; 0 once the session is
     /// over and every event was taken (or if `max` is 0).
     pub async fn next_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        let start = into.len();
-        let n = core::future::poll_fn(|cx| self.inbox.poll_take(cx, into, max)).await;
-        self.taken(&into[start..]);
-        n
+        self.inbox.next(into, max, |e| self.taken(e)).await
     }
 
     /// Moves up to `max` of the events ready now into `into`, without waiting; returns how many.
     pub fn try_events(&self, into: &mut Vec<SessionEvent>, max: usize) -> usize {
-        let start = into.len();
-        let n = self.inbox.take(into, max);
-        self.taken(&into[start..]);
-        n
+        self.inbox.take(into, max, |e| self.taken(e))
     }
 
     /// Polls for the next event (for building a `Stream`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
-        let polled = self.inbox.poll_one(cx);
-        if let Poll::Ready(Some(event)) = &polled {
-            self.taken(core::slice::from_ref(event));
-        }
-        polled
+        self.inbox.poll_one(cx, |e| self.taken(e))
     }
 
     /// The messages among `events`, just taken by the application, count as consumed, unless it

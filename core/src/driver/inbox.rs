@@ -63,19 +63,32 @@ impl<T> Inbox<T> {
         wakes.wake(&mut ready.waiter);
     }
 
+    // The application's calls. Each hands what it took to `taken` (once the inbox's lock is
+    // released), for a session with a store to record the messages among them as consumed.
+
     /// Moves up to `max` events into `into`, without waiting; returns how many.
-    pub(crate) fn take(&self, into: &mut Vec<T>, max: usize) -> usize {
-        drain_front(&mut lock(&self.inner).events, into, max)
+    pub(crate) fn take(&self, into: &mut Vec<T>, max: usize, taken: impl FnOnce(&[T])) -> usize {
+        let start = into.len();
+        let n = drain_front(&mut lock(&self.inner).events, into, max);
+        taken(&into[start..]);
+        n
     }
 
-    /// Moves up to `max` events into `into` once there are any: `Ready(0)` once the inbox is
-    /// closed and empty (or if `max` is 0).
-    pub(crate) fn poll_take(
+    /// Waits for events, then moves up to `max` of them into `into`; returns how many: 0 once the
+    /// inbox is closed and empty (or if `max` is 0).
+    pub(crate) async fn next(
         &self,
-        cx: &mut Context<'_>,
         into: &mut Vec<T>,
         max: usize,
-    ) -> Poll<usize> {
+        taken: impl FnOnce(&[T]),
+    ) -> usize {
+        let start = into.len();
+        let n = core::future::poll_fn(|cx| self.poll_take(cx, into, max)).await;
+        taken(&into[start..]);
+        n
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>, into: &mut Vec<T>, max: usize) -> Poll<usize> {
         let mut ready = lock(&self.inner);
         let n = drain_front(&mut ready.events, into, max);
         if n == 0 && max > 0 && !ready.closed {
@@ -86,21 +99,33 @@ impl<T> Inbox<T> {
     }
 
     /// The next event, without waiting.
-    pub(crate) fn take_one(&self) -> Option<T> {
-        lock(&self.inner).events.pop_front()
+    pub(crate) fn take_one(&self, taken: impl FnOnce(&[T])) -> Option<T> {
+        let event = lock(&self.inner).events.pop_front();
+        taken(event.as_slice());
+        event
     }
 
     /// The next event once there is one: `Ready(None)` once the inbox is closed and empty.
-    pub(crate) fn poll_one(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        let mut ready = lock(&self.inner);
-        match ready.events.pop_front() {
-            Some(event) => Poll::Ready(Some(event)),
-            None if ready.closed => Poll::Ready(None),
-            None => {
-                register(&mut ready.waiter, cx.waker());
-                Poll::Pending
+    pub(crate) fn poll_one(
+        &self,
+        cx: &mut Context<'_>,
+        taken: impl FnOnce(&[T]),
+    ) -> Poll<Option<T>> {
+        let polled = {
+            let mut ready = lock(&self.inner);
+            match ready.events.pop_front() {
+                Some(event) => Poll::Ready(Some(event)),
+                None if ready.closed => Poll::Ready(None),
+                None => {
+                    register(&mut ready.waiter, cx.waker());
+                    Poll::Pending
+                }
             }
+        };
+        if let Poll::Ready(Some(event)) = &polled {
+            taken(core::slice::from_ref(event));
         }
+        polled
     }
 }
 
@@ -118,14 +143,16 @@ mod tests {
         let mut wakes = Wakes::default();
         inbox.put(&mut (0..3).collect(), &mut wakes);
         let mut taken = Vec::new();
-        assert_eq!(inbox.take(&mut taken, 2), 2);
+        let mut seen = Vec::new();
+        assert_eq!(inbox.take(&mut taken, 2, |t| seen.extend_from_slice(t)), 2);
         inbox.put(&mut (3..10).collect(), &mut wakes);
-        assert_eq!(inbox.take_one(), Some(2));
+        assert_eq!(inbox.take_one(|t| seen.extend_from_slice(t)), Some(2));
         assert_eq!(
             inbox.poll_take(&mut noop(), &mut taken, 100),
             Poll::Ready(7)
         );
         assert_eq!(taken, [0, 1, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(seen, [0, 1, 2], "each call hands on exactly what it took");
     }
 
     #[test]
@@ -134,17 +161,17 @@ mod tests {
         let mut wakes = Wakes::default();
         let mut cx = noop();
         assert_eq!(
-            inbox.poll_one(&mut cx),
+            inbox.poll_one(&mut cx, |_| {}),
             Poll::Pending,
             "open and empty: wait"
         );
         inbox.put(&mut VecDeque::from([1, 2]), &mut wakes);
         inbox.close(&mut wakes);
-        assert_eq!(inbox.poll_one(&mut cx), Poll::Ready(Some(1)));
+        assert_eq!(inbox.poll_one(&mut cx, |_| {}), Poll::Ready(Some(1)));
         let mut taken = Vec::new();
         assert_eq!(inbox.poll_take(&mut cx, &mut taken, 8), Poll::Ready(1));
         assert_eq!(inbox.poll_take(&mut cx, &mut taken, 8), Poll::Ready(0));
-        assert_eq!(inbox.poll_one(&mut cx), Poll::Ready(None));
+        assert_eq!(inbox.poll_one(&mut cx, |_| {}), Poll::Ready(None));
     }
 }
 
