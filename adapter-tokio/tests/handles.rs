@@ -264,3 +264,75 @@ async fn the_driver_authenticates_inline_and_hands_a_reply_to_the_awaiting_reque
     client.close(steadfast_tokio::core::CLOSE_NORMAL, Bytes::new());
     answering.await.unwrap();
 }
+
+/// A store that keeps everything but fails to record a message as consumed.
+struct ConsumeFails(steadfast_tokio::core::store::MemoryStore);
+
+mod consume_fails {
+    use steadfast_tokio::core::Seq;
+    use steadfast_tokio::core::store::{Identity, Recovered, Store, StoreError, Stored};
+
+    impl Store for super::ConsumeFails {
+        fn recover(&mut self) -> Result<Recovered, StoreError> {
+            self.0.recover()
+        }
+        fn identity(&mut self, identity: Identity) -> Result<(), StoreError> {
+            self.0.identity(identity)
+        }
+        fn sent(&mut self, message: &Stored) -> Result<(), StoreError> {
+            self.0.sent(message)
+        }
+        fn acknowledged(&mut self, below: Seq) -> Result<(), StoreError> {
+            self.0.acknowledged(below)
+        }
+        fn arrived(&mut self, message: &Stored) -> Result<(), StoreError> {
+            self.0.arrived(message)
+        }
+        fn consumed(&mut self, _: Seq) -> Result<(), StoreError> {
+            Err(StoreError::Io("disk full".into()))
+        }
+        fn flush(&mut self) -> Result<(), StoreError> {
+            self.0.flush()
+        }
+        fn clear(&mut self) -> Result<(), StoreError> {
+            self.0.clear()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_as_a_message_is_taken_says_so_at_once() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect_with_store(
+        ClientOptions::new(vec![server.local_addr()]),
+        Box::new(ConsumeFails(Default::default())),
+    )
+    .unwrap();
+    assert!(client.connected().await);
+    let session = client.session().expect("a session");
+    server
+        .try_send(session, 0, Mode::Ordered, Bytes::from_static(b"hello"))
+        .unwrap();
+    let deadline = Duration::from_secs(20);
+    loop {
+        let event = tokio::time::timeout(deadline, client.next_event())
+            .await
+            .expect("the message within 20 s")
+            .expect("the session runs");
+        if let SessionEvent::Received(m) = event {
+            assert_eq!(&m.payload[..], b"hello");
+            break;
+        }
+    }
+    // Taking the message made the store fail: the event saying so is ready when the call
+    // returns, not left for the next read or timer to route.
+    assert!(
+        matches!(
+            client.try_event(),
+            Some(SessionEvent::DurabilityLost { .. })
+        ),
+        "DurabilityLost is ready at once"
+    );
+}

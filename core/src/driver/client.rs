@@ -383,7 +383,11 @@ impl ClientHandle {
     /// says when (or there is no store to record it in).
     fn taken(&self, events: &[SessionEvent]) {
         if self.consumes && !events.is_empty() {
-            self.shared.with(|s, _| s.consume(events));
+            // A store that fails says so with an event: route it like any other.
+            self.shared.with(|s, wakes| {
+                s.consume(events);
+                s.drain_events(wakes);
+            });
         }
     }
 
@@ -408,7 +412,10 @@ impl ClientHandle {
     /// With a durable store and [`ClientOptions::manual_consume`]: the application is done with
     /// message `seq`, which will not be handed out again after a restart.
     pub fn consumed(&self, seq: Seq) {
-        self.shared.with(|s, _| s.client.consumed(seq));
+        self.shared.with(|s, wakes| {
+            s.client.consumed(seq);
+            s.drain_events(wakes);
+        });
     }
 
     /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.
@@ -707,6 +714,7 @@ impl<R: Runtime> Future for ClientDriver<R> {
             if ended {
                 this.io = None;
             }
+            let read = input.is_some();
             let step = this.step(input, ended, connected);
             for d in &step.directives {
                 match *d {
@@ -747,9 +755,9 @@ impl<R: Runtime> Future for ClientDriver<R> {
                 }
                 return Poll::Ready(());
             }
-            // The application was waiting for what this step brought, and the link is busy: yield
-            // to it (see the server's connection task).
-            if progress && step.woke && this.read_buf.busy() {
+            // The application was waiting for what this step read, and the link is busy: yield to
+            // it (see the server's connection task).
+            if progress && step.woke && read && this.read_buf.busy() {
                 break;
             }
             if progress {

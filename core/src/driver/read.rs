@@ -220,6 +220,7 @@ impl ReadBuf {
         self.gather = None;
         self.framing = Boundary::new();
         self.room = READ_CHUNK;
+        self.busy = false;
     }
 
     /// Whether the last read brought at least a quarter of [`READ_CHUNK`] of small frames: a busy

@@ -481,7 +481,11 @@ impl ServerHandle {
     /// as consumed.
     fn taken(&self, events: &[ServerEvent]) {
         if self.records_consumed && !events.is_empty() {
-            self.shared.with(|s, _| s.server.record_consumed(events));
+            // A store that fails says so with an event: route it like any other.
+            self.shared.with(|s, wakes| {
+                s.server.record_consumed(events);
+                s.flush(wakes, false);
+            });
         }
     }
 
