@@ -30,6 +30,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// wake-ups for the sender to process them.
 const READ_MAX: usize = 256 * 1024;
 
+/// A read of at least this many bytes of small frames means a busy link: the read room is not
+/// taken back, and an application woken by the read is let run (see [`ReadBuf::busy`]).
+const BUSY: usize = READ_CHUNK / 4;
+
 /// Frames of at least this many bytes (length prefix included) are read into a buffer of their own.
 const LARGE: usize = 16 * 1024;
 
@@ -176,13 +180,13 @@ pub(crate) struct ReadBuf {
     gather: Option<Gather>,
     framing: Boundary,
     /// The room `current` gets at its next refill: [`READ_CHUNK`], doubled up to [`READ_MAX`] after
-    /// each read that filled all the room it had, and back to `READ_CHUNK` after one that did not
-    /// fill a quarter of that.
+    /// each read that filled all the room it had, and back to `READ_CHUNK` after one of fewer than
+    /// [`BUSY`] bytes.
     room: usize,
     /// The decoder's limit on a frame's length (prefix excluded).
     max_frame: usize,
     recycler: Arc<Recycler>,
-    /// The last read brought at least a quarter of [`READ_CHUNK`] of small frames: the link is busy.
+    /// The last read brought at least [`BUSY`] bytes of small frames.
     busy: bool,
 }
 
@@ -223,9 +227,9 @@ impl ReadBuf {
         self.busy = false;
     }
 
-    /// Whether the last read brought at least a quarter of [`READ_CHUNK`] of small frames: a busy
-    /// link, where more are likely waiting. (The threshold under which the room shrinks back; and
-    /// a large frame fills the buffer of its own size whether or not more follow.)
+    /// Whether the last read brought at least [`BUSY`] bytes of small frames: a busy link, where
+    /// more are likely waiting. (A large frame fills the buffer of its own size whether or not
+    /// more follow.)
     pub(crate) fn busy(&self) -> bool {
         self.busy
     }
@@ -275,10 +279,10 @@ impl ReadBuf {
     fn filled(&mut self, n: usize) -> Bytes {
         self.busy = false;
         let Some(mut g) = self.gather.take() else {
-            self.busy = n >= READ_CHUNK / 4;
+            self.busy = n >= BUSY;
             if n == self.current.len() {
                 self.room = (2 * self.room).min(READ_MAX);
-            } else if n < READ_CHUNK / 4 {
+            } else if !self.busy {
                 self.room = READ_CHUNK;
             }
             let open = self.framing.follow(&self.current[..n]);

@@ -484,7 +484,9 @@ impl ServerHandle {
             // A store that fails says so with an event: route it like any other.
             self.shared.with(|s, wakes| {
                 s.server.record_consumed(events);
-                s.flush(wakes, false);
+                if !s.server.events_mut().is_empty() {
+                    s.flush(wakes, false);
+                }
             });
         }
     }
