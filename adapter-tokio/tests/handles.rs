@@ -336,3 +336,88 @@ async fn a_store_that_fails_as_a_message_is_taken_says_so_at_once() {
         "DurabilityLost is ready at once"
     );
 }
+
+/// One round of [`a_server_shut_down_mid_flood_acknowledges_only_what_its_application_was_given`]:
+/// how many messages the client had acknowledged, and how many the server's application got.
+async fn shut_down_mid_flood() -> (u64, u64) {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    assert!(client.connected().await);
+    let first = client
+        .send(0, Mode::Ordered, Bytes::from_static(&[0; 64]))
+        .await
+        .unwrap()
+        .seq()
+        .expect("a reliable message");
+    let flood = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut batch = std::collections::VecDeque::new();
+            loop {
+                batch.extend(std::iter::repeat_n(Bytes::from_static(&[0; 64]), 64));
+                if client
+                    .send_many(0, Mode::Ordered, &mut batch)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let mut given = 0u64;
+    let mut events = Vec::new();
+    let mut stopped = false;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), server.next_events(&mut events, 64))
+            .await
+            .expect("events within 20 s");
+        if n == 0 {
+            break;
+        }
+        for event in events.drain(..) {
+            if let ServerEvent::Session {
+                event: SessionEvent::Received(_),
+                ..
+            } = event
+            {
+                given += 1;
+            }
+        }
+        // Mid-flood, while the connection is reading: every message the application is given
+        // from here on was read before the shutdown.
+        if !stopped && given >= 20_000 {
+            server.shutdown();
+            stopped = true;
+        }
+    }
+    assert!(stopped, "the flood reached the shutdown");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the client sees the connection end within 20 s");
+    let acknowledged = client.inspect(|c| c.channel().sender().base() - first);
+    drop(client);
+    flood.abort();
+    (acknowledged, given)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shut_down_mid_flood_acknowledges_only_what_its_application_was_given() {
+    // A read the connection made just before the shutdown, decoded just after, must not be
+    // acknowledged: the application, told the events are over, never takes what it brought, and
+    // the client, told it arrived, would not hand it back. Rounds make the race likely to show.
+    for round in 0..10 {
+        let (acknowledged, given) = shut_down_mid_flood().await;
+        assert!(
+            acknowledged <= given,
+            "round {round}: the client had {acknowledged} messages acknowledged, the application \
+             was given {given}"
+        );
+    }
+}

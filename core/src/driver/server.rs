@@ -493,6 +493,11 @@ impl ServerHandle {
 
     /// Stops accepting, closes every connection, ends every awaited request. Sessions are not
     /// closed: their clients find them gone when they try to resume, and say so loudly.
+    ///
+    /// Events made before the shutdown are still taken, and then the events end (`None`). Every
+    /// message acknowledged to a client is among them: input a connection read but had not yet
+    /// handed on when the shutdown came is dropped unacknowledged, so its client gets those
+    /// messages back as unacknowledged when it learns the session is gone.
     pub fn shutdown(&self) {
         self.shared.with(|s, wakes| s.stop(wakes));
     }
@@ -799,7 +804,10 @@ impl<S: Io> Future for ConnTask<S> {
             let out = &mut this.out;
             let mut woke = false;
             let gone = this.shared.with(|s, wakes| {
-                if let Some(data) = input {
+                // Read before a shutdown, its turn after: dropped unread. Its messages would be
+                // acknowledged to the client, but their events would come after the application
+                // was told there are no more.
+                if let Some(data) = input.filter(|_| !s.shutdown) {
                     let now = s.clock.now();
                     s.server.handle_input(now, id, data);
                     woke = s.flush(wakes, false);
