@@ -30,8 +30,8 @@
 //! # }
 //! ```
 //!
-//! The drivers run on smol's global executor (`smol::spawn`), so any executor — `smol::block_on`
-//! included — can hold the handles. Handles are `Send + Sync` and cheap to clone: replies and sends
+//! The drivers run on smol's global executor (`smol::spawn`), or on the application's own with
+//! [`Smol::on`], so any executor — `smol::block_on` included — can hold the handles. Handles are `Send + Sync` and cheap to clone: replies and sends
 //! work from plain worker threads too (`try_send`, `reply`), while the driver task keeps acknowledging
 //! and heartbeating however busy they are.
 #![forbid(unsafe_code)]
@@ -40,6 +40,8 @@ mod runtime;
 
 use std::io;
 use std::net::SocketAddr;
+
+use steadfast_core::driver::Runtime;
 
 pub use runtime::{AsyncIoTimer, Listener, Smol, Stream};
 pub use steadfast_core as core;
@@ -60,41 +62,78 @@ fn invalid(e: steadfast_core::ConfigError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
+impl Smol {
+    /// Starts a client session: its driver is spawned on this runtime's executor and connects at
+    /// once. Use [`ClientHandle::connected`] to wait for the first connection.
+    pub fn connect(&self, options: ClientOptions) -> io::Result<ClientHandle> {
+        let (handle, driver) =
+            steadfast_core::driver::client::client(self.clone(), options, os_entropy())
+                .map_err(invalid)?;
+        self.spawn(Box::pin(driver));
+        Ok(handle)
+    }
+
+    /// Starts a client session made durable by `store`: given the store a previous process of
+    /// this client left, it resumes that session — nothing it sent is lost, nothing it received
+    /// comes twice (see [`steadfast_core::store`]). A store that fails is reported with
+    /// [`SessionEvent::DurabilityLost`] and the session carries on in memory.
+    pub fn connect_with_store(
+        &self,
+        options: ClientOptions,
+        store: Box<dyn steadfast_core::store::Store>,
+    ) -> io::Result<ClientHandle> {
+        let (handle, driver) = steadfast_core::driver::client::client_with_store(
+            self.clone(),
+            options,
+            os_entropy(),
+            store,
+        )
+        .map_err(invalid)?;
+        self.spawn(Box::pin(driver));
+        Ok(handle)
+    }
+
+    /// Binds `addr` and serves sessions on this runtime's executor.
+    pub async fn listen(
+        &self,
+        addr: SocketAddr,
+        options: ServerOptions,
+    ) -> io::Result<ServerHandle> {
+        let listener = Listener::new(smol::net::TcpListener::bind(addr).await?);
+        self.serve(listener, options)
+    }
+
+    /// Serves sessions on an already bound listener, on this runtime's executor.
+    pub fn serve(&self, listener: Listener, options: ServerOptions) -> io::Result<ServerHandle> {
+        let (handle, driver) =
+            steadfast_core::driver::server::server(self.clone(), listener, options, os_entropy())
+                .map_err(invalid)?;
+        self.spawn(Box::pin(driver));
+        Ok(handle)
+    }
+}
+
 /// Starts a client session: its driver is spawned on smol's global executor and connects at once.
 /// Use [`ClientHandle::connected`] to wait for the first connection.
 pub fn connect(options: ClientOptions) -> io::Result<ClientHandle> {
-    let (handle, driver) =
-        steadfast_core::driver::client::client(Smol, options, os_entropy()).map_err(invalid)?;
-    smol::spawn(driver).detach();
-    Ok(handle)
+    Smol::global().connect(options)
 }
 
-/// Starts a client session made durable by `store`: given the store a previous process of this
-/// client left, it resumes that session — nothing it sent is lost, nothing it received comes twice
-/// (see [`steadfast_core::store`]). A store that fails is reported with
-/// [`SessionEvent::DurabilityLost`] and the session carries on in memory.
+/// Starts a client session made durable by `store`, on smol's global executor: see
+/// [`Smol::connect_with_store`].
 pub fn connect_with_store(
     options: ClientOptions,
     store: Box<dyn steadfast_core::store::Store>,
 ) -> io::Result<ClientHandle> {
-    let (handle, driver) =
-        steadfast_core::driver::client::client_with_store(Smol, options, os_entropy(), store)
-            .map_err(invalid)?;
-    smol::spawn(driver).detach();
-    Ok(handle)
+    Smol::global().connect_with_store(options, store)
 }
 
 /// Binds `addr` and serves sessions on smol's global executor.
 pub async fn listen(addr: SocketAddr, options: ServerOptions) -> io::Result<ServerHandle> {
-    let listener = Listener::new(smol::net::TcpListener::bind(addr).await?);
-    serve(listener, options)
+    Smol::global().listen(addr, options).await
 }
 
 /// Serves sessions on an already bound listener, on smol's global executor.
 pub fn serve(listener: Listener, options: ServerOptions) -> io::Result<ServerHandle> {
-    let (handle, driver) =
-        steadfast_core::driver::server::server(Smol, listener, options, os_entropy())
-            .map_err(invalid)?;
-    smol::spawn(driver).detach();
-    Ok(handle)
+    Smol::global().serve(listener, options)
 }

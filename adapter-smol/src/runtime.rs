@@ -12,10 +12,48 @@ use smol::Async;
 use smol::io::{AsyncRead, AsyncWrite};
 use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, TryWrite};
 
-/// smol as the driver's runtime: tasks go to smol's global executor, sockets and timers to
-/// async-io's reactor.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Smol;
+/// smol as the driver's runtime: tasks go to an executor, smol's global one unless the
+/// application gives its own ([`Smol::on`]); sockets and timers go to async-io's reactor.
+///
+/// smol's global executor runs on one thread unless `SMOL_THREADS` says otherwise, and every
+/// session's driver shares it with whatever else the application spawns there. An application
+/// that runs its own executor, on as many threads as it wants, hands it over instead:
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// use std::sync::Arc;
+/// use steadfast_smol::{ClientOptions, ServerOptions, Smol};
+///
+/// let executor = Arc::new(smol::Executor::new());
+/// let smol = Smol::on(executor.clone());
+/// smol::block_on(executor.run(async {
+///     let server = smol.listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new()).await?;
+///     let client = smol.connect(ClientOptions::new(vec![server.local_addr()]))?;
+///     assert!(client.connected().await);
+///     Ok(())
+/// }))
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Smol {
+    /// `None`: smol's global executor.
+    executor: Option<Arc<smol::Executor<'static>>>,
+}
+
+impl Smol {
+    /// Tasks on smol's global executor (`smol::spawn`).
+    pub fn global() -> Self {
+        Smol::default()
+    }
+
+    /// Tasks on `executor`. The application runs it (`executor.run(..)` on threads of its own);
+    /// sessions make no progress while nothing does.
+    pub fn on(executor: Arc<smol::Executor<'static>>) -> Self {
+        Smol {
+            executor: Some(executor),
+        }
+    }
+}
 
 /// A smol TCP stream with Nagle off: the core batches writes itself.
 #[derive(Debug)]
@@ -87,7 +125,10 @@ impl Runtime for Smol {
     }
 
     fn spawn(&self, future: BoxFuture<()>) {
-        smol::spawn(future).detach();
+        match &self.executor {
+            Some(executor) => executor.spawn(future).detach(),
+            None => smol::spawn(future).detach(),
+        }
     }
 
     fn connect(&self, addr: SocketAddr) -> BoxFuture<io::Result<Stream>> {
@@ -148,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_timer_past_its_deadline_stays_ready_until_moved() {
-        let mut timer = Smol.timer(Instant::now() + Duration::from_millis(10));
+        let mut timer = Smol::global().timer(Instant::now() + Duration::from_millis(10));
         smol::block_on(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         // The driver may poll its alarm again at an unchanged deadline; it must not sleep forever.

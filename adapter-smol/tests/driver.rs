@@ -142,11 +142,11 @@ impl Runtime for Faulty {
     }
 
     fn timer(&self, deadline: Instant) -> Pin<Box<dyn Timer>> {
-        Smol.timer(deadline)
+        Smol::global().timer(deadline)
     }
 
     fn spawn(&self, future: BoxFuture<()>) {
-        Smol.spawn(future)
+        Smol::global().spawn(future)
     }
 
     fn connect(&self, addr: SocketAddr) -> BoxFuture<io::Result<FaultyStream>> {
@@ -154,7 +154,7 @@ impl Runtime for Faulty {
         let break_writes = first.then(|| self.break_writes.clone());
         let direct_writes = self.direct_writes.clone();
         let live_writers = self.live_writers.clone();
-        let connecting = Smol.connect(addr);
+        let connecting = Runtime::connect(&Smol::global(), addr);
         Box::pin(async move {
             let inner = connecting.await?;
             Ok(FaultyStream {
@@ -200,7 +200,7 @@ fn an_idle_server_without_sessions_sleeps_instead_of_polling_itself() {
     smol::block_on(async {
         let listener = Listener::new(smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
         let (server, driver) = steadfast_smol::core::driver::server::server(
-            Smol,
+            Smol::global(),
             listener,
             ServerOptions::new(),
             entropy(),
@@ -511,4 +511,53 @@ fn a_driver_dropped_with_its_runtime_lets_its_socket_go_while_the_application_ke
         assert_eq!(rt.live_writers.load(Ordering::SeqCst), 0);
         drop(client);
     });
+}
+
+#[test]
+fn sessions_given_an_executor_run_their_drivers_there_not_on_the_global_one() {
+    let executor = Arc::new(smol::Executor::new());
+    let smol = Smol::on(executor.clone());
+    smol::block_on(executor.run(async {
+        let server = smol
+            .listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+            .await
+            .unwrap();
+        // This block is not one of the executor's tasks: only the server's driver can be.
+        assert!(
+            !executor.is_empty(),
+            "the server's driver runs on the executor given"
+        );
+        let client = smol
+            .connect(ClientOptions::new(vec![server.local_addr()]))
+            .unwrap();
+        client
+            .send(0, Mode::Ordered, Bytes::from_static(b"on my executor"))
+            .await
+            .unwrap();
+        let received = within(Duration::from_secs(10), async {
+            loop {
+                if let Some(ServerEvent::Session {
+                    event: SessionEvent::Received(m),
+                    ..
+                }) = server.next_event().await
+                {
+                    break m.payload;
+                }
+            }
+        })
+        .await;
+        assert_eq!(received.as_deref(), Some(&b"on my executor"[..]));
+        drop(client);
+        server.shutdown();
+    }));
+    // Shut down and closed, the drivers end: nothing of theirs is left on the executor.
+    let drained = smol::block_on(executor.run(within(Duration::from_secs(10), async {
+        while !executor.is_empty() {
+            smol::Timer::after(Duration::from_millis(1)).await;
+        }
+    })));
+    assert!(
+        drained.is_some(),
+        "the drivers ended on the executor they ran on"
+    );
 }
