@@ -35,7 +35,9 @@
 //!   `LOOPBACK_PACER=sleep` makes the pacer sleep to each send instead of spinning for the last
 //!   200 µs: the runtime keeps both cores, and each send is a little late, which counts against it.
 //! - **runtimes**: steadfast-smol and steadfast-async-std (per-message and batch calls) against raw
-//!   TCP on their own runtime (`BufWriter`, the same framing), 64 B, one direction.
+//!   TCP on their own runtime (`BufWriter`, the same framing), 64 B, one direction. smol runs on
+//!   an executor of one thread per core, steadfast's tasks and raw TCP's receiver alike, as tokio
+//!   has its workers and async-std its pool (smol's global executor has one thread).
 //! - **recovery**: client to server through the chaos proxy with the default configuration, a
 //!   message every 2 ms. (a) A blackhole on the connection: time to the client's `Disconnected`,
 //!   then to the first message delivered after it (new connections work all along, so the path is
@@ -51,13 +53,16 @@
 //! throughput section, `LOOPBACK_RECOVERY_REPS` (3), `LOOPBACK_PARTITION_SECS` (5), `LOOPBACK_PERF=0` (no syscall
 //! counts; they need `perf` and permission to attach to this process), `LOOPBACK_PACER=sleep` (the
 //! latency section's pacer sleeps instead of spinning), `LOOPBACK_WORKERS` (2, the tokio runtime's
-//! worker threads; with 1, the spinning pacer and the runtime no longer share a core).
+//! worker threads; with 1, the spinning pacer and the runtime no longer share a core),
+//! `LOOPBACK_SMOL_THREADS` (the core count: the smol executor's threads; 0 for smol's global
+//! executor).
 
 use std::future::Future;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,6 +71,7 @@ use futures_util::{SinkExt, StreamExt as _};
 use hdrhistogram::Histogram;
 use steadfast_core::Stats;
 use steadfast_core::driver::{ClientHandle, ClientOptions, ServerHandle, ServerOptions};
+use steadfast_smol::Smol;
 use steadfast_tokio::chaos::{ChaosProxy, Fault, Target};
 use steadfast_tokio::{Mode, SendError, ServerEvent, SessionEvent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -862,16 +868,53 @@ enum OtherRt {
     AsyncStd,
 }
 
+/// The executor the smol runs use, for steadfast's tasks and raw TCP's receiver alike: one
+/// thread per core (`LOOPBACK_SMOL_THREADS`, default the core count), as tokio has its workers
+/// and async-std its pool, where smol's global executor would have one. 0: smol's global executor.
+fn smol_executor() -> Option<&'static Arc<smol::Executor<'static>>> {
+    static EXECUTOR: OnceLock<Option<Arc<smol::Executor<'static>>>> = OnceLock::new();
+    EXECUTOR
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = env_f64("LOOPBACK_SMOL_THREADS", cores as f64) as usize;
+            (threads > 0).then(|| {
+                let executor = Arc::new(smol::Executor::new());
+                for i in 0..threads {
+                    let executor = executor.clone();
+                    std::thread::Builder::new()
+                        .name(format!("smol-bench-{i}"))
+                        .spawn(move || smol::block_on(executor.run(smol::future::pending::<()>())))
+                        .expect("an executor thread");
+                }
+                executor
+            })
+        })
+        .as_ref()
+}
+
+/// Spawns on the bench's smol executor (or smol's global one).
+fn smol_spawn<T: Send + 'static>(
+    future: impl Future<Output = T> + Send + 'static,
+) -> smol::Task<T> {
+    match smol_executor() {
+        Some(executor) => executor.spawn(future),
+        None => smol::spawn(future),
+    }
+}
+
 fn other_steadfast(which: OtherRt, size: usize, secs: Duration, batched: bool) -> Run {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     match which {
         OtherRt::Smol => smol::block_on(async {
-            let server = steadfast_smol::listen(any, ServerOptions::new())
+            let smol = smol_executor().map_or_else(Smol::global, |e| Smol::on(e.clone()));
+            let server = smol
+                .listen(any, ServerOptions::new())
                 .await
                 .expect("listen");
-            let client = steadfast_smol::connect(ClientOptions::new(vec![server.local_addr()]))
+            let client = smol
+                .connect(ClientOptions::new(vec![server.local_addr()]))
                 .expect("connect");
-            steadfast_pump(client, server, size, secs, batched, smol::spawn).await
+            steadfast_pump(client, server, size, secs, batched, smol_spawn).await
         }),
         OtherRt::AsyncStd => async_std::task::block_on(async {
             let server = steadfast_async_std::listen(any, ServerOptions::new())
@@ -890,7 +933,7 @@ fn other_raw(which: OtherRt, size: usize, secs: Duration) -> Run {
         OtherRt::Smol => smol::block_on(async {
             let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let receiver = smol::spawn(async move {
+            let receiver = smol_spawn(async move {
                 let (s, _) = listener.accept().await.expect("accept");
                 raw_count_futures_io(s).await
             });
@@ -1317,7 +1360,7 @@ fn main() {
         .expect("tokio runtime");
     let broker = start_broker();
     // Start the other runtimes' executor threads now, so perf attaches to them too.
-    smol::block_on(smol::spawn(async {}));
+    smol::block_on(smol_spawn(async {}));
     async_std::task::block_on(async_std::task::spawn(async {}));
     let perf = settings.perf && Perf::start(true).stop().is_some();
     println!(
@@ -1511,8 +1554,13 @@ fn main() {
 
     if settings.wants("runtimes") {
         println!(
-            "\n== other runtimes, one direction ({} runs each; median)",
-            settings.reps
+            "\n== other runtimes, one direction ({} runs each; median); smol on {}",
+            settings.reps,
+            if smol_executor().is_some() {
+                "an executor of LOOPBACK_SMOL_THREADS (default: one per core) threads"
+            } else {
+                "its global executor"
+            }
         );
         println!("{THROUGHPUT_HEADER}");
         for &size in &settings.sizes {
