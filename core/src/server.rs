@@ -1447,9 +1447,12 @@ impl Server {
 
     /// Whether `session` is held and currently attached to a connection.
     pub fn is_connected(&self, session: SessionId) -> bool {
-        self.sessions
-            .get(&session)
-            .is_some_and(|s| s.conn().is_some())
+        self.connection_of(session).is_some()
+    }
+
+    /// The connection that carries `session` now, if it is held and attached.
+    pub fn connection_of(&self, session: SessionId) -> Option<ConnId> {
+        self.sessions.get(&session).and_then(|s| s.conn())
     }
 
     /// A session's counters.

@@ -242,6 +242,25 @@ impl State {
         wakes.wake_all(&mut self.capacity);
     }
 
+    /// After the application queued frames for `session`: writes them out from here if its
+    /// connection's task is idle (see [`Direct`]), else leaves them to that task. A busy task is
+    /// writing: it encodes whatever gathered meanwhile at its next step, for one large write,
+    /// where encoding here would hand it a run of small ones, each with a wake-up, and keep the
+    /// application's thread busy encoding.
+    fn sent_to(&mut self, session: SessionId, wakes: &mut Wakes) {
+        let busy = self
+            .server
+            .connection_of(session)
+            .and_then(|conn| self.slots.get_mut(&conn))
+            .filter(|slot| !slot.direct.is_open() && !slot.close);
+        match busy {
+            Some(slot) => wakes.wake(&mut slot.waker),
+            None => {
+                self.flush(wakes, true);
+            }
+        }
+    }
+
     fn stop(&mut self, wakes: &mut Wakes) {
         self.shutdown = true;
         for slot in self.slots.values_mut() {
@@ -306,6 +325,15 @@ impl ServerHandle {
         })
     }
 
+    /// Runs a command that queues frames for `session`, and gets them on their way.
+    fn send_command<T>(&self, session: SessionId, f: impl FnOnce(&mut Server) -> T) -> T {
+        self.shared.with(|s, wakes| {
+            let r = f(&mut s.server);
+            s.sent_to(session, wakes);
+            r
+        })
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -319,7 +347,7 @@ impl ServerHandle {
         mode: Mode,
         payload: Bytes,
     ) -> Result<Sent, SendError> {
-        self.command(|s| s.send(session, stream, mode, payload))
+        self.send_command(session, |s| s.send(session, stream, mode, payload))
     }
 
     /// Sends `payload` to `session`, waiting for room while its queue is full (backpressure).
@@ -341,7 +369,7 @@ impl ServerHandle {
                         Poll::Pending
                     }
                     r => {
-                        s.flush(wakes, true);
+                        s.sent_to(session, wakes);
                         Poll::Ready(r)
                     }
                 }
@@ -380,7 +408,7 @@ impl ServerHandle {
                 let (run, sent) =
                     Run::send_all(payloads, |q| s.server.send_many(session, stream, mode, q));
                 if sent {
-                    s.flush(wakes, true);
+                    s.sent_to(session, wakes);
                 }
                 run.poll(s.shutdown, payloads, &mut s.capacity, cx.waker())
             })
@@ -407,7 +435,7 @@ impl ServerHandle {
 
     /// Replies to `session`'s message `to`. Callable from any thread.
     pub fn reply(&self, session: SessionId, to: Seq, payload: Bytes) -> Result<Seq, SendError> {
-        self.command(|s| s.reply(session, to, payload))
+        self.send_command(session, |s| s.reply(session, to, payload))
     }
 
     /// Sends a request to `session` and waits for its reply, at most `timeout`.
@@ -426,7 +454,7 @@ impl ServerHandle {
                 if let Ok(seq) = r {
                     s.requests.expect((session, seq));
                 }
-                s.flush(wakes, true);
+                s.sent_to(session, wakes);
                 r
             })
             .map_err(RequestError::Send)?;
@@ -509,7 +537,7 @@ impl ServerHandle {
         session: SessionId,
         message: Stored,
     ) -> Result<Sequenced, SendError> {
-        self.command(|s| s.send_sequenced(session, message))
+        self.send_command(session, |s| s.send_sequenced(session, message))
     }
 
     /// Whether the server has shut down ([`ServerHandle::shutdown`], or its last handle dropped).
@@ -807,11 +835,15 @@ impl<S: Io> Future for ConnTask<S> {
                 // Read before a shutdown, its turn after: dropped unread. Its messages would be
                 // acknowledged to the client, but their events would come after the application
                 // was told there are no more.
-                if let Some(data) = input.filter(|_| !s.shutdown) {
+                let input = input.filter(|_| !s.shutdown);
+                let decoded = input.is_some();
+                if let Some(data) = input {
                     let now = s.clock.now();
                     s.server.handle_input(now, id, data);
-                    woke = s.flush(wakes, false);
                 }
+                // Also what the application queued while this task was busy: encoded here, in
+                // one go (see `State::sent_to`).
+                woke = s.flush(wakes, false) && decoded;
                 let Some(slot) = s.slots.get_mut(&id) else {
                     return true;
                 };
