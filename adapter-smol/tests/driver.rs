@@ -180,6 +180,22 @@ async fn within<T>(limit: Duration, what: impl Future<Output = T>) -> Option<T> 
     .await
 }
 
+/// The payload of the first message `server` receives, if one comes within `limit`.
+async fn first_received(server: &steadfast_smol::ServerHandle, limit: Duration) -> Option<Bytes> {
+    within(limit, async {
+        loop {
+            if let Some(ServerEvent::Session {
+                event: SessionEvent::Received(m),
+                ..
+            }) = server.next_event().await
+            {
+                break m.payload;
+            }
+        }
+    })
+    .await
+}
+
 /// Counts how often the runtime polls `inner`.
 struct Counted<F> {
     inner: F,
@@ -265,18 +281,7 @@ fn a_failed_write_leads_to_a_resume_like_a_failed_read() {
             .await
             .unwrap();
         // Well inside the 3 s idle timeout, so only the write error can have set off the resume.
-        let received = within(Duration::from_millis(1500), async {
-            loop {
-                if let Some(ServerEvent::Session {
-                    event: SessionEvent::Received(m),
-                    ..
-                }) = server.next_event().await
-                {
-                    break m.payload;
-                }
-            }
-        })
-        .await;
+        let received = first_received(&server, Duration::from_millis(1500)).await;
         assert_eq!(
             received.as_deref(),
             Some(&b"after the break"[..]),
@@ -534,18 +539,7 @@ fn sessions_given_an_executor_run_their_drivers_there_not_on_the_global_one() {
             .send(0, Mode::Ordered, Bytes::from_static(b"on my executor"))
             .await
             .unwrap();
-        let received = within(Duration::from_secs(10), async {
-            loop {
-                if let Some(ServerEvent::Session {
-                    event: SessionEvent::Received(m),
-                    ..
-                }) = server.next_event().await
-                {
-                    break m.payload;
-                }
-            }
-        })
-        .await;
+        let received = first_received(&server, Duration::from_secs(10)).await;
         assert_eq!(received.as_deref(), Some(&b"on my executor"[..]));
         drop(client);
         server.shutdown();
