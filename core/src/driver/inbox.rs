@@ -43,12 +43,18 @@ impl<T> Inbox<T> {
     }
 
     /// Moves every event in `from` to the back, in order, and wakes the application if it waits.
-    /// With the inbox empty, the usual case, the two queues trade and no event is copied.
+    /// With the inbox empty, the usual case, the two queues trade and no event is copied. Once the
+    /// inbox is closed, the events are dropped instead: the application was told there are no
+    /// more, and a stream that ended stays ended.
     pub(crate) fn put(&self, from: &mut VecDeque<T>, wakes: &mut Wakes) -> bool {
         if from.is_empty() {
             return false;
         }
         let mut ready = lock(&self.inner);
+        if ready.closed {
+            from.clear();
+            return false;
+        }
         move_all(from, &mut ready.events);
         let woke = ready.waiter.is_some();
         wakes.wake(&mut ready.waiter);
@@ -172,6 +178,23 @@ mod tests {
         assert_eq!(inbox.poll_take(&mut cx, &mut taken, 8), Poll::Ready(1));
         assert_eq!(inbox.poll_take(&mut cx, &mut taken, 8), Poll::Ready(0));
         assert_eq!(inbox.poll_one(&mut cx, |_| {}), Poll::Ready(None));
+    }
+
+    #[test]
+    fn events_put_after_the_close_never_come_out_once_the_end_was_seen() {
+        let inbox = Inbox::new();
+        let mut wakes = Wakes::default();
+        let mut cx = noop();
+        inbox.close(&mut wakes);
+        assert_eq!(inbox.poll_one(&mut cx, |_| {}), Poll::Ready(None));
+        let mut late = VecDeque::from([1, 2]);
+        assert!(
+            !inbox.put(&mut late, &mut wakes),
+            "nobody is woken for them"
+        );
+        assert!(late.is_empty(), "dropped, not left to be put again");
+        assert_eq!(inbox.poll_one(&mut cx, |_| {}), Poll::Ready(None));
+        assert_eq!(inbox.take_one(|_| {}), None);
     }
 }
 

@@ -253,11 +253,20 @@ impl State {
             .connection_of(session)
             .and_then(|conn| self.slots.get_mut(&conn))
             .filter(|slot| !slot.direct.is_open() && !slot.close);
-        match busy {
-            Some(slot) => wakes.wake(&mut slot.waker),
-            None => {
-                self.flush(wakes, true);
-            }
+        let Some(slot) = busy else {
+            self.flush(wakes, true);
+            return;
+        };
+        wakes.wake(&mut slot.waker);
+        self.route_events(wakes);
+    }
+
+    /// Routes what the core made during the application's call (a store that failed, a session
+    /// closed for overflowing its queue): ready when the call returns, its waiters woken, not left
+    /// for the connection's next step.
+    fn route_events(&mut self, wakes: &mut Wakes) {
+        if !self.server.events_mut().is_empty() {
+            self.flush(wakes, false);
         }
     }
 
@@ -366,6 +375,8 @@ impl ServerHandle {
                     Err(SendError::QueueFull(p)) if !s.shutdown => {
                         payload = Some(p);
                         register_in(&mut s.capacity, cx.waker());
+                        // Registered first: an overflow that closes the session wakes it.
+                        s.route_events(wakes);
                         Poll::Pending
                     }
                     r => {
@@ -407,10 +418,15 @@ impl ServerHandle {
             self.shared.with(|s, wakes| {
                 let (run, sent) =
                     Run::send_all(payloads, |q| s.server.send_many(session, stream, mode, q));
+                // Polled (and so registered for room) first: an overflow that closes the session
+                // wakes it.
+                let polled = run.poll(s.shutdown, payloads, &mut s.capacity, cx.waker());
                 if sent {
                     s.sent_to(session, wakes);
+                } else {
+                    s.route_events(wakes);
                 }
-                run.poll(s.shutdown, payloads, &mut s.capacity, cx.waker())
+                polled
             })
         })
         .await
