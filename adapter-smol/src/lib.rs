@@ -2,9 +2,9 @@
 //!
 //! steadfast on smol: sessions that survive network interruptions — nothing lost, nothing
 //! duplicated, order kept, recovery automatic, and a loud [`SessionEvent::SessionLost`] where recovery
-//! is impossible. This crate holds only I/O glue (async-net's sockets, async-io's timers, smol's
-//! global executor); the protocol is [`steadfast_core`]'s and the loop that drives it is
-//! [`steadfast_core::driver`]'s.
+//! is impossible. This crate holds only I/O glue (async-net's sockets, async-io's timers, and an
+//! executor: smol's global one, or the application's, see [`Smol`]); the protocol is
+//! [`steadfast_core`]'s and the loop that drives it is [`steadfast_core::driver`]'s.
 //!
 //! ```
 //! # fn main() -> std::io::Result<()> {
@@ -30,8 +30,8 @@
 //! # }
 //! ```
 //!
-//! The drivers run on smol's global executor (`smol::spawn`), or on the application's own with
-//! [`Smol::on`], so any executor — `smol::block_on` included — can hold the handles. Handles are `Send + Sync` and cheap to clone: replies and sends
+//! The drivers run on smol's global executor (`smol::spawn`), or on the application's own
+//! ([`Smol::on`]); any executor, `smol::block_on` included, can hold the handles. Handles are `Send + Sync` and cheap to clone: replies and sends
 //! work from plain worker threads too (`try_send`, `reply`), while the driver task keeps acknowledging
 //! and heartbeating however busy they are.
 #![forbid(unsafe_code)]

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -17,7 +17,9 @@ use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, Tr
 ///
 /// smol's global executor runs on one thread unless `SMOL_THREADS` says otherwise, and every
 /// session's driver shares it with whatever else the application spawns there. An application
-/// that runs its own executor, on as many threads as it wants, hands it over instead:
+/// that runs its own executor, on as many threads as it wants, hands it over instead. The
+/// sessions' tasks then live and die with it: dropping the executor drops them, and their sockets
+/// close.
 ///
 /// ```
 /// # fn main() -> std::io::Result<()> {
@@ -25,7 +27,7 @@ use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, Tr
 /// use steadfast_smol::{ClientOptions, ServerOptions, Smol};
 ///
 /// let executor = Arc::new(smol::Executor::new());
-/// let smol = Smol::on(executor.clone());
+/// let smol = Smol::on(&executor);
 /// smol::block_on(executor.run(async {
 ///     let server = smol.listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new()).await?;
 ///     let client = smol.connect(ClientOptions::new(vec![server.local_addr()]))?;
@@ -34,10 +36,15 @@ use steadfast_core::driver::{BoxFuture, FdWriter, Io, Listen, Runtime, Timer, Tr
 /// }))
 /// # }
 /// ```
+///
+/// `connect` and `listen` here are the application's calls. The driver's own
+/// [`Runtime::connect`] (a TCP connection) is reached through the trait, as
+/// `Runtime::connect(&smol, addr)`.
 #[derive(Debug, Clone, Default)]
 pub struct Smol {
-    /// `None`: smol's global executor.
-    executor: Option<Arc<smol::Executor<'static>>>,
+    /// `None`: smol's global executor. Weak, because the executor holds the tasks that hold
+    /// this: a strong reference would keep the executor, and every task on it, alive for good.
+    executor: Option<Weak<smol::Executor<'static>>>,
 }
 
 impl Smol {
@@ -47,10 +54,10 @@ impl Smol {
     }
 
     /// Tasks on `executor`. The application runs it (`executor.run(..)` on threads of its own);
-    /// sessions make no progress while nothing does.
-    pub fn on(executor: Arc<smol::Executor<'static>>) -> Self {
+    /// sessions make no progress while nothing does, and end when it is dropped.
+    pub fn on(executor: &Arc<smol::Executor<'static>>) -> Self {
         Smol {
-            executor: Some(executor),
+            executor: Some(Arc::downgrade(executor)),
         }
     }
 }
@@ -126,7 +133,13 @@ impl Runtime for Smol {
 
     fn spawn(&self, future: BoxFuture<()>) {
         match &self.executor {
-            Some(executor) => executor.spawn(future).detach(),
+            Some(executor) => {
+                // An executor already dropped has dropped every task of these sessions: this
+                // one goes with them.
+                if let Some(executor) = executor.upgrade() {
+                    executor.spawn(future).detach();
+                }
+            }
             None => smol::spawn(future).detach(),
         }
     }

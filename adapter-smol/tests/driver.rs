@@ -521,7 +521,7 @@ fn a_driver_dropped_with_its_runtime_lets_its_socket_go_while_the_application_ke
 #[test]
 fn sessions_given_an_executor_run_their_drivers_there_not_on_the_global_one() {
     let executor = Arc::new(smol::Executor::new());
-    let smol = Smol::on(executor.clone());
+    let smol = Smol::on(&executor);
     smol::block_on(executor.run(async {
         let server = smol
             .listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
@@ -554,4 +554,70 @@ fn sessions_given_an_executor_run_their_drivers_there_not_on_the_global_one() {
         drained.is_some(),
         "the drivers ended on the executor they ran on"
     );
+}
+
+#[test]
+fn dropping_its_executor_ends_the_sessions_on_it_and_lets_their_sockets_go() {
+    let executor = Arc::new(smol::Executor::new());
+    let smol = Smol::on(&executor);
+    let server = smol::block_on(
+        executor.run(smol.listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let held = Arc::downgrade(&executor);
+    drop(server);
+    drop(executor);
+    // The runtime holds the executor weakly: the server's driver, a task of the executor, does
+    // not keep it alive, so dropping it drops the driver and closes the listener.
+    assert!(held.upgrade().is_none(), "the executor is gone");
+    std::net::TcpListener::bind(addr).expect("the listener's port is free again");
+}
+
+#[test]
+fn an_overflow_that_closes_a_session_is_an_event_when_the_send_returns() {
+    // One thread runs the executor and the application: between its awaits no driver runs, so
+    // only the send itself can have routed the event.
+    let executor = Arc::new(smol::Executor::new());
+    let smol = Smol::on(&executor);
+    smol::block_on(executor.run(async {
+        let mut options = ServerOptions::new();
+        options.config.overflow = steadfast_smol::core::server::Overflow::CloseSession;
+        options.config.channel.max_queued_messages = 8;
+        let server = smol
+            .listen("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .unwrap();
+        let client = smol
+            .connect(ClientOptions::new(vec![server.local_addr()]))
+            .unwrap();
+        assert!(client.connected().await);
+        let session = loop {
+            if let Some(ServerEvent::Session {
+                session,
+                event: SessionEvent::Connected { .. },
+            }) = server.next_event().await
+            {
+                break session;
+            }
+        };
+        let mut sent = 0;
+        while server
+            .try_send(session, 0, Mode::Ordered, Bytes::from_static(b"x"))
+            .is_ok()
+        {
+            sent += 1;
+            assert!(sent <= 8, "a queue of 8 overflows by the ninth send");
+        }
+        let lost = std::iter::from_fn(|| server.try_event()).any(|e| {
+            matches!(
+                e,
+                ServerEvent::Session {
+                    event: SessionEvent::SessionLost { .. },
+                    ..
+                }
+            )
+        });
+        assert!(lost, "SessionLost is ready when the refused send returns");
+    }));
 }

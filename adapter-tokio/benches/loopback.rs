@@ -906,7 +906,7 @@ fn other_steadfast(which: OtherRt, size: usize, secs: Duration, batched: bool) -
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     match which {
         OtherRt::Smol => smol::block_on(async {
-            let smol = smol_executor().map_or_else(Smol::global, |e| Smol::on(e.clone()));
+            let smol = smol_executor().map_or_else(Smol::global, Smol::on);
             let server = smol
                 .listen(any, ServerOptions::new())
                 .await
