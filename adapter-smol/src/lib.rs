@@ -31,13 +31,15 @@
 //! ```
 //!
 //! The drivers run on smol's global executor (`smol::spawn`), or on the application's own
-//! ([`Smol::on`]); any executor, `smol::block_on` included, can hold the handles. Handles are `Send + Sync` and cheap to clone: replies and sends
-//! work from plain worker threads too (`try_send`, `reply`), while the driver task keeps acknowledging
-//! and heartbeating however busy they are.
+//! ([`Smol::on`]); any executor, `smol::block_on` included, can hold the handles. Handles are
+//! `Send + Sync` and cheap to clone: replies and sends work from plain worker threads too
+//! (`try_send`, `reply`), while the driver task keeps acknowledging and heartbeating however busy
+//! they are.
 #![forbid(unsafe_code)]
 
 mod runtime;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
@@ -66,11 +68,11 @@ impl Smol {
     /// Starts a client session: its driver is spawned on this runtime's executor and connects at
     /// once. Use [`ClientHandle::connected`] to wait for the first connection.
     pub fn connect(&self, options: ClientOptions) -> io::Result<ClientHandle> {
-        let (handle, driver) =
-            steadfast_core::driver::client::client(self.clone(), options, os_entropy())
-                .map_err(invalid)?;
-        self.spawn(Box::pin(driver));
-        Ok(handle)
+        self.start(steadfast_core::driver::client::client(
+            self.clone(),
+            options,
+            os_entropy(),
+        ))
     }
 
     /// Starts a client session made durable by `store`: given the store a previous process of
@@ -82,15 +84,12 @@ impl Smol {
         options: ClientOptions,
         store: Box<dyn steadfast_core::store::Store>,
     ) -> io::Result<ClientHandle> {
-        let (handle, driver) = steadfast_core::driver::client::client_with_store(
+        self.start(steadfast_core::driver::client::client_with_store(
             self.clone(),
             options,
             os_entropy(),
             store,
-        )
-        .map_err(invalid)?;
-        self.spawn(Box::pin(driver));
-        Ok(handle)
+        ))
     }
 
     /// Binds `addr` and serves sessions on this runtime's executor.
@@ -105,9 +104,20 @@ impl Smol {
 
     /// Serves sessions on an already bound listener, on this runtime's executor.
     pub fn serve(&self, listener: Listener, options: ServerOptions) -> io::Result<ServerHandle> {
-        let (handle, driver) =
-            steadfast_core::driver::server::server(self.clone(), listener, options, os_entropy())
-                .map_err(invalid)?;
+        self.start(steadfast_core::driver::server::server(
+            self.clone(),
+            listener,
+            options,
+            os_entropy(),
+        ))
+    }
+
+    /// Spawns the driver just made on this runtime's executor and hands back its handle.
+    fn start<H>(
+        &self,
+        made: Result<(H, impl Future<Output = ()> + Send + 'static), steadfast_core::ConfigError>,
+    ) -> io::Result<H> {
+        let (handle, driver) = made.map_err(invalid)?;
         self.spawn(Box::pin(driver));
         Ok(handle)
     }

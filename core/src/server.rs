@@ -1204,6 +1204,12 @@ impl Server {
         }
     }
 
+    /// Whether some connection has bytes for [`Server::poll_transmit`] to make: without it, a
+    /// call finds nothing.
+    pub fn has_transmit(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     /// When [`Server::handle_timeout`] next has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.first()

@@ -261,9 +261,9 @@ impl State {
         self.route_events(wakes);
     }
 
-    /// Routes what the core made during the application's call (a store that failed, a session
-    /// closed for overflowing its queue): ready when the call returns, its waiters woken, not left
-    /// for the connection's next step.
+    /// Routes what the core made during the application's call (a store that failed, as a
+    /// message was sent or taken; a session closed for overflowing its queue): ready when the call
+    /// returns, its waiters woken, not left for a connection's next step.
     fn route_events(&mut self, wakes: &mut Wakes) {
         if !self.server.events_mut().is_empty() {
             self.flush(wakes, false);
@@ -528,9 +528,7 @@ impl ServerHandle {
             // A store that fails says so with an event: route it like any other.
             self.shared.with(|s, wakes| {
                 s.server.record_consumed(events);
-                if !s.server.events_mut().is_empty() {
-                    s.flush(wakes, false);
-                }
+                s.route_events(wakes);
             });
         }
     }
@@ -858,8 +856,11 @@ impl<S: Io> Future for ConnTask<S> {
                     s.server.handle_input(now, id, data);
                 }
                 // Also what the application queued while this task was busy: encoded here, in
-                // one go (see `State::sent_to`).
-                woke = s.flush(wakes, false) && decoded;
+                // one go (see `State::sent_to`). A step that decoded nothing and finds nothing to
+                // encode has nothing to flush.
+                if decoded || s.server.has_transmit() {
+                    woke = s.flush(wakes, false) && decoded;
+                }
                 let Some(slot) = s.slots.get_mut(&id) else {
                     return true;
                 };
