@@ -20,6 +20,12 @@
 //!   (in-kernel tracepoint counters, no ptrace slowdown), both ends together: I/O syscalls (read,
 //!   write, readv, writev, recvfrom, sendto, recvmsg, sendmsg) and all syscalls. For steadfast the
 //!   channel statistics give the share of frames that are standalone acks.
+//! - **fanout**: the use this library is for: a server sending every 64 B event to each of
+//!   `LOOPBACK_FANOUT_CLIENTS` (16) clients over their own connections, `BATCH` events per
+//!   session per call (`send_many`), each client counting its arrivals with `next_events`;
+//!   against the same events written to as many `FramedWrite<LengthDelimitedCodec>`s, fed a batch
+//!   at a time, each read by a `FramedRead`. The rate is deliveries (events × clients) over the
+//!   time from the first send to the last client's last arrival; CPU per delivery as above.
 //! - **wire**: the same runs, shorter, through the chaos proxy, whose byte counters give the bytes
 //!   on the wire (both directions, handshakes and acks included) per payload byte. For MQTT the
 //!   proxy sits between the publisher and the broker, so it counts PUBLISH and PUBACK on that leg.
@@ -44,7 +50,8 @@
 //!   "restored" at detection). (b) A partition (new connections blackholed too) kept for
 //!   `LOOPBACK_PARTITION_SECS`, then healed: time from the heal to the first resumed delivery.
 //!
-//! Environment: `LOOPBACK_ONLY=throughput,wire,latency,runtimes,recovery` (a subset),
+//! Environment: `LOOPBACK_ONLY=throughput,fanout,wire,latency,runtimes,recovery` (a subset),
+//! `LOOPBACK_FANOUT_CLIENTS` (16), `LOOPBACK_FANOUT_KINDS` (steadfast,framed),
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (5), `LOOPBACK_RATES`
 //! (10000,100000), `LOOPBACK_LATENCY_IMPLS` (steadfast,raw,pacer: which of the three the latency
@@ -106,6 +113,10 @@ struct Settings {
     perf: bool,
     /// Worker threads of the tokio runtime every tokio run uses.
     workers: usize,
+    /// Clients of the fan-out section.
+    fanout_clients: usize,
+    /// Which of the fan-out section's rows run.
+    fanout_kinds: Vec<String>,
 }
 
 fn env_f64(name: &str, default: f64) -> f64 {
@@ -126,7 +137,10 @@ impl Settings {
                 .collect()
         };
         Settings {
-            sections: list("LOOPBACK_ONLY", "throughput,wire,latency,runtimes,recovery"),
+            sections: list(
+                "LOOPBACK_ONLY",
+                "throughput,fanout,wire,latency,runtimes,recovery",
+            ),
             kinds: list("LOOPBACK_KINDS", "steadfast,batched,down,raw,framed,mqtt"),
             sizes: list("LOOPBACK_SIZES", "64,65536")
                 .iter()
@@ -146,6 +160,8 @@ impl Settings {
             partition: Duration::from_secs_f64(env_f64("LOOPBACK_PARTITION_SECS", 5.0)),
             perf: std::env::var("LOOPBACK_PERF").map_or(true, |v| v != "0"),
             workers: env_f64("LOOPBACK_WORKERS", 2.0).max(1.0) as usize,
+            fanout_clients: env_f64("LOOPBACK_FANOUT_CLIENTS", 16.0).max(1.0) as usize,
+            fanout_kinds: list("LOOPBACK_FANOUT_KINDS", "steadfast,framed"),
         }
     }
 
@@ -860,6 +876,144 @@ fn tokio_run(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fan-out on tokio
+
+/// Fan-out, steadfast: the server sends each 64 B event to every one of `clients` sessions with
+/// `send_many`, `BATCH` events per session per call, for `secs`, then a marked last one; each
+/// client counts its arrivals with `next_events`. A delivery is one event arriving at one client.
+async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .expect("listen");
+    let mut handles = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()]))
+            .expect("connect");
+        assert!(client.connected().await, "the client connected");
+        handles.push(client);
+    }
+    let sessions: Vec<_> = handles
+        .iter()
+        .map(|c| c.session().expect("a session"))
+        .collect();
+    let receivers: Vec<_> = handles
+        .iter()
+        .map(|client| tokio::spawn(count_client(client.clone())))
+        .collect();
+    let (body, end) = payloads(SMALL);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+    while start.elapsed() < secs {
+        for &session in &sessions {
+            batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
+            server
+                .send_many(session, 0, Mode::Ordered, &mut batch)
+                .await
+                .expect("send");
+        }
+        sent += BATCH as u64;
+    }
+    for &session in &sessions {
+        server
+            .send(session, 0, Mode::Ordered, end.clone())
+            .await
+            .expect("send");
+    }
+    sent += 1;
+    let last = fanout_end(receivers, sent).await;
+    server.shutdown();
+    Run {
+        msgs: sent * clients as u64,
+        elapsed: last - start,
+        size: SMALL,
+        ..Run::default()
+    }
+}
+
+/// Counts a client's arrivals until the marked last one.
+async fn count_client(client: ClientHandle) -> (u64, Instant) {
+    let mut n = 0u64;
+    let mut events = Vec::with_capacity(BATCH);
+    loop {
+        assert!(
+            client.next_events(&mut events, BATCH).await > 0,
+            "session over"
+        );
+        for event in events.drain(..) {
+            if let SessionEvent::Received(m) = event {
+                n += 1;
+                if m.payload[0] == END {
+                    return (n, Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Waits for every receiver to count `sent` arrivals; when the last of them got its last one.
+async fn fanout_end(receivers: Vec<tokio::task::JoinHandle<(u64, Instant)>>, sent: u64) -> Instant {
+    let mut last = None;
+    for receiver in receivers {
+        let (n, at) = receiver.await.expect("receiver");
+        assert_eq!(n, sent, "every event arrived once at every client");
+        last = last.max(Some(at));
+    }
+    last.expect("a client")
+}
+
+/// Fan-out, the baseline: the same events to `clients` connections, each through its own
+/// `FramedWrite<LengthDelimitedCodec>` fed `BATCH` at a time (flushed when its buffer fills, and
+/// at the end); each client counts frames with a `FramedRead`.
+async fn fanout_framed(clients: usize, secs: Duration) -> Run {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receivers: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let mut frames = FramedRead::new(stream, LengthDelimitedCodec::new());
+                let mut n = 0u64;
+                while let Some(frame) = frames.next().await {
+                    frame.expect("frame");
+                    n += 1;
+                }
+                (n, Instant::now())
+            })
+        })
+        .collect();
+    let mut sinks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let (stream, _) = listener.accept().await.expect("accept");
+        stream.set_nodelay(true).unwrap();
+        sinks.push(FramedWrite::new(stream, LengthDelimitedCodec::new()));
+    }
+    let (body, end) = payloads(SMALL);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < secs {
+        for sink in &mut sinks {
+            for _ in 0..BATCH {
+                sink.feed(body.clone()).await.expect("feed");
+            }
+        }
+        sent += BATCH as u64;
+    }
+    for sink in &mut sinks {
+        sink.feed(end.clone()).await.expect("feed");
+        SinkExt::<Bytes>::close(sink).await.expect("close");
+    }
+    sent += 1;
+    let last = fanout_end(receivers, sent).await;
+    Run {
+        msgs: sent * clients as u64,
+        elapsed: last - start,
+        size: SMALL,
+        ..Run::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // smol and async-std
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1437,6 +1591,58 @@ fn main() {
             let ratio = get(ours, size) / get(theirs, size);
             println!("    {label} {ratio:.decimals$}{goal}");
         }
+    }
+
+    if settings.wants("fanout") {
+        let clients = settings.fanout_clients;
+        println!(
+            "\n== fan-out, server -> {clients} clients, 64 B events, {BATCH} per call per client ({} runs each; median)",
+            settings.reps
+        );
+        println!(
+            "  implementation                    deliveries/s   (min–max of runs)  cpu ns/delivery"
+        );
+        let mut rates = Vec::new();
+        for (name, steadfast) in [
+            ("steadfast-tokio, send_many", true),
+            ("Framed<LengthDelimited> feed", false),
+        ] {
+            let key = if steadfast { "steadfast" } else { "framed" };
+            if !settings.fanout_kinds.iter().any(|k| k == key) {
+                rates.push(f64::NAN);
+                continue;
+            }
+            let go = |secs| {
+                rt.block_on(async {
+                    if steadfast {
+                        fanout_steadfast(clients, secs).await
+                    } else {
+                        fanout_framed(clients, secs).await
+                    }
+                })
+            };
+            go(Duration::from_millis(200));
+            let runs: Vec<Run> = (0..settings.reps)
+                .map(|_| timed_cpu(|| go(settings.secs)))
+                .collect();
+            let r: Vec<f64> = runs.iter().map(Run::rate).collect();
+            let (lo, hi) = min_max(&r);
+            let cpu = median(
+                runs.iter()
+                    .filter_map(|r| r.cpu.map(|c| c.as_nanos() as f64 / r.msgs as f64))
+                    .collect(),
+            );
+            rates.push(median(r));
+            println!(
+                "  {name:<32} {:>12} {:>19} {cpu:>16.0}",
+                si(rates[rates.len() - 1]),
+                format!("({}–{})", si(lo), si(hi)),
+            );
+        }
+        println!(
+            "    fan-out steadfast / Framed<LengthDelimited>: {:.2}",
+            rates[0] / rates[1]
+        );
     }
 
     if settings.wants("wire") {
