@@ -143,13 +143,14 @@ impl State {
                     }
                     bytes::Buf::advance(&mut self.scratch, sent);
                 }
-                let data = self.scratch.split();
                 // The task holds these now: nothing may be written direct ahead of them.
                 slot.direct.driver_holds(true);
                 if slot.out.is_empty() {
-                    slot.out = data;
+                    // Trade buffers: the one the task last wrote from comes back for the next
+                    // frames, so none is allocated anew and grown from nothing, page by page.
+                    core::mem::swap(&mut slot.out, &mut self.scratch);
                 } else {
-                    slot.out.extend_from_slice(&data);
+                    slot.out.extend_from_slice(&self.scratch);
                 }
                 slot.close |= t.close;
                 wakes.wake(&mut slot.waker);
