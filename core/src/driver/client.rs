@@ -48,10 +48,20 @@ pub struct ClientOptions {
     pub manual_consume: bool,
 }
 
+/// The messages a client's send queue holds by default: four times a server session's
+/// ([`crate::Config::new`]), still with no more than that in flight. A sending thread that finds
+/// the queue full sleeps until an ack makes room, and a deeper queue keeps it sending while the
+/// acks are on their way. A client has one session, where a server multiplies its bound by its
+/// sessions; the queue's bytes stay bounded by `max_queued_bytes` either way.
+const CLIENT_QUEUED_MESSAGES: usize = 65536;
+
 impl ClientOptions {
-    /// Defaults for a stream transport to `servers`.
+    /// Defaults for a stream transport to `servers`, with a send queue of 65,536 messages (a
+    /// server session's default holds 16,384), of which at most 16,384 are in flight.
     pub fn new(servers: Vec<SocketAddr>) -> Self {
-        let config = ClientConfig::new(crate::Config::new(crate::Transport::Stream), servers.len());
+        let mut channel = crate::Config::new(crate::Transport::Stream);
+        channel.max_queued_messages = CLIENT_QUEUED_MESSAGES;
+        let config = ClientConfig::new(channel, servers.len());
         ClientOptions {
             config,
             servers,
