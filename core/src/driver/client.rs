@@ -52,7 +52,8 @@ pub struct ClientOptions {
 /// ([`crate::Config::new`]), still with no more than that in flight. A sending thread that finds
 /// the queue full sleeps until an ack makes room, and a deeper queue keeps it sending while the
 /// acks are on their way. A client has one session, where a server multiplies its bound by its
-/// sessions; the queue's bytes stay bounded by `max_queued_bytes` either way.
+/// sessions. Payload bytes stay bounded by `max_queued_bytes` either way; the queue's own entries
+/// (under 100 B each) can take up to about 6 MiB more.
 const CLIENT_QUEUED_MESSAGES: usize = 65536;
 
 impl ClientOptions {

@@ -91,6 +91,9 @@ enum Routed {
     Answered,
 }
 
+/// The largest write buffer a flush keeps for the next frames.
+const KEPT_BUFFER: usize = 256 * 1024;
+
 /// One connection's bytes waiting for its task to write them.
 struct Slot {
     out: BytesMut,
@@ -149,6 +152,10 @@ impl State {
                     // Trade buffers: the one the task last wrote from comes back for the next
                     // frames, so none is allocated anew and grown from nothing, page by page.
                     core::mem::swap(&mut slot.out, &mut self.scratch);
+                    // Not one a backlog grew large: it would go round every connection.
+                    if self.scratch.capacity() > KEPT_BUFFER {
+                        self.scratch = BytesMut::new();
+                    }
                 } else {
                     slot.out.extend_from_slice(&self.scratch);
                 }
