@@ -402,6 +402,10 @@ pub struct Params {
     /// Tight queue bounds (messages, per session and side) instead of the defaults, to reach
     /// backpressure; `None`: the core's defaults.
     pub max_queued: Option<usize>,
+    /// A small in-flight limit (messages, per session and side) instead of the default, so that
+    /// a queue holds messages unsent behind it, through disconnects and resumes; `None`: the
+    /// core's default.
+    pub max_in_flight: Option<u64>,
     /// Whether a full server queue closes the session (`Overflow::CloseSession`) instead of
     /// refusing the send.
     pub overflow_closes: bool,
@@ -479,6 +483,8 @@ impl Params {
             Vec::new()
         };
         let crashes = Crashes::draw(&mut rng, &workload, canary, &mut faults);
+        // Drawn last, so that every other parameter of a seed stays as it was before it existed.
+        let max_in_flight = rng.random_bool(0.25).then(|| rng.random_range(4..=64u64));
         Params {
             seed,
             workload,
@@ -490,6 +496,7 @@ impl Params {
             max_fault_len,
             max_downtime,
             max_queued,
+            max_in_flight,
             overflow_closes,
             faults,
             transport,
@@ -558,8 +565,10 @@ impl fmt::Display for Params {
         )?;
         writeln!(
             f,
-            "  max_queued={} overflow_closes={}",
+            "  max_queued={} max_in_flight={} overflow_closes={}",
             self.max_queued
+                .map_or("default".to_string(), |n| n.to_string()),
+            self.max_in_flight
                 .map_or("default".to_string(), |n| n.to_string()),
             self.overflow_closes
         )?;

@@ -490,6 +490,9 @@ impl Sim {
         if let Some(n) = params.max_queued {
             channel.max_queued_messages = n;
         }
+        if let Some(n) = params.max_in_flight {
+            channel.max_in_flight = n;
+        }
         channel.canary = params.canary.and_then(Canary::in_core);
         let mut server_config = ServerConfig::new(channel.clone());
         server_config.retention = params.retention;
