@@ -623,6 +623,7 @@ async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+    let mut acks = Vec::new();
     while start.elapsed() < secs {
         batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
         server
@@ -630,6 +631,9 @@ async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
             .await
             .expect("send");
         sent += BATCH as u64;
+        // The acks' events, taken as an application would, not left to pile up.
+        server.try_events(&mut acks, usize::MAX);
+        acks.clear();
     }
     server
         .send(session, 0, Mode::Ordered, end)
@@ -904,6 +908,7 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+    let mut acks = Vec::new();
     while start.elapsed() < secs {
         for &session in &sessions {
             batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
@@ -913,6 +918,9 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
                 .expect("send");
         }
         sent += BATCH as u64;
+        // The acks' events, taken as an application would, not left to pile up.
+        server.try_events(&mut acks, usize::MAX);
+        acks.clear();
     }
     for &session in &sessions {
         server
