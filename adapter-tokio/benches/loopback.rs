@@ -598,48 +598,8 @@ async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
     let client = steadfast_tokio::connect(ClientOptions::new(vec![addr])).expect("connect");
     assert!(client.connected().await, "the client connected");
     let session = client.session().expect("a session");
-    let receiver = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut events = Vec::with_capacity(BATCH);
-            loop {
-                assert!(
-                    client.next_events(&mut events, BATCH).await > 0,
-                    "session over"
-                );
-                for event in events.drain(..) {
-                    if let SessionEvent::Received(m) = event {
-                        n += 1;
-                        if m.payload[0] == END {
-                            return (n, Instant::now());
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let (body, end) = payloads(size);
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
-    let mut acks = Vec::new();
-    while start.elapsed() < secs {
-        batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
-        server
-            .send_many(session, 0, Mode::Ordered, &mut batch)
-            .await
-            .expect("send");
-        sent += BATCH as u64;
-        // The acks' events, taken as an application would, not left to pile up.
-        server.try_events(&mut acks, usize::MAX);
-        acks.clear();
-    }
-    server
-        .send(session, 0, Mode::Ordered, end)
-        .await
-        .expect("send");
-    sent += 1;
+    let receiver = tokio::spawn(count_client(client.clone()));
+    let (start, sent) = publish(&server, &[session], size, secs).await;
     let (n, last) = receiver.await.expect("receiver");
     assert_eq!(n, sent, "every message arrived once");
     Run {
@@ -904,31 +864,7 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
         .iter()
         .map(|client| tokio::spawn(count_client(client.clone())))
         .collect();
-    let (body, end) = payloads(SMALL);
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
-    let mut acks = Vec::new();
-    while start.elapsed() < secs {
-        for &session in &sessions {
-            batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
-            server
-                .send_many(session, 0, Mode::Ordered, &mut batch)
-                .await
-                .expect("send");
-        }
-        sent += BATCH as u64;
-        // The acks' events, taken as an application would, not left to pile up.
-        server.try_events(&mut acks, usize::MAX);
-        acks.clear();
-    }
-    for &session in &sessions {
-        server
-            .send(session, 0, Mode::Ordered, end.clone())
-            .await
-            .expect("send");
-    }
-    sent += 1;
+    let (start, sent) = publish(&server, &sessions, SMALL, secs).await;
     let last = fanout_end(receivers, sent).await;
     server.shutdown();
     Run {
@@ -937,6 +873,42 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
         size: SMALL,
         ..Run::default()
     }
+}
+
+/// The server's side of the fan-out direction: sends every message of `size` bytes to each of
+/// `sessions` with `send_many`, `BATCH` per session per call, for `secs`, then a marked last one
+/// to each; takes the server's events (the acks' `Acknowledged`) each round, as an application
+/// would. When it started, and how many messages each session was sent.
+async fn publish(
+    server: &ServerHandle,
+    sessions: &[steadfast_core::identity::SessionId],
+    size: usize,
+    secs: Duration,
+) -> (Instant, u64) {
+    let (body, end) = payloads(size);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut batch = std::collections::VecDeque::with_capacity(BATCH);
+    let mut acks = Vec::new();
+    while start.elapsed() < secs {
+        for &session in sessions {
+            batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
+            server
+                .send_many(session, 0, Mode::Ordered, &mut batch)
+                .await
+                .expect("send");
+        }
+        sent += BATCH as u64;
+        server.try_events(&mut acks, usize::MAX);
+        acks.clear();
+    }
+    for &session in sessions {
+        server
+            .send(session, 0, Mode::Ordered, end.clone())
+            .await
+            .expect("send");
+    }
+    (start, sent + 1)
 }
 
 /// Counts a client's arrivals until the marked last one.
