@@ -649,18 +649,24 @@ async fn tokio_raw(size: usize, secs: Duration, proxy: bool) -> Run {
     }
 }
 
+/// Counts the length-delimited frames `stream` carries until it ends: how many, and when the
+/// last arrived.
+async fn count_frames(stream: tokio::net::TcpStream) -> (u64, Instant) {
+    let mut frames = FramedRead::new(stream, LengthDelimitedCodec::new());
+    let mut n = 0u64;
+    while let Some(frame) = frames.next().await {
+        frame.expect("frame");
+        n += 1;
+    }
+    (n, Instant::now())
+}
+
 async fn tokio_framed(size: usize, secs: Duration, proxy: bool) -> Run {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, proxy) = maybe_proxy(listener.local_addr().unwrap(), proxy).await;
     let receiver = tokio::spawn(async move {
         let (s, _) = listener.accept().await.expect("accept");
-        let mut frames = FramedRead::new(s, LengthDelimitedCodec::new());
-        let mut n = 0u64;
-        while let Some(frame) = frames.next().await {
-            frame.expect("frame");
-            n += 1;
-        }
-        (n, Instant::now())
+        count_frames(s).await
     });
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).unwrap();
@@ -951,14 +957,7 @@ async fn fanout_framed(clients: usize, secs: Duration) -> Run {
     let receivers: Vec<_> = (0..clients)
         .map(|_| {
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-                let mut frames = FramedRead::new(stream, LengthDelimitedCodec::new());
-                let mut n = 0u64;
-                while let Some(frame) = frames.next().await {
-                    frame.expect("frame");
-                    n += 1;
-                }
-                (n, Instant::now())
+                count_frames(tokio::net::TcpStream::connect(addr).await.expect("connect")).await
             })
         })
         .collect();
@@ -1426,6 +1425,15 @@ async fn recovery(partition: Option<Duration>) -> Recovery {
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// The median over `runs` of the process's CPU time per message delivered (ns).
+fn cpu_per_msg(runs: &[Run]) -> f64 {
+    median(
+        runs.iter()
+            .filter_map(|r| r.cpu.map(|c| c.as_nanos() as f64 / r.msgs as f64))
+            .collect(),
+    )
+}
+
 fn throughput_row(label: &str, runs: &[Run]) -> String {
     let rates: Vec<f64> = runs.iter().map(Run::rate).collect();
     let mbs: Vec<f64> = runs.iter().map(Run::mb_per_sec).collect();
@@ -1439,11 +1447,7 @@ fn throughput_row(label: &str, runs: &[Run]) -> String {
     };
     let io = per_msg(|s| s.io);
     let all = per_msg(|s| s.all);
-    let cpu = median(
-        runs.iter()
-            .filter_map(|r| r.cpu.map(|c| c.as_nanos() as f64 / r.msgs as f64))
-            .collect(),
-    );
+    let cpu = cpu_per_msg(runs);
     let acks = median(
         runs.iter()
             .filter_map(|r| r.stats)
@@ -1607,16 +1611,13 @@ fn main() {
                 .collect();
             let r: Vec<f64> = runs.iter().map(Run::rate).collect();
             let (lo, hi) = min_max(&r);
-            let cpu = median(
-                runs.iter()
-                    .filter_map(|r| r.cpu.map(|c| c.as_nanos() as f64 / r.msgs as f64))
-                    .collect(),
-            );
-            rates.push(median(r));
+            let rate = median(r);
+            rates.push(rate);
             println!(
-                "  {name:<32} {:>12} {:>19} {cpu:>16.0}",
-                si(rates[rates.len() - 1]),
+                "  {name:<32} {:>12} {:>19} {:>16.0}",
+                si(rate),
                 format!("({}–{})", si(lo), si(hi)),
+                cpu_per_msg(&runs),
             );
         }
         println!(

@@ -522,6 +522,11 @@ fn ms(d: Duration) -> String {
     format!("{:.3}ms", d.as_secs_f64() * 1000.0)
 }
 
+/// A bound as the report shows it: its value, or "default" where the core's default holds.
+fn or_default(bound: Option<impl fmt::Display>) -> String {
+    bound.map_or("default".to_string(), |n| n.to_string())
+}
+
 impl fmt::Display for Params {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let w = &self.workload;
@@ -566,10 +571,8 @@ impl fmt::Display for Params {
         writeln!(
             f,
             "  max_queued={} max_in_flight={} overflow_closes={}",
-            self.max_queued
-                .map_or("default".to_string(), |n| n.to_string()),
-            self.max_in_flight
-                .map_or("default".to_string(), |n| n.to_string()),
+            or_default(self.max_queued),
+            or_default(self.max_in_flight),
             self.overflow_closes
         )?;
         let m = &self.faults;
