@@ -26,6 +26,8 @@
 //!   against the same events written to as many `FramedWrite<LengthDelimitedCodec>`s, fed a batch
 //!   at a time, each read by a `FramedRead`. The rate is deliveries (events × clients) over the
 //!   time from the first send to the last client's last arrival; CPU per delivery as above.
+//!   `LOOPBACK_FANOUT_SERVERS` (1) spreads the clients over that many servers, each with its own
+//!   lock: what a server whose sessions did not share one lock could gain at best.
 //! - **wire**: the same runs, shorter, through the chaos proxy, whose byte counters give the bytes
 //!   on the wire (both directions, handshakes and acks included) per payload byte. For MQTT the
 //!   proxy sits between the publisher and the broker, so it counts PUBLISH and PUBACK on that leg.
@@ -52,6 +54,7 @@
 //!
 //! Environment: `LOOPBACK_ONLY=throughput,fanout,wire,latency,runtimes,recovery` (a subset),
 //! `LOOPBACK_FANOUT_CLIENTS` (16), `LOOPBACK_FANOUT_KINDS` (steadfast,framed),
+//! `LOOPBACK_FANOUT_SERVERS` (1),
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (5), `LOOPBACK_RATES`
 //! (10000,100000), `LOOPBACK_LATENCY_IMPLS` (steadfast,raw,pacer: which of the three the latency
@@ -62,7 +65,7 @@
 //! latency section's pacer sleeps instead of spinning), `LOOPBACK_WORKERS` (2, the tokio runtime's
 //! worker threads; with 1, the spinning pacer and the runtime no longer share a core),
 //! `LOOPBACK_SMOL_THREADS` (the core count: the smol executor's threads; 0 for smol's global
-//! executor).
+//! executor), `LOOPBACK_RUNTIMES` (smol,async-std: which the other-runtimes section runs).
 
 use std::future::Future;
 use std::io::Read;
@@ -117,6 +120,10 @@ struct Settings {
     fanout_clients: usize,
     /// Which of the fan-out section's rows run.
     fanout_kinds: Vec<String>,
+    /// Servers the fan-out section's clients are spread over.
+    fanout_servers: usize,
+    /// Which runtimes the other-runtimes section runs.
+    runtimes: Vec<String>,
 }
 
 fn env_f64(name: &str, default: f64) -> f64 {
@@ -162,6 +169,8 @@ impl Settings {
             workers: env_f64("LOOPBACK_WORKERS", 2.0).max(1.0) as usize,
             fanout_clients: env_f64("LOOPBACK_FANOUT_CLIENTS", 16.0).max(1.0) as usize,
             fanout_kinds: list("LOOPBACK_FANOUT_KINDS", "steadfast,framed"),
+            fanout_servers: env_f64("LOOPBACK_FANOUT_SERVERS", 1.0).max(1.0) as usize,
+            runtimes: list("LOOPBACK_RUNTIMES", "smol,async-std"),
         }
     }
 
@@ -599,7 +608,13 @@ async fn tokio_steadfast_down(size: usize, secs: Duration, proxy: bool) -> Run {
     assert!(client.connected().await, "the client connected");
     let session = client.session().expect("a session");
     let receiver = tokio::spawn(count_client(client.clone()));
-    let (start, sent) = publish(&server, &[session], size, secs).await;
+    let (start, sent) = publish(
+        std::slice::from_ref(&server),
+        &[(&server, session)],
+        size,
+        secs,
+    )
+    .await;
     let (n, last) = receiver.await.expect("receiver");
     assert_eq!(n, sent, "every message arrived once");
     Run {
@@ -851,12 +866,18 @@ fn tokio_run(
 /// Fan-out, steadfast: the server sends each 64 B event to every one of `clients` sessions with
 /// `send_many`, `BATCH` events per session per call, for `secs`, then a marked last one; each
 /// client counts its arrivals with `next_events`. A delivery is one event arriving at one client.
-async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .expect("listen");
+async fn fanout_steadfast(clients: usize, servers: usize, secs: Duration) -> Run {
+    let mut listening = Vec::with_capacity(servers);
+    for _ in 0..servers {
+        listening.push(
+            steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+                .await
+                .expect("listen"),
+        );
+    }
     let mut handles = Vec::with_capacity(clients);
-    for _ in 0..clients {
+    for i in 0..clients {
+        let server = &listening[i % servers];
         let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()]))
             .expect("connect");
         assert!(client.connected().await, "the client connected");
@@ -864,15 +885,18 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
     }
     let sessions: Vec<_> = handles
         .iter()
-        .map(|c| c.session().expect("a session"))
+        .enumerate()
+        .map(|(i, c)| (&listening[i % servers], c.session().expect("a session")))
         .collect();
     let receivers: Vec<_> = handles
         .iter()
         .map(|client| tokio::spawn(count_client(client.clone())))
         .collect();
-    let (start, sent) = publish(&server, &sessions, SMALL, secs).await;
+    let (start, sent) = publish(&listening, &sessions, SMALL, secs).await;
     let last = fanout_end(receivers, sent).await;
-    server.shutdown();
+    for server in &listening {
+        server.shutdown();
+    }
     Run {
         msgs: sent * clients as u64,
         elapsed: last - start,
@@ -886,8 +910,8 @@ async fn fanout_steadfast(clients: usize, secs: Duration) -> Run {
 /// to each; takes the server's events (the acks' `Acknowledged`) each round, as an application
 /// would. When it started, and how many messages each session was sent.
 async fn publish(
-    server: &ServerHandle,
-    sessions: &[steadfast_core::identity::SessionId],
+    servers: &[ServerHandle],
+    sessions: &[(&ServerHandle, steadfast_core::identity::SessionId)],
     size: usize,
     secs: Duration,
 ) -> (Instant, u64) {
@@ -897,7 +921,7 @@ async fn publish(
     let mut batch = std::collections::VecDeque::with_capacity(BATCH);
     let mut acks = Vec::new();
     while start.elapsed() < secs {
-        for &session in sessions {
+        for &(server, session) in sessions {
             batch.extend(std::iter::repeat_n(&body, BATCH).cloned());
             server
                 .send_many(session, 0, Mode::Ordered, &mut batch)
@@ -905,10 +929,12 @@ async fn publish(
                 .expect("send");
         }
         sent += BATCH as u64;
-        server.try_events(&mut acks, usize::MAX);
-        acks.clear();
+        for server in servers {
+            server.try_events(&mut acks, usize::MAX);
+            acks.clear();
+        }
     }
-    for &session in sessions {
+    for &(server, session) in sessions {
         server
             .send(session, 0, Mode::Ordered, end.clone())
             .await
@@ -1599,7 +1625,7 @@ fn main() {
             let go = |secs| {
                 rt.block_on(async {
                     if steadfast {
-                        fanout_steadfast(clients, secs).await
+                        fanout_steadfast(clients, settings.fanout_servers, secs).await
                     } else {
                         fanout_framed(clients, secs).await
                     }
@@ -1753,6 +1779,9 @@ fn main() {
         for &size in &settings.sizes {
             println!("  -- {size} B messages");
             for (which, name) in [(OtherRt::Smol, "smol"), (OtherRt::AsyncStd, "async-std")] {
+                if !settings.runtimes.iter().any(|r| r == name) {
+                    continue;
+                }
                 let mut rates = Vec::new();
                 // Per-message calls, batch calls, raw TCP.
                 for variant in 0..3 {
