@@ -337,10 +337,13 @@ async fn a_store_that_fails_as_a_message_is_taken_says_so_at_once() {
     );
 }
 
-/// One round of [`a_server_shut_down_mid_flood_acknowledges_only_what_its_application_was_given`]:
-/// how many messages the client had acknowledged, and how many the server's application got.
-async fn shut_down_mid_flood() -> (u64, u64) {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+/// One round of [`a_server_shut_down_mid_flood_acknowledges_only_what_its_application_was_given`],
+/// on a server split into `shards` parts: how many messages the client had acknowledged, and how
+/// many the server's application got.
+async fn shut_down_mid_flood(shards: usize) -> (u64, u64) {
+    let mut options = ServerOptions::new();
+    options.shards = shards;
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options)
         .await
         .unwrap();
     let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
@@ -413,7 +416,21 @@ async fn a_server_shut_down_mid_flood_acknowledges_only_what_its_application_was
     // acknowledged: the application, told the events are over, never takes what it brought, and
     // the client, told it arrived, would not hand it back. Rounds make the race likely to show.
     for round in 0..10 {
-        let (acknowledged, given) = shut_down_mid_flood().await;
+        let (acknowledged, given) = shut_down_mid_flood(1).await;
+        assert!(
+            acknowledged <= given,
+            "round {round}: the client had {acknowledged} messages acknowledged, the application \
+             was given {given}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_server_shut_down_mid_flood_acknowledges_only_what_its_application_was_given() {
+    // The parts stop one after another: the events may end only once the last has stopped, or a
+    // part still reading acknowledges what the application is never given.
+    for round in 0..10 {
+        let (acknowledged, given) = shut_down_mid_flood(4).await;
         assert!(
             acknowledged <= given,
             "round {round}: the client had {acknowledged} messages acknowledged, the application \

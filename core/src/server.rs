@@ -310,6 +310,84 @@ pub struct Server {
     now: Instant,
     /// Where sessions are kept beyond this server, if anywhere.
     stores: Option<Box<dyn SessionStore>>,
+    /// The low bits every new session's id carries: which of a driver's shards this server is.
+    shard: Shard,
+}
+
+/// One server among `mask + 1` that share a listener: the ids of the sessions it makes end in
+/// `index`, so that a connection resuming one finds this server by its id alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Shard {
+    pub(crate) mask: u64,
+    pub(crate) index: u64,
+}
+
+impl Shard {
+    /// Shard `index` of `count`, a power of two.
+    #[cfg(feature = "driver")]
+    pub(crate) fn new(index: usize, count: usize) -> Self {
+        debug_assert!(count.is_power_of_two() && index < count);
+        Shard {
+            mask: count as u64 - 1,
+            index: index as u64,
+        }
+    }
+}
+
+/// What a connection's first bytes say about the server that should take it.
+#[cfg(feature = "driver")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// The hello is not all there yet.
+    More,
+    /// A hello resuming this session.
+    Resume(SessionId),
+    /// A hello for a new session, with the client's random nonce.
+    New(u64),
+    /// Anything else: whichever server takes it refuses it.
+    Other,
+}
+
+/// Reads a connection's opening bytes (the preface, then the hello), each chunk once, to say
+/// which server should take the connection; the bytes themselves go to that server after.
+#[cfg(feature = "driver")]
+pub(crate) struct OpeningReader {
+    decoder: crate::framing::StreamDecoder,
+    verdict: Opening,
+}
+
+#[cfg(feature = "driver")]
+impl OpeningReader {
+    pub(crate) fn new(max_frame_size: usize) -> Self {
+        OpeningReader {
+            decoder: crate::framing::StreamDecoder::new(DecodeLimits {
+                max_frame_size,
+                ..DecodeLimits::default()
+            }),
+            verdict: Opening::More,
+        }
+    }
+
+    /// Reads the stream's next bytes (no copy: the decoder keeps a reference); once the verdict
+    /// is in, it stays.
+    pub(crate) fn feed(&mut self, data: Bytes) -> Opening {
+        if self.verdict != Opening::More {
+            return self.verdict;
+        }
+        self.decoder.feed_bytes(data);
+        self.verdict = match self.decoder.next_delimited() {
+            Ok(None) => Opening::More,
+            Ok(Some(frame)) => match self.decoder.decode(frame) {
+                Ok(Frame::Hello(hello)) => match hello.resume {
+                    Some(resume) => Opening::Resume(resume.session),
+                    None => Opening::New(hello.nonce),
+                },
+                _ => Opening::Other,
+            },
+            Err(_) => Opening::Other,
+        };
+        self.verdict
+    }
 }
 
 impl core::fmt::Debug for Server {
@@ -356,7 +434,14 @@ impl Server {
             refused_tokens: 0,
             now,
             stores: None,
+            shard: Shard::default(),
         })
+    }
+
+    /// Makes this server shard `shard` of a driver's: the sessions it makes carry its index.
+    #[cfg(feature = "driver")]
+    pub(crate) fn set_shard(&mut self, shard: Shard) {
+        self.shard = shard;
     }
 
     /// A server whose sessions outlive it in `stores`, shared with the other servers of a cluster:
@@ -816,9 +901,11 @@ impl Server {
     }
 
     fn create(&mut self, now: Instant, conn: ConnId, hello: &HelloFrame) {
-        let mut id = SessionId(self.entropy.next_u64());
+        let shard = self.shard;
+        let mut draw = || SessionId((self.entropy.next_u64() & !shard.mask) | shard.index);
+        let mut id = draw();
         while self.sessions.contains_key(&id) {
-            id = SessionId(self.entropy.next_u64());
+            id = draw();
         }
         let mut token = [0u8; 16];
         self.entropy.fill_bytes(&mut token);
@@ -2018,6 +2105,75 @@ mod tests {
             entropy,
         )
         .expect("valid config")
+    }
+
+    /// A connection's opening bytes: the preface, then a hello resuming `resume` (or not).
+    #[cfg(feature = "driver")]
+    fn opening_bytes(resume: Option<SessionId>) -> Vec<u8> {
+        let hello = Frame::Hello(HelloFrame {
+            nonce: 0x5eed,
+            recv_window: 64,
+            resume: resume.map(|session| crate::identity::Resume {
+                session,
+                token: Token::from_bytes([7; 16]),
+                epoch: 1,
+                received: 0,
+            }),
+            credentials: Bytes::from_static(b"open"),
+        });
+        let mut bytes = BytesMut::from(&crate::framing::PREFACE[..]);
+        crate::framing::encode_stream_frame(&hello, &mut bytes);
+        bytes.to_vec()
+    }
+
+    #[cfg(feature = "driver")]
+    #[test]
+    fn a_connections_opening_names_its_session_once_its_hello_is_all_there() {
+        let read = |chunks: &[&[u8]]| {
+            let mut reader = OpeningReader::new(1 << 20);
+            let verdicts: Vec<Opening> = chunks
+                .iter()
+                .map(|c| reader.feed(Bytes::copy_from_slice(c)))
+                .collect();
+            verdicts
+        };
+        let resume = opening_bytes(Some(SessionId(42)));
+        assert_eq!(read(&[&resume]), [Opening::Resume(SessionId(42))]);
+        assert_eq!(read(&[&opening_bytes(None)]), [Opening::New(0x5eed)]);
+        // Cut anywhere, it waits for the rest, then says the same; more bytes change nothing.
+        for cut in 0..resume.len() {
+            let (a, b) = resume.split_at(cut);
+            let verdicts = read(&[a, b, b"later frames"]);
+            assert_eq!(verdicts[0], Opening::More, "{cut} bytes");
+            assert_eq!(
+                verdicts[1..],
+                [Opening::Resume(SessionId(42)); 2],
+                "{cut} bytes"
+            );
+        }
+        assert_eq!(read(&[b"GET / HTTP/1.1"]), [Opening::Other]);
+        // A first frame that is not a hello.
+        let mut ping = BytesMut::from(&crate::framing::PREFACE[..]);
+        crate::framing::encode_stream_frame(&Frame::Ping { id: 1 }, &mut ping);
+        assert_eq!(read(&[&ping]), [Opening::Other]);
+    }
+
+    #[cfg(feature = "driver")]
+    #[test]
+    fn a_shards_sessions_carry_its_index_in_their_ids() {
+        let mut s = server();
+        s.set_shard(Shard::new(5, 8));
+        let t = Instant::ZERO;
+        for conn in 0..20 {
+            s.on_connection(t, conn);
+            s.handle_input(t, conn, Bytes::from(opening_bytes(None)));
+        }
+        assert_eq!(s.sessions.len(), 20);
+        assert!(
+            s.sessions.keys().all(|id| id.0 % 8 == 5),
+            "{:?}",
+            s.sessions.keys()
+        );
     }
 
     /// A connection id waits in the ready queue once at most: also when its connection is gone

@@ -79,11 +79,18 @@ pub fn client_options(servers: Vec<SocketAddr>) -> ClientOptions {
     o
 }
 
-/// A server with the short timers.
+/// A server with the short timers, split into `STEADFAST_TEST_SHARDS` parts if that is set (CI
+/// runs these suites both ways).
 pub fn server_options() -> ServerOptions {
     let mut o = ServerOptions::new();
     o.config.liveness = liveness();
     o.config.retention = RETENTION;
+    if let Some(shards) = std::env::var("STEADFAST_TEST_SHARDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.shards = shards;
+    }
     o
 }
 

@@ -120,7 +120,7 @@ async fn resets_during_traffic<R: Rt>() {
     assert!(counters.resent_on_resume > 0, "{counters:?}");
     let server_counters = pair
         .server
-        .inspect(|s| s.counters(pair.session))
+        .inspect_session(pair.session, |s| s.counters(pair.session))
         .expect("the server holds the session");
     assert!(server_counters.resent_on_resume > 0, "{server_counters:?}");
     let server = lock(&pair.server_log).clone();

@@ -176,7 +176,7 @@ fn killed_clients_lose_nothing_and_duplicate_nothing() {
                     // After the last kill, wait for the server to see everything acknowledged.
                     if kills == KILLS
                         && let Some(s) = session
-                        && server.inspect(|sv| sv.channel(s).is_some_and(|c| c.sender().base() == sent))
+                        && server.inspect_session(s, |sv| sv.channel(s).is_some_and(|c| c.sender().base() == sent))
                         && !dir.join("stop").exists()
                     {
                         // Renamed into place, so the child never reads it half written.
