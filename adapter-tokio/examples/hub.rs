@@ -5,7 +5,7 @@
 //! ```text
 //! hub server --listen ADDR [--seconds S]
 //! hub client --connect ADDR[,ADDR...] --id NAME [--store DIR] [--burn-cpu] [--seconds S]
-//! hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu] [--call-ms MS] [--payload BYTES]
+//! hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu] [--call-ms MS] [--payload BYTES] [--shards N]
 //! ```
 //!
 //! Every run ends with one line `SUMMARY {json}`. `lost` and `duplicates_delivered` are the
@@ -35,9 +35,9 @@ const USAGE: &str = "\
 hub: the field report's workload over steadfast
 
 USAGE:
-    hub server --listen ADDR [--seconds S]
+    hub server --listen ADDR [--seconds S] [--shards N]
     hub client --connect ADDR[,ADDR...] --id NAME [--store DIR] [--burn-cpu] [--seconds S]
-    hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu]
+    hub demo --clients N --seconds S [--chaos] [--seed S] [--burn-cpu] [--shards N]
 
 OPTIONS:
     --call-ms MS      mean time between one client's calls (default 100)
@@ -45,6 +45,8 @@ OPTIONS:
     --chaos           (demo) route clients through a chaos proxy breaking connections on a seeded schedule
     --seed S          (demo) the chaos schedule's seed (default 1)
     --burn-cpu        keep every core busy with application work while the clients run
+    --shards N        (server, demo) split the server's state into N parts, each behind its own
+                      lock (default 1; see ServerOptions::shards)
     --store DIR       (client) make the session durable in DIR, with the application's ledger of
                       delivered events beside it: a client killed and restarted on the same DIR
                       resumes its session, and lost/duplicates count across its restarts
@@ -68,6 +70,7 @@ struct Args {
     call_ms: u64,
     payload: usize,
     store: Option<std::path::PathBuf>,
+    shards: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -86,6 +89,7 @@ fn parse() -> Result<Args, String> {
         call_ms: 100,
         payload: 64,
         store: None,
+        shards: 1,
     };
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -108,6 +112,7 @@ fn parse() -> Result<Args, String> {
             "--seed" => a.seed = num("--seed", value("--seed")?)?,
             "--call-ms" => a.call_ms = num("--call-ms", value("--call-ms")?)?.max(1),
             "--payload" => a.payload = num("--payload", value("--payload")?)? as usize,
+            "--shards" => a.shards = num("--shards", value("--shards")?)?.max(1) as usize,
             "--chaos" => a.chaos = true,
             "--burn-cpu" => a.burn_cpu = true,
             "-h" | "--help" => return Err(String::new()),
@@ -565,11 +570,18 @@ async fn until_stopped(seconds: Option<u64>) {
 // ---------------------------------------------------------------------------------------------
 // The subcommands.
 
+/// The server's options: the defaults, split as `--shards` says.
+fn server_options(a: &Args) -> ServerOptions {
+    let mut options = ServerOptions::new();
+    options.shards = a.shards;
+    options
+}
+
 async fn server_cmd(a: Args) -> std::io::Result<Summary> {
     let addr = a
         .listen
         .unwrap_or_else(|| "127.0.0.1:7700".parse().unwrap());
-    let server = steadfast_tokio::listen(addr, ServerOptions::new()).await?;
+    let server = steadfast_tokio::listen(addr, server_options(&a)).await?;
     eprintln!("hub server listening on {}", server.local_addr());
     let stats = Arc::new(Mutex::new(ServerStats::default()));
     tokio::spawn(run_server(server.clone(), stats.clone(), a.payload));
@@ -660,7 +672,7 @@ async fn close_current(current: &Mutex<Option<ClientHandle>>) {
 async fn demo_cmd(a: Args) -> std::io::Result<Summary> {
     let seconds = a.seconds.unwrap_or(20);
     let server =
-        steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new()).await?;
+        steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), server_options(&a)).await?;
     let server_stats = Arc::new(Mutex::new(ServerStats::default()));
     tokio::spawn(run_server(server.clone(), server_stats.clone(), a.payload));
 
