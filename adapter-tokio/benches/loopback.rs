@@ -26,8 +26,9 @@
 //!   against the same events written to as many `FramedWrite<LengthDelimitedCodec>`s, fed a batch
 //!   at a time, each read by a `FramedRead`. The rate is deliveries (events × clients) over the
 //!   time from the first send to the last client's last arrival; CPU per delivery as above.
-//!   `LOOPBACK_FANOUT_SERVERS` (1) spreads the clients over that many servers, each with its own
-//!   lock: what a server whose sessions did not share one lock could gain at best.
+//!   The same again from a server split into `LOOPBACK_FANOUT_SHARDS` (8) parts
+//!   (`ServerOptions::shards`), each behind its own lock. `LOOPBACK_FANOUT_SERVERS` (1) spreads
+//!   the clients over that many servers instead, each with a lock of its own.
 //! - **wire**: the same runs, shorter, through the chaos proxy, whose byte counters give the bytes
 //!   on the wire (both directions, handshakes and acks included) per payload byte. For MQTT the
 //!   proxy sits between the publisher and the broker, so it counts PUBLISH and PUBACK on that leg.
@@ -53,8 +54,8 @@
 //!   `LOOPBACK_PARTITION_SECS`, then healed: time from the heal to the first resumed delivery.
 //!
 //! Environment: `LOOPBACK_ONLY=throughput,fanout,wire,latency,runtimes,recovery` (a subset),
-//! `LOOPBACK_FANOUT_CLIENTS` (16), `LOOPBACK_FANOUT_KINDS` (steadfast,framed),
-//! `LOOPBACK_FANOUT_SERVERS` (1),
+//! `LOOPBACK_FANOUT_CLIENTS` (16), `LOOPBACK_FANOUT_KINDS` (steadfast,split,framed),
+//! `LOOPBACK_FANOUT_SHARDS` (8), `LOOPBACK_FANOUT_SERVERS` (1),
 //! `LOOPBACK_SECS` (1.5, per throughput run), `LOOPBACK_REPS` (3), `LOOPBACK_WIRE_SECS` (0.5),
 //! `LOOPBACK_LATENCY_SECS` (1.5, per run), `LOOPBACK_LATENCY_REPS` (5), `LOOPBACK_RATES`
 //! (10000,100000), `LOOPBACK_LATENCY_IMPLS` (steadfast,raw,pacer: which of the three the latency
@@ -122,6 +123,8 @@ struct Settings {
     fanout_kinds: Vec<String>,
     /// Servers the fan-out section's clients are spread over.
     fanout_servers: usize,
+    /// The parts the fan-out section's split server has.
+    fanout_shards: usize,
     /// Which runtimes the other-runtimes section runs.
     runtimes: Vec<String>,
 }
@@ -168,8 +171,9 @@ impl Settings {
             perf: std::env::var("LOOPBACK_PERF").map_or(true, |v| v != "0"),
             workers: env_f64("LOOPBACK_WORKERS", 2.0).max(1.0) as usize,
             fanout_clients: env_f64("LOOPBACK_FANOUT_CLIENTS", 16.0).max(1.0) as usize,
-            fanout_kinds: list("LOOPBACK_FANOUT_KINDS", "steadfast,framed"),
+            fanout_kinds: list("LOOPBACK_FANOUT_KINDS", "steadfast,split,framed"),
             fanout_servers: env_f64("LOOPBACK_FANOUT_SERVERS", 1.0).max(1.0) as usize,
+            fanout_shards: env_f64("LOOPBACK_FANOUT_SHARDS", 8.0).max(1.0) as usize,
             runtimes: list("LOOPBACK_RUNTIMES", "smol,async-std"),
         }
     }
@@ -493,7 +497,8 @@ fn finish(
 ) -> Run {
     let session = client.session().expect("a session");
     let client_stats = ClientHandle::inspect(client, |c| c.channel().stats());
-    let server_stats = ServerHandle::inspect(server, |s| s.channel(session).map(|c| c.stats()))
+    let server_stats = server
+        .inspect_session(session, |s| s.channel(session).map(|c| c.stats()))
         .expect("the session's channel");
     server.shutdown();
     Run {
@@ -866,11 +871,13 @@ fn tokio_run(
 /// Fan-out, steadfast: the server sends each 64 B event to every one of `clients` sessions with
 /// `send_many`, `BATCH` events per session per call, for `secs`, then a marked last one; each
 /// client counts its arrivals with `next_events`. A delivery is one event arriving at one client.
-async fn fanout_steadfast(clients: usize, servers: usize, secs: Duration) -> Run {
+async fn fanout_steadfast(clients: usize, servers: usize, shards: usize, secs: Duration) -> Run {
+    let mut options = ServerOptions::new();
+    options.shards = shards;
     let mut listening = Vec::with_capacity(servers);
     for _ in 0..servers {
         listening.push(
-            steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+            steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options.clone())
                 .await
                 .expect("listen"),
         );
@@ -1612,22 +1619,28 @@ fn main() {
         println!(
             "  implementation                    deliveries/s   (min–max of runs)  cpu ns/delivery"
         );
+        let shards = settings.fanout_shards;
+        let split = format!("steadfast-tokio, {shards} shards");
         let mut rates = Vec::new();
-        for (name, steadfast) in [
-            ("steadfast-tokio, send_many", true),
-            ("Framed<LengthDelimited> feed", false),
+        for (name, key) in [
+            ("steadfast-tokio, send_many", "steadfast"),
+            (split.as_str(), "split"),
+            ("Framed<LengthDelimited> feed", "framed"),
         ] {
-            let key = if steadfast { "steadfast" } else { "framed" };
             if !settings.fanout_kinds.iter().any(|k| k == key) {
                 rates.push(f64::NAN);
                 continue;
             }
             let go = |secs| {
                 rt.block_on(async {
-                    if steadfast {
-                        fanout_steadfast(clients, settings.fanout_servers, secs).await
-                    } else {
-                        fanout_framed(clients, secs).await
+                    match key {
+                        "steadfast" => {
+                            fanout_steadfast(clients, settings.fanout_servers, 1, secs).await
+                        }
+                        "split" => {
+                            fanout_steadfast(clients, settings.fanout_servers, shards, secs).await
+                        }
+                        _ => fanout_framed(clients, secs).await,
                     }
                 })
             };
@@ -1647,8 +1660,9 @@ fn main() {
             );
         }
         println!(
-            "    fan-out steadfast / Framed<LengthDelimited>: {:.2}",
-            rates[0] / rates[1]
+            "    fan-out steadfast / Framed<LengthDelimited>: {:.2}; with {shards} shards {:.2}",
+            rates[0] / rates[2],
+            rates[1] / rates[2]
         );
     }
 
