@@ -61,11 +61,14 @@ pub struct ServerConfig {
     pub overflow: Overflow,
     /// Per-stream overflow policies.
     pub stream_overflow: BTreeMap<u64, Overflow>,
-    /// The most sessions held at once; more hellos are refused.
+    /// The most sessions held at once; more hellos are refused. (A driver's server split into
+    /// parts, `ServerOptions::shards`, applies it to each part.)
     pub max_sessions: usize,
     /// The most connections that have not completed their handshake; more are closed at once.
+    /// (Per part of a split server, which also holds as many before their hello.)
     pub max_pending_handshakes: usize,
-    /// How long a connection may take to complete its handshake.
+    /// How long a connection may take to complete its handshake. (On a split server: to send
+    /// its hello, then again from there.)
     pub handshake_timeout: Duration,
     /// New sessions wait for the application's [`Server::authenticate`] verdict on their credentials.
     pub authenticate: bool,

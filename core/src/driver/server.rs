@@ -1075,6 +1075,9 @@ impl<S> Drop for ConnTask<S> {
 impl<S: Io> ConnTask<S> {
     /// Reads a split server's connection until it knows which part takes it, and joins it there;
     /// `Ready(false)`: the connection ended (or the server did) first.
+    // Out of line: once per connection, kept out of the read loop's way.
+    #[cold]
+    #[inline(never)]
     fn poll_opening(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let Some(opener) = self.opener.as_mut() else {
             return Poll::Ready(true);
@@ -1173,10 +1176,12 @@ impl<S: Io> Future for ConnTask<S> {
         let this = self.get_mut();
         let span = this.span.clone();
         let _entered = span.enter();
-        match this.poll_opening(cx) {
-            Poll::Ready(true) => {}
-            Poll::Ready(false) => return Poll::Ready(()),
-            Poll::Pending => return Poll::Pending,
+        if this.opener.is_some() {
+            match this.poll_opening(cx) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
         }
         for _ in 0..READS_PER_POLL {
             let mut input = None;
