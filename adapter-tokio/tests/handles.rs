@@ -8,6 +8,8 @@ use bytes::Bytes;
 use futures_core::Stream;
 use steadfast_tokio::{ClientOptions, Mode, ServerEvent, ServerOptions, SessionEvent};
 
+mod common;
+
 const MESSAGES: u64 = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,17 +188,7 @@ async fn the_driver_authenticates_inline_and_hands_a_reply_to_the_awaiting_reque
 
     // Refused inline: the application never sees an Authenticate event.
     let refused = connect(b"wrong");
-    let lost = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match refused.next_event().await {
-                Some(SessionEvent::SessionLost { reason, .. }) => return reason,
-                Some(_) => {}
-                None => panic!("the session ended without saying why"),
-            }
-        }
-    })
-    .await
-    .expect("refused within 20 s");
+    let lost = common::session_lost(&refused).await;
     assert!(
         matches!(
             lost,

@@ -11,6 +11,8 @@ use steadfast_tokio::{
     ClientHandle, ClientOptions, Mode, ServerEvent, ServerOptions, SessionEvent,
 };
 
+mod common;
+
 const CLIENTS: usize = 12;
 const SHARDS: usize = 4;
 /// Messages each way per session, half before the connections are reset and half after.
@@ -22,8 +24,39 @@ fn split(shards: usize) -> ServerOptions {
     options
 }
 
+/// A server in two parts whose connections have `timeout` to complete their handshake, and one
+/// connection to it that says nothing.
+async fn silent_connection(
+    timeout: Duration,
+) -> (steadfast_tokio::ServerHandle, tokio::net::TcpStream) {
+    let mut options = split(2);
+    options.config.handshake_timeout = timeout;
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    (server, silent)
+}
+
 fn number(payload: &[u8]) -> u64 {
     u64::from_be_bytes(payload.try_into().expect("an 8-byte number"))
+}
+
+/// Asserts the server closes `stream` within 10 s without a byte.
+async fn closed_within_10_s(mut stream: tokio::net::TcpStream, why: &str) {
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    .expect(why);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "closed without a byte: {read:?}"
+    );
 }
 
 /// Sends `range` to the server, one message at a time.
@@ -179,17 +212,7 @@ async fn a_split_server_routes_each_authentication_to_the_part_that_asked() {
             "accepted by whichever part it landed on"
         );
     }
-    let lost = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match refused.next_event().await {
-                Some(SessionEvent::SessionLost { reason, .. }) => return reason,
-                Some(_) => {}
-                None => panic!("the session ended without saying why"),
-            }
-        }
-    })
-    .await
-    .expect("refused within 20 s");
+    let lost = common::session_lost(&refused).await;
     assert!(
         matches!(lost, steadfast_tokio::LostReason::Refused { .. }),
         "{lost:?}"
@@ -200,49 +223,22 @@ async fn a_split_server_routes_each_authentication_to_the_part_that_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_server_closes_a_connection_that_never_says_hello() {
-    let mut options = split(2);
-    options.config.handshake_timeout = Duration::from_millis(200);
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options)
-        .await
-        .unwrap();
-    let mut silent = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
-    )
-    .await
-    .expect("closed well within 10 s");
-    assert!(
-        matches!(read, Ok(0)) || read.is_err(),
-        "closed without a byte: {read:?}"
-    );
+    let (_server, silent) = silent_connection(Duration::from_millis(200)).await;
+    closed_within_10_s(silent, "closed at the 200 ms handshake timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_server_shut_down_closes_a_connection_still_waiting_for_its_hello() {
-    let mut options = split(2);
-    options.config.handshake_timeout = Duration::from_secs(600);
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), options)
-        .await
-        .unwrap();
-    let mut silent = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .unwrap();
+    let (server, silent) = silent_connection(Duration::from_secs(600)).await;
     // Past the accept: a connection the server holds, not one waiting in the listener's backlog.
     let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
     assert!(client.connected().await);
     server.shutdown();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    closed_within_10_s(
+        silent,
+        "closed at the shutdown, not at the 600 s handshake timeout",
     )
-    .await
-    .expect("closed at the shutdown, not at the 600 s handshake timeout");
-    assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,14 +258,11 @@ async fn a_split_server_closes_connections_past_its_bound_on_hellos_awaited() {
         );
     }
     // Two are awaited; the third is closed at once, long before any timeout.
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut silent[2], &mut buf),
+    closed_within_10_s(
+        silent.pop().unwrap(),
+        "closed at once, not at the 600 s handshake timeout",
     )
-    .await
-    .expect("closed at once, not at the 600 s handshake timeout");
-    assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
+    .await;
     // Room again once one of the two goes: a client gets through.
     drop(silent.remove(0));
     let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
