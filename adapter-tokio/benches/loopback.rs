@@ -1631,16 +1631,12 @@ fn main() {
                 rates.push(f64::NAN);
                 continue;
             }
+            let parts = if key == "split" { shards } else { 1 };
             let go = |secs| {
                 rt.block_on(async {
                     match key {
-                        "steadfast" => {
-                            fanout_steadfast(clients, settings.fanout_servers, 1, secs).await
-                        }
-                        "split" => {
-                            fanout_steadfast(clients, settings.fanout_servers, shards, secs).await
-                        }
-                        _ => fanout_framed(clients, secs).await,
+                        "framed" => fanout_framed(clients, secs).await,
+                        _ => fanout_steadfast(clients, settings.fanout_servers, parts, secs).await,
                     }
                 })
             };

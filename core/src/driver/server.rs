@@ -210,13 +210,14 @@ impl State {
         woke
     }
 
-    /// Takes connection `id` on: a slot for its bytes, and the core's.
+    /// Takes a new connection on: its id, a slot for its bytes, and the core's.
     fn join(
         &mut self,
         now: crate::time::Instant,
-        id: ConnId,
         writer: Option<alloc::sync::Arc<dyn super::TryWrite>>,
-    ) {
+    ) -> ConnId {
+        let id = self.next_conn;
+        self.next_conn += self.conn_step;
         self.slots.insert(
             id,
             Slot {
@@ -227,6 +228,7 @@ impl State {
             },
         );
         self.server.on_connection(now, id);
+        id
     }
 
     /// Routes the event at `i` of the server's queue where it stands: the driver acts on what it
@@ -868,10 +870,8 @@ impl<R: Runtime> ServerDriver<R> {
                 if !s.shutdown
                     && let Some((io, peer)) = accepted
                 {
-                    let id = s.next_conn;
-                    s.next_conn += s.conn_step;
+                    let id = s.join(now, io.try_writer());
                     tracing::debug!(conn = id, %peer, "accepted");
-                    s.join(now, id, io.try_writer());
                     conn = Some(id);
                 }
                 if s.server.poll_timeout().is_some_and(|t| t <= now) {
@@ -912,13 +912,10 @@ impl<R: Runtime> ServerDriver<R> {
             read_buf: ReadBuf::new(self.max_frame, self.recycler.clone()),
             out: BytesMut::new(),
             closing: false,
-            joined: false,
             opener: Some(Box::new(Opener {
                 shards: self.shards.clone(),
                 held: Vec::new(),
-                held_len: 0,
                 reader: crate::server::OpeningReader::new(self.max_frame),
-                max_frame: self.max_frame,
                 timer,
                 waker: None,
             })),
@@ -987,7 +984,6 @@ impl<R: Runtime> Future for ServerDriver<R> {
                     read_buf: ReadBuf::new(this.max_frame, this.recycler.clone()),
                     out: BytesMut::new(),
                     closing: false,
-                    joined: true,
                     opener: None,
                 }));
                 continue;
@@ -1021,9 +1017,8 @@ struct ConnTask<S> {
     out: BytesMut,
     closing: bool,
     span: tracing::Span,
-    /// Whether the connection has joined a part: until then, `shared` and `id` mean nothing.
-    joined: bool,
-    /// A split server's connection before its hello said which part it is for.
+    /// A split server's connection before it joined the part its hello names: until then,
+    /// `shared` and `id` mean nothing.
     opener: Option<Box<Opener>>,
 }
 
@@ -1034,9 +1029,8 @@ struct Opener {
     shards: Shards,
     /// What arrived so far, for the core once the part is known.
     held: Vec<Bytes>,
-    held_len: usize,
+    /// Bounded by the decoder's frame limit: a hello announced larger is refused at its prefix.
     reader: crate::server::OpeningReader,
-    max_frame: usize,
     /// The handshake's deadline: a connection that says nothing is closed.
     timer: Option<Pin<Box<dyn super::Timer>>>,
     /// Its waker, as the first part keeps it for a shutdown to wake.
@@ -1060,7 +1054,7 @@ impl Drop for Opener {
 /// otherwise keep it open for as long as the application keeps a handle.
 impl<S> Drop for ConnTask<S> {
     fn drop(&mut self) {
-        if !self.joined {
+        if self.opener.is_some() {
             return;
         }
         let id = self.id;
@@ -1102,16 +1096,14 @@ impl<S: Io> ConnTask<S> {
                 // All of it held back to complete a large frame: read again.
                 Poll::Ready(Ok(Some(data))) if data.is_empty() => {}
                 Poll::Ready(Ok(Some(data))) => {
-                    opener.held_len += data.len();
                     let verdict = opener.reader.feed(data.clone());
                     opener.held.push(data);
                     match verdict {
-                        // The hello is one frame: past the preface and one frame, it is not coming.
-                        Opening::More if opener.held_len <= opener.max_frame + 64 => {}
+                        Opening::More => {}
                         Opening::Resume(session) => break part(count, session.0),
                         Opening::New(nonce) => break part(count, nonce),
                         // Its core refuses it.
-                        Opening::More | Opening::Other => break 0,
+                        Opening::Other => break 0,
                     }
                 }
                 Poll::Ready(Ok(None)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
@@ -1135,25 +1127,23 @@ impl<S: Io> ConnTask<S> {
             if s.shutdown {
                 return None;
             }
-            let id = s.next_conn;
-            s.next_conn += s.conn_step;
             let now = s.clock.now();
-            s.join(now, id, writer);
+            let id = s.join(now, writer);
             for data in held {
                 s.server.handle_input(now, id, data);
             }
             s.flush(wakes, false);
             Some(id)
         });
-        // Counted out of the first part, with no part's lock held.
-        self.opener = None;
+        // Refused at a shutdown, it stays unjoined. Either way it is counted out of the first part
+        // as the opener goes, with no part's lock held.
         let Some(id) = id else {
             return Poll::Ready(false);
         };
+        self.opener = None;
         self.span.record("conn", id);
         self.shared = shard;
         self.id = id;
-        self.joined = true;
         Poll::Ready(true)
     }
 
