@@ -99,12 +99,16 @@ impl Boundary {
                 }
                 return open;
             }
-            at += self.skip;
-            if self.skip > 0 && self.total != 0 {
-                self.last_total = self.total;
+            if self.skip > 0 {
+                // The rest of a frame begun earlier: past it, the fast path takes over again.
+                at += self.skip;
+                if self.total != 0 {
+                    self.last_total = self.total;
+                }
+                self.skip = 0;
+                open = None;
+                continue;
             }
-            self.skip = 0;
-            open = None;
             // At a length prefix, perhaps begun in an earlier read.
             let start = at;
             let first = if self.prefix_len > 0 {
