@@ -66,6 +66,44 @@ async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_b
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_into_an_in_flight_window_of_two_all_arrive_in_order() {
+    // The window is full at most sends: each one waits for the driver to write it once an ack
+    // opens the window, the sending thread writing nothing.
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let mut options = ClientOptions::new(vec![server.local_addr()]);
+    options.config.channel.max_in_flight = 2;
+    let client = steadfast_tokio::connect(options).unwrap();
+    assert!(client.connected().await);
+    // A clone sends: the last handle dropped would close the session, handing back what is still
+    // unacknowledged.
+    let sender = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut most_waiting = 0;
+            for n in 0..MESSAGES {
+                let payload = Bytes::copy_from_slice(&n.to_be_bytes());
+                client.send(0, Mode::Ordered, payload).await.unwrap();
+                most_waiting =
+                    most_waiting.max(client.inspect(|c| c.channel().sender().queued_messages()));
+            }
+            most_waiting
+        }
+    });
+    let (got, _) = receive_in_batches(&server, MESSAGES).await;
+    let expected: Vec<Bytes> = (0..MESSAGES)
+        .map(|n| Bytes::copy_from_slice(&n.to_be_bytes()))
+        .collect();
+    assert_eq!(got, expected, "every message, in order, exactly once");
+    let most_waiting = sender.await.unwrap();
+    assert!(
+        most_waiting > 2,
+        "never more queued than the window holds: a full window went untested"
+    );
+}
+
 /// The server's next `Received` payloads, taken in batches, until `count` arrived; also the session.
 async fn receive_in_batches(
     server: &steadfast_tokio::ServerHandle,
