@@ -49,7 +49,7 @@ pub use runtime::{AsyncIoTimer, Listener, Smol, Stream};
 pub use steadfast_core as core;
 pub use steadfast_core::client::ClientConfig;
 pub use steadfast_core::driver::{
-    ClientHandle, ClientOptions, RequestError, ServerHandle, ServerOptions,
+    ClientHandle, ClientOptions, FlushError, RequestError, ServerHandle, ServerOptions,
 };
 pub use steadfast_core::server::{ServerConfig, ServerEvent};
 pub use steadfast_core::session::{LostReason, SessionEvent};

@@ -468,3 +468,130 @@ async fn a_split_server_shut_down_mid_flood_acknowledges_only_what_its_applicati
         );
     }
 }
+
+/// `client`'s events until its session's end: the `Received` payloads, and what its last event
+/// handed back.
+async fn client_until_end(client: &steadfast_tokio::ClientHandle) -> (Vec<Bytes>, usize) {
+    let mut got = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), client.next_event())
+            .await
+            .expect("the session's end within 20 s")
+            .expect("a last event");
+        match event {
+            SessionEvent::Received(m) => got.push(m.payload),
+            SessionEvent::Closed { unacknowledged, .. }
+            | SessionEvent::SessionLost { unacknowledged, .. } => {
+                return (got, unacknowledged.len());
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_then_a_close_loses_nothing_and_hands_nothing_back() {
+    // Without the flush, a close made at once hands back every message not yet acknowledged,
+    // and the server never gets them.
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    for n in 0..MESSAGES {
+        client.send(0, Mode::Ordered, numbered(n)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), client.flush())
+        .await
+        .expect("flushed within 20 s")
+        .expect("the session lives");
+    client.close(0, Bytes::from_static(b"done"));
+    let (_, handed_back) = client_until_end(&client).await;
+    assert_eq!(
+        handed_back, 0,
+        "everything sent was acknowledged before the close"
+    );
+    let (got, _) = receive_in_batches(&server, MESSAGES).await;
+    assert_eq!(got, (0..MESSAGES).map(numbered).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_waiting_on_a_silent_path_ends_when_the_session_does() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
+    assert!(client.connected().await);
+    proxy.apply(
+        steadfast_tokio::chaos::Target::All,
+        steadfast_tokio::chaos::Fault::Blackhole,
+    );
+    client
+        .send(0, Mode::Ordered, Bytes::from_static(b"lost in the hole"))
+        .await
+        .unwrap();
+    let flush = tokio::spawn({
+        let client = client.clone();
+        async move { client.flush().await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!flush.is_finished(), "no ack can come through a blackhole");
+    client.close(0, Bytes::new());
+    let flushed = tokio::time::timeout(Duration::from_secs(20), flush)
+        .await
+        .expect("the flush ends with the session")
+        .unwrap();
+    assert_eq!(flushed, Err(steadfast_tokio::FlushError::SessionEnded));
+    assert_eq!(
+        client_until_end(&client).await.1,
+        1,
+        "the message comes back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_flush_returns_once_the_client_holds_every_message_sent_before_it() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    client
+        .send(0, Mode::Ordered, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    let (_, session) = receive_in_batches(&server, 1).await;
+    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    for n in 0..MESSAGES {
+        server
+            .send(session, 0, Mode::Ordered, numbered(n))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), server.flush(session))
+        .await
+        .expect("flushed within 20 s")
+        .expect("the session lives");
+    let mut events = Vec::new();
+    client.try_events(&mut events, usize::MAX);
+    let got: Vec<Bytes> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            SessionEvent::Received(m) => Some(m.payload),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        (0..MESSAGES).map(numbered).collect::<Vec<_>>(),
+        "every message acknowledged is already among the client's events"
+    );
+    server.close_session(session, 0, Bytes::new());
+    assert_eq!(
+        server.flush(session).await,
+        Err(steadfast_tokio::FlushError::SessionEnded),
+        "a session gone cannot be flushed"
+    );
+}

@@ -654,6 +654,16 @@ impl Channel {
         self.take_unacknowledged()
     }
 
+    /// The peer has acknowledged every message below this sequence number; once the channel has
+    /// ended, the point it had reached then (the messages from there on were handed back).
+    pub fn acknowledged_below(&self) -> Seq {
+        if self.is_closed() {
+            self.send.drained_base()
+        } else {
+            self.send.base()
+        }
+    }
+
     /// Whether the channel has ended (the close frame may still be waiting in `poll_transmit`).
     pub fn is_closed(&self) -> bool {
         !matches!(self.state, State::Open)
@@ -953,6 +963,29 @@ mod tests {
             Channel::new(c, Instant::ZERO).unwrap_err(),
             ConfigError::Zero("ack_every")
         );
+    }
+
+    #[test]
+    fn the_acknowledged_point_stays_where_acks_left_it_when_a_close_hands_the_rest_back() {
+        let (mut a, _) = pair(Transport::Datagram);
+        for m in [&b"one"[..], b"two", b"three"] {
+            a.send(Bytes::from_static(m)).unwrap();
+        }
+        let ack = AckFrame {
+            cumulative: 1,
+            delay_micros: 0,
+            ranges: Default::default(),
+        };
+        let mut buf = BytesMut::new();
+        while a.poll_transmit(Instant::ZERO, &mut buf).is_some() {}
+        a.handle_input(Instant::ZERO, datagram(Frame::Ack(ack)));
+        assert_eq!(a.acknowledged_below(), 1);
+        a.close(0, Bytes::new());
+        assert_eq!(a.acknowledged_below(), 1, "not past the two handed back");
+        assert!(events(&mut a).iter().any(|e| matches!(
+            e,
+            Event::Closed { unacknowledged, .. } if unacknowledged.len() == 2
+        )));
     }
 
     #[test]

@@ -275,6 +275,9 @@ pub struct Sender {
     reorder_threshold: u64,
     /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
     largest_acked_order: Option<u64>,
+    /// The cumulative acknowledgement point when the queue was drained at the channel's end,
+    /// after which `base` stands past the messages handed back.
+    drained_base: Seq,
     transport: Transport,
     /// Unsent conflatable messages by (stream, key).
     conflation: Conflation,
@@ -318,6 +321,7 @@ impl Sender {
             next_order: 0,
             reorder_threshold: INITIAL_REORDER_THRESHOLD,
             largest_acked_order: None,
+            drained_base: 0,
             transport: config.transport,
             conflation: Conflation::default(),
             #[cfg(feature = "canary")]
@@ -714,6 +718,11 @@ impl Sender {
             .get(usize::try_from(seq.checked_sub(self.base)?).ok()?)
     }
 
+    /// [`Sender::base`] when the queue was last drained (0 if it never was).
+    pub(crate) fn drained_base(&self) -> Seq {
+        self.drained_base
+    }
+
     /// Takes back, into a sender that has sent nothing, the unacknowledged messages a store kept
     /// from a previous process (in sequence order, contiguous, ending just below `next_seq`). They
     /// go out again as if never sent; the peer's de-duplication drops what it already had.
@@ -790,6 +799,7 @@ impl Sender {
     /// buffer behind a gap, and a closing peer discards them).
     pub fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
         let base = self.base;
+        self.drained_base = base;
         self.base = self.end();
         self.next_unsent = self.base;
         self.queued_bytes = 0;

@@ -18,8 +18,8 @@ use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
-    Alarm, BoxFuture, Clock, Io, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
-    sooner,
+    Alarm, BoxFuture, Clock, FlushError, Io, ReadBuf, RequestError, Runtime, poll_read_chunk,
+    poll_write_all, sooner,
 };
 use crate::client::{Client, ClientConfig, Directive};
 use crate::config::ConfigError;
@@ -432,6 +432,47 @@ impl ClientHandle {
             s.client.consumed(seq);
             s.drain_events(wakes);
         });
+    }
+
+    /// Waits until the server has acknowledged every message sent on this session before the
+    /// call: each one is in the server's hands (received, not necessarily taken by its
+    /// application), whatever reconnects it took. The way to end a session without loss: flush,
+    /// then close or drop the last handle, since a close hands back what is still unacknowledged.
+    ///
+    /// Ends with [`FlushError::SessionEnded`] if the session ends first; its last event,
+    /// [`SessionEvent::Closed`] or [`SessionEvent::SessionLost`], hands back the messages whose
+    /// delivery is unknown. It does not time out of its own accord: wrap it in the runtime's
+    /// timeout for a deadline.
+    ///
+    /// ```no_run
+    /// # async fn run(client: steadfast_core::driver::ClientHandle) -> Result<(), Box<dyn std::error::Error>> {
+    /// use bytes::Bytes;
+    /// use steadfast_core::Mode;
+    ///
+    /// for n in 0u64..100 {
+    ///     client.send(0, Mode::Ordered, Bytes::copy_from_slice(&n.to_be_bytes())).await?;
+    /// }
+    /// client.flush().await?; // all 100 are with the server
+    /// client.close(0, Bytes::from_static(b"done"));
+    /// # Ok(()) }
+    /// ```
+    pub async fn flush(&self) -> Result<(), FlushError> {
+        let end = self.shared.with(|s, _| s.client.channel().sender().end());
+        core::future::poll_fn(|cx| {
+            self.shared.with(|s, _| {
+                let channel = s.client.channel();
+                if channel.acknowledged_below() >= end {
+                    Poll::Ready(Ok(()))
+                } else if s.over || channel.is_closed() {
+                    Poll::Ready(Err(FlushError::SessionEnded))
+                } else {
+                    // Woken by each ack that moves the cumulative point, and at the session's end.
+                    register_in(&mut s.capacity, cx.waker());
+                    Poll::Pending
+                }
+            })
+        })
+        .await
     }
 
     /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.

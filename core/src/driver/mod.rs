@@ -140,6 +140,26 @@ impl core::fmt::Display for RequestError {
 
 impl core::error::Error for RequestError {}
 
+/// Why [`ClientHandle::flush`] or [`ServerHandle::flush`] ended before the peer acknowledged every
+/// message sent before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The session ended (lost or closed) first: its last event hands back the messages whose
+    /// delivery is unknown.
+    SessionEnded,
+}
+
+impl core::fmt::Display for FlushError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FlushError::SessionEnded => f.write_str("session ended before the peer acknowledged"),
+        }
+    }
+}
+
+impl core::error::Error for FlushError {}
+
 /// Maps the runtime's clock onto the core's [`Instant`]: nanoseconds since the endpoint started.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Clock {

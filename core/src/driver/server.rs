@@ -19,7 +19,8 @@ use super::requests::{self, Awaited};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
-    Alarm, Clock, Io, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk, poll_write_all,
+    Alarm, Clock, FlushError, Io, Listen, ReadBuf, RequestError, Runtime, poll_read_chunk,
+    poll_write_all,
 };
 use crate::Seq;
 use crate::config::ConfigError;
@@ -437,6 +438,32 @@ impl ServerHandle {
         payload: Bytes,
     ) -> Result<Sent, SendError> {
         self.send_command(session, |s| s.send(session, stream, mode, payload))
+    }
+
+    /// Waits until `session`'s client has acknowledged every message sent to it before the call:
+    /// each one is in the client's hands, whatever reconnects it took.
+    /// [`ClientHandle::flush`](super::ClientHandle::flush) from this side.
+    ///
+    /// Ends with [`FlushError::SessionEnded`] if the session ends first (or is unknown here, or
+    /// the server shuts down); the session's last event hands back what was not acknowledged.
+    /// It does not time out of its own accord: a client that stays away waits out the retention
+    /// time.
+    pub async fn flush(&self, session: SessionId) -> Result<(), FlushError> {
+        let part = self.holding(session);
+        let end = part.with(|s, _| s.server.channel(session).map(|c| c.sender().end()));
+        let end = end.ok_or(FlushError::SessionEnded)?;
+        core::future::poll_fn(|cx| {
+            part.with(|s, _| match s.server.channel(session) {
+                Some(c) if c.acknowledged_below() >= end => Poll::Ready(Ok(())),
+                Some(c) if !s.shutdown && !c.is_closed() => {
+                    // Woken by each ack that moves a cumulative point, and at a session's end.
+                    register_in(&mut s.capacity, cx.waker());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(Err(FlushError::SessionEnded)),
+            })
+        })
+        .await
     }
 
     /// Sends `payload` to `session`, waiting for room while its queue is full (backpressure).
