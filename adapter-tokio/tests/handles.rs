@@ -595,3 +595,41 @@ async fn a_server_flush_returns_once_the_client_holds_every_message_sent_before_
         "a session gone cannot be flushed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_sends_on_an_idle_connection_go_out_at_once_not_at_the_next_heartbeat() {
+    // Heartbeats 20 s apart: a send left for the driver's next wake-up would wait that long.
+    let mut server_options = ServerOptions::new();
+    server_options.config.liveness.heartbeat_interval = Duration::from_secs(20);
+    server_options.config.liveness.idle_timeout = Duration::from_secs(60);
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), server_options)
+        .await
+        .unwrap();
+    let mut options = ClientOptions::new(vec![server.local_addr()]);
+    options.config.liveness.heartbeat_interval = Duration::from_secs(20);
+    options.config.liveness.idle_timeout = Duration::from_secs(60);
+    let client = steadfast_tokio::connect(options).unwrap();
+    assert!(client.connected().await);
+    for mode in [Mode::Unreliable, Mode::Sequenced, Mode::Ordered] {
+        let payload = Bytes::from(format!("{mode:?}"));
+        client.send(0, mode, payload.clone()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match server.next_event().await.expect("the server runs") {
+                    ServerEvent::Session {
+                        event: SessionEvent::Received(m),
+                        ..
+                    } => return m.payload,
+                    ServerEvent::Session {
+                        event: SessionEvent::ReceivedUnreliable { payload, .. },
+                        ..
+                    } => return payload,
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{mode:?} within 5 s, not at the next heartbeat"));
+        assert_eq!(got, payload);
+    }
+}

@@ -671,12 +671,18 @@ impl Channel {
 
     /// Whether the channel has something to write now.
     pub fn wants_transmit(&self, now: Instant) -> bool {
+        self.has_unsent() || (matches!(self.state, State::Open) && self.recv.wants_ack(now))
+    }
+
+    /// Whether the channel holds something to write whatever the time: a close frame, pongs owed,
+    /// at-most-once messages, or reliable ones the in-flight window lets go. What a timer decides
+    /// (an ack owed once its delay ends, a retransmission) is left out.
+    pub fn has_unsent(&self) -> bool {
         match self.state {
             State::Closing(_) => true,
             State::Closed => false,
             State::Open => {
-                self.recv.wants_ack(now)
-                    || self.pongs.as_ref().is_some_and(|p| !p.is_empty())
+                self.pongs.as_ref().is_some_and(|p| !p.is_empty())
                     || self.unreliable.as_ref().is_some_and(|u| !u.out.is_empty())
                     || self.send.has_sendable()
             }

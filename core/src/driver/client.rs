@@ -173,7 +173,7 @@ impl State {
             // A send into a full in-flight window has nothing to write: the driver, idle, has
             // written all else, so the clock need not be read (a saturated sender meets this on
             // most sends).
-            if self.client.channel().sender().has_sendable() {
+            if self.client.channel().has_unsent() {
                 let now = self.clock.now();
                 while self.pending.len() < WRITE_BATCH
                     && self.client.poll_transmit(now, &mut self.pending).is_some()
