@@ -469,6 +469,13 @@ async fn a_split_server_shut_down_mid_flood_acknowledges_only_what_its_applicati
     }
 }
 
+/// Polls `future` once, in this task.
+async fn polled_once<F: std::future::Future>(future: Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let mut future = Some(future);
+    std::future::poll_fn(|cx| std::task::Poll::Ready(future.take().expect("polled once").poll(cx)))
+        .await
+}
+
 /// `client`'s events until its session's end: the `Received` payloads, and what its last event
 /// handed back.
 async fn client_until_end(client: &steadfast_tokio::ClientHandle) -> (Vec<Bytes>, usize) {
@@ -533,23 +540,83 @@ async fn a_flush_waiting_on_a_silent_path_ends_when_the_session_does() {
         .send(0, Mode::Ordered, Bytes::from_static(b"lost in the hole"))
         .await
         .unwrap();
+    // Another task waits on the flush, so that only a wake-up can end it.
+    let (waiting, waits) = tokio::sync::oneshot::channel();
     let flush = tokio::spawn({
         let client = client.clone();
-        async move { client.flush().await }
+        async move {
+            let mut flush = std::pin::pin!(client.flush());
+            let first = polled_once(flush.as_mut()).await;
+            waiting.send(first.is_pending()).unwrap();
+            flush.await
+        }
     });
-    tokio::task::yield_now().await;
-    assert!(!flush.is_finished(), "no ack can come through a blackhole");
+    assert!(waits.await.unwrap(), "no ack can come through a blackhole");
     client.close(0, Bytes::new());
     let flushed = tokio::time::timeout(Duration::from_secs(20), flush)
         .await
         .expect("the flush ends with the session")
         .unwrap();
     assert_eq!(flushed, Err(steadfast_tokio::FlushError::SessionEnded));
+    let mut events = Vec::new();
+    client.try_events(&mut events, usize::MAX);
+    assert!(
+        !events.iter().any(SessionEvent::ends_session),
+        "the flush ended at the close, not a second later when the close gave up on a reply"
+    );
     assert_eq!(
         client_until_end(&client).await.1,
         1,
         "the message comes back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_flush_waiting_on_a_silent_path_ends_when_the_server_closes_the_session() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
+    client
+        .send(0, Mode::Ordered, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    let (_, session) = receive_in_batches(&server, 1).await;
+    proxy.apply(
+        steadfast_tokio::chaos::Target::All,
+        steadfast_tokio::chaos::Fault::Blackhole,
+    );
+    server
+        .send(
+            session,
+            0,
+            Mode::Ordered,
+            Bytes::from_static(b"lost in the hole"),
+        )
+        .await
+        .unwrap();
+    let mut flush = std::pin::pin!(server.flush(session));
+    assert!(
+        polled_once(flush.as_mut()).await.is_pending(),
+        "no ack can come through a blackhole"
+    );
+    server.close_session(session, 0, Bytes::new());
+    let flushed = tokio::time::timeout(Duration::from_secs(20), flush)
+        .await
+        .expect("the flush ends with the session");
+    assert_eq!(flushed, Err(steadfast_tokio::FlushError::SessionEnded));
+    let mut events = Vec::new();
+    server.try_events(&mut events, usize::MAX);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Session { event, .. } if event.ends_session())),
+        "the flush ended at the close, not a second later when the close gave up on a reply"
+    );
+    drop(client);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,7 +655,23 @@ async fn a_server_flush_returns_once_the_client_holds_every_message_sent_before_
         (0..MESSAGES).map(numbered).collect::<Vec<_>>(),
         "every message acknowledged is already among the client's events"
     );
+    assert_eq!(
+        server.flush(session).await,
+        Ok(()),
+        "nothing sent since: flushed at once"
+    );
     server.close_session(session, 0, Bytes::new());
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), server.next_event())
+            .await
+            .expect("the session's end within 20 s")
+            .expect("the server runs");
+        if let ServerEvent::Session { event, .. } = event
+            && event.ends_session()
+        {
+            break;
+        }
+    }
     assert_eq!(
         server.flush(session).await,
         Err(steadfast_tokio::FlushError::SessionEnded),

@@ -797,7 +797,7 @@ impl Sender {
     /// Removes and returns every message whose delivery is unknown, oldest first: those not
     /// acknowledged, and ordered ones only selectively acknowledged (they wait in the peer's reorder
     /// buffer behind a gap, and a closing peer discards them).
-    pub fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
+    pub(crate) fn drain_unacknowledged(&mut self) -> impl Iterator<Item = (u64, Seq, Bytes)> + '_ {
         let base = self.base;
         self.drained_base = base;
         self.base = self.end();

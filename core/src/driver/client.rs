@@ -434,9 +434,10 @@ impl ClientHandle {
         });
     }
 
-    /// Waits until the server has acknowledged every message sent on this session before the
-    /// call: each one is in the server's hands (received, not necessarily taken by its
-    /// application), whatever reconnects it took. The way to end a session without loss: flush,
+    /// Waits until the server has acknowledged every reliable message sent on this session
+    /// before the call (at-most-once ones, [`Mode::Sequenced`] and [`Mode::Unreliable`], are
+    /// never acknowledged): each one is in the server's hands (received, not necessarily taken by
+    /// its application), whatever reconnects it took. The way to end a session without loss: flush,
     /// then close or drop the last handle, since a close hands back what is still unacknowledged.
     ///
     /// Ends with [`FlushError::SessionEnded`] if the session ends first; its last event,
@@ -478,6 +479,9 @@ impl ClientHandle {
     /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.
     pub fn close(&self, code: u64, reason: Bytes) {
         self.command(|s| s.client.close(code, reason));
+        // The close handed back what was unacknowledged: a flush waiting has its answer now,
+        // though the session's last event waits for the server's reply.
+        self.shared.with(|s, wakes| wakes.wake_all(&mut s.capacity));
     }
 
     /// Waits until the session is over (closed or lost).

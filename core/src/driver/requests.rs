@@ -1,5 +1,7 @@
-//! Requests the application awaits: each waits for its reply, its deadline, or the end of its
-//! session, and is forgotten if its future is dropped first. Shared by the client and the server.
+//! What the application awaits from the peer: a request its reply, a flush the acknowledgement
+//! of what was sent before it. Each waits for its answer or the end of its session, settled in
+//! the order the session's events come, and is forgotten if its future is dropped first. Shared
+//! by the client and the server.
 
 use alloc::collections::BTreeMap;
 use core::ops::RangeBounds;
@@ -7,21 +9,38 @@ use core::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use super::RequestError;
 use super::shared::{Shared, Wakes, register};
+use super::{FlushError, RequestError};
 
-/// Where an awaited request stands.
-enum Pending {
+/// An answer the application awaits, and the one it gets if its session ends first.
+pub(crate) trait Answer {
+    fn ended() -> Self;
+}
+
+impl Answer for Result<Bytes, RequestError> {
+    fn ended() -> Self {
+        Err(RequestError::SessionEnded)
+    }
+}
+
+impl Answer for Result<(), FlushError> {
+    fn ended() -> Self {
+        Err(FlushError::SessionEnded)
+    }
+}
+
+/// Where an awaited answer stands.
+enum Pending<T> {
     Waiting(Option<Waker>),
-    Done(Result<Bytes, RequestError>),
-    /// Its future was dropped: the reply, if it comes, is discarded.
+    Done(T),
+    /// Its future was dropped: the answer, if it comes, is discarded.
     Abandoned,
 }
 
-/// The awaited requests, by key.
-pub(crate) struct Awaited<K>(BTreeMap<K, Pending>);
+/// The awaited answers, by key.
+pub(crate) struct Awaited<K, T = Result<Bytes, RequestError>>(BTreeMap<K, Pending<T>>);
 
-impl<K: Ord + Copy> Awaited<K> {
+impl<K: Ord + Copy, T: Answer + Clone> Awaited<K, T> {
     pub(crate) fn new() -> Self {
         Awaited(BTreeMap::new())
     }
@@ -37,36 +56,44 @@ impl<K: Ord + Copy> Awaited<K> {
     }
 
     /// Hands `key` its answer, waking its future; a dropped future's answer is discarded.
-    pub(crate) fn answer(
-        &mut self,
-        key: K,
-        result: Result<Bytes, RequestError>,
-        wakes: &mut Wakes,
-    ) {
+    pub(crate) fn answer(&mut self, key: K, result: T, wakes: &mut Wakes) {
         if let Some(Pending::Waiting(mut w)) = self.0.remove(&key) {
             self.0.insert(key, Pending::Done(result));
             wakes.wake(&mut w);
         }
     }
 
-    /// Ends every request in `range` whose session ended.
-    pub(crate) fn end(&mut self, range: impl RangeBounds<K>, wakes: &mut Wakes) {
-        for (_, p) in self.0.range_mut(range) {
-            if let Pending::Waiting(w) = p {
-                let mut w = w.take();
-                *p = Pending::Done(Err(RequestError::SessionEnded));
-                wakes.wake(&mut w);
+    /// Hands every key in `range` still awaited `result`, and forgets the dropped ones there.
+    pub(crate) fn settle(&mut self, range: impl RangeBounds<K>, result: T, wakes: &mut Wakes) {
+        let mut dropped = alloc::vec::Vec::new();
+        for (key, p) in self.0.range_mut(range) {
+            match p {
+                Pending::Waiting(w) => {
+                    let mut w = w.take();
+                    *p = Pending::Done(result.clone());
+                    wakes.wake(&mut w);
+                }
+                Pending::Abandoned => dropped.push(*key),
+                Pending::Done(_) => {}
             }
         }
+        for key in dropped {
+            self.0.remove(&key);
+        }
+    }
+
+    /// Ends everything awaited in `range`, whose session ended.
+    pub(crate) fn end(&mut self, range: impl RangeBounds<K>, wakes: &mut Wakes) {
+        self.settle(range, T::ended(), wakes);
     }
 }
 
 /// Awaits the answer to `key` in the state `S`, whose [`Awaited`] and "is over" flag `part` finds.
-pub(crate) async fn answer<S, K: Ord + Copy>(
+pub(crate) async fn answer<S, K: Ord + Copy, T: Answer + Clone>(
     shared: &Shared<S>,
     key: K,
-    part: fn(&mut S) -> (&mut Awaited<K>, bool),
-) -> Result<Bytes, RequestError> {
+    part: fn(&mut S) -> (&mut Awaited<K, T>, bool),
+) -> T {
     let mut guard = Guard {
         shared,
         key,
@@ -76,16 +103,16 @@ pub(crate) async fn answer<S, K: Ord + Copy>(
     core::future::poll_fn(|cx| guard.poll(cx)).await
 }
 
-/// Forgets an awaited request whose future is dropped.
-struct Guard<'a, S, K: Ord + Copy> {
+/// Forgets an awaited answer whose future is dropped.
+struct Guard<'a, S, K: Ord + Copy, T> {
     shared: &'a Shared<S>,
     key: K,
-    part: fn(&mut S) -> (&mut Awaited<K>, bool),
+    part: fn(&mut S) -> (&mut Awaited<K, T>, bool),
     done: bool,
 }
 
-impl<S, K: Ord + Copy> Guard<'_, S, K> {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, RequestError>> {
+impl<S, K: Ord + Copy, T: Answer + Clone> Guard<'_, S, K, T> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<T> {
         let (key, part) = (self.key, self.part);
         let r = self.shared.with(|s, _| {
             let (awaited, over) = part(s);
@@ -96,7 +123,7 @@ impl<S, K: Ord + Copy> Guard<'_, S, K> {
                     awaited.0.insert(key, Pending::Waiting(w));
                     Poll::Pending
                 }
-                _ => Poll::Ready(Err(RequestError::SessionEnded)),
+                _ => Poll::Ready(T::ended()),
             }
         });
         self.done = r.is_ready();
@@ -104,13 +131,18 @@ impl<S, K: Ord + Copy> Guard<'_, S, K> {
     }
 }
 
-impl<S, K: Ord + Copy> Drop for Guard<'_, S, K> {
+impl<S, K: Ord + Copy, T> Drop for Guard<'_, S, K, T> {
     fn drop(&mut self) {
         if !self.done {
             let (key, part) = (self.key, self.part);
             self.shared.with(|s, _| {
-                if let Some(p) = part(s).0.0.get_mut(&key) {
-                    *p = Pending::Abandoned;
+                let awaited = &mut part(s).0.0;
+                match awaited.get_mut(&key) {
+                    Some(Pending::Done(_)) => {
+                        awaited.remove(&key);
+                    }
+                    Some(p) => *p = Pending::Abandoned,
+                    None => {}
                 }
             });
         }

@@ -138,6 +138,10 @@ pub(crate) struct State {
     inbox: Arc<Inbox<ServerEvent>>,
     capacity: Vec<Waker>,
     requests: Awaited<(SessionId, Seq)>,
+    /// Flushes awaited, by session, the sequence number all below which they wait to see
+    /// acknowledged, and a number of their own.
+    flushes: Awaited<FlushKey, Result<(), FlushError>>,
+    flush_ids: u64,
     /// The accept-and-timer task, and when its timer is set for.
     driver: Option<Waker>,
     arming: Arming,
@@ -260,7 +264,11 @@ impl State {
             SessionEvent::Disconnected { cause } => {
                 tracing::debug!(%session, ?cause, "session detached")
             }
-            SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
+            SessionEvent::Acknowledged { below } => {
+                wakes.wake_all(&mut self.capacity);
+                let acked = (session, 0, 0)..=(session, *below, u64::MAX);
+                self.flushes.settle(acked, Ok(()), wakes);
+            }
             SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
                 if self.requests.awaits(&(session, *to)) =>
             {
@@ -296,6 +304,7 @@ impl State {
 
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
         self.requests.end((session, 0)..=(session, Seq::MAX), wakes);
+        self.end_flushes(session, wakes);
         wakes.wake_all(&mut self.capacity);
     }
 
@@ -337,8 +346,20 @@ impl State {
         wakes.wake_all(&mut self.openers);
         wakes.wake_all(&mut self.capacity);
         self.requests.end(.., wakes);
+        self.flushes.end(.., wakes);
+    }
+
+    /// `session`'s flushes still waiting will not see their messages acknowledged: its channel
+    /// has ended, handing them back.
+    fn end_flushes(&mut self, session: SessionId, wakes: &mut Wakes) {
+        let all = (session, 0, 0)..=(session, Seq::MAX, u64::MAX);
+        self.flushes.end(all, wakes);
     }
 }
+
+/// An awaited flush: its session, the sequence number all below which it waits to see
+/// acknowledged, and a number of its own (flushes of one session may wait for the same point).
+type FlushKey = (SessionId, Seq, u64);
 
 /// The application's side of a server: cheap to clone, usable from any thread. Dropping the last
 /// handle shuts the server down.
@@ -406,15 +427,6 @@ impl ServerHandle {
         shard_of(&self.shards, session.0)
     }
 
-    /// Runs a command on the core holding `session` and writes what it produced.
-    fn command<T>(&self, session: SessionId, f: impl FnOnce(&mut Server) -> T) -> T {
-        self.holding(session).with(|s, wakes| {
-            let r = f(&mut s.server);
-            s.flush(wakes, true);
-            r
-        })
-    }
-
     /// Runs a command that queues frames for `session`, and gets them on their way.
     fn send_command<T>(&self, session: SessionId, f: impl FnOnce(&mut Server) -> T) -> T {
         self.holding(session).with(|s, wakes| {
@@ -440,8 +452,8 @@ impl ServerHandle {
         self.send_command(session, |s| s.send(session, stream, mode, payload))
     }
 
-    /// Waits until `session`'s client has acknowledged every message sent to it before the call:
-    /// each one is in the client's hands, whatever reconnects it took.
+    /// Waits until `session`'s client has acknowledged every reliable message sent to it before
+    /// the call: each one is in the client's hands, whatever reconnects it took.
     /// [`ClientHandle::flush`](super::ClientHandle::flush) from this side.
     ///
     /// Ends with [`FlushError::SessionEnded`] if the session ends first (or is unknown here, or
@@ -450,20 +462,26 @@ impl ServerHandle {
     /// time.
     pub async fn flush(&self, session: SessionId) -> Result<(), FlushError> {
         let part = self.holding(session);
-        let end = part.with(|s, _| s.server.channel(session).map(|c| c.sender().end()));
-        let end = end.ok_or(FlushError::SessionEnded)?;
-        core::future::poll_fn(|cx| {
-            part.with(|s, _| match s.server.channel(session) {
-                Some(c) if c.acknowledged_below() >= end => Poll::Ready(Ok(())),
-                Some(c) if !s.shutdown && !c.is_closed() => {
-                    // Woken by each ack that moves a cumulative point, and at a session's end.
-                    register_in(&mut s.capacity, cx.waker());
-                    Poll::Pending
-                }
-                _ => Poll::Ready(Err(FlushError::SessionEnded)),
-            })
-        })
-        .await
+        let key = part.with(|s, _| {
+            let channel = s.server.channel(session).ok_or(FlushError::SessionEnded)?;
+            let end = channel.sender().end();
+            if channel.acknowledged_below() >= end {
+                return Ok(None);
+            }
+            if channel.is_closed() || s.shutdown {
+                return Err(FlushError::SessionEnded);
+            }
+            s.flush_ids += 1;
+            let key = (session, end, s.flush_ids);
+            s.flushes.expect(key);
+            Ok(Some(key))
+        })?;
+        match key {
+            // Settled in the order of the session's events: by the ack that reaches `end`, or
+            // by the session's end.
+            Some(key) => requests::answer(part, key, |s| (&mut s.flushes, s.shutdown)).await,
+            None => Ok(()),
+        }
     }
 
     /// Sends `payload` to `session`, waiting for room while its queue is full (backpressure).
@@ -614,7 +632,13 @@ impl ServerHandle {
 
     /// Closes a session: the client is told; both sides see [`SessionEvent::Closed`].
     pub fn close_session(&self, session: SessionId, code: u64, reason: Bytes) {
-        self.command(session, |s| s.close_session(session, code, reason));
+        self.holding(session).with(|s, wakes| {
+            s.server.close_session(session, code, reason);
+            // The close handed back what was unacknowledged: no flush waiting can succeed now,
+            // though the session's last event waits for the client's reply.
+            s.end_flushes(session, wakes);
+            s.flush(wakes, true);
+        });
     }
 
     /// The next event; `None` once the server has shut down and every event was taken.
@@ -801,6 +825,8 @@ fn serve<R: Runtime>(
         inbox: inbox.clone(),
         capacity: Vec::new(),
         requests: Awaited::new(),
+        flushes: Awaited::new(),
+        flush_ids: 0,
         driver: None,
         arming: Arming::new(options.config.channel.max_ack_delay),
         authenticator: options.authenticator.clone(),
