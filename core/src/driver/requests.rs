@@ -15,18 +15,23 @@ use super::{FlushError, RequestError};
 /// An answer the application awaits, and the one it gets if its session ends first.
 pub(crate) trait Answer {
     fn ended() -> Self;
+    /// Whether a dropped future's entry stays until its answer comes, to be discarded then: a
+    /// request's reply must not reach the application's events as if nobody had asked.
+    const DISCARDS_LATE: bool;
 }
 
 impl Answer for Result<Bytes, RequestError> {
     fn ended() -> Self {
         Err(RequestError::SessionEnded)
     }
+    const DISCARDS_LATE: bool = true;
 }
 
 impl Answer for Result<(), FlushError> {
     fn ended() -> Self {
         Err(FlushError::SessionEnded)
     }
+    const DISCARDS_LATE: bool = false;
 }
 
 /// Where an awaited answer stands.
@@ -63,22 +68,14 @@ impl<K: Ord + Copy, T: Answer + Clone> Awaited<K, T> {
         }
     }
 
-    /// Hands every key in `range` still awaited `result`, and forgets the dropped ones there.
+    /// Hands every key in `range` still awaited `result`.
     pub(crate) fn settle(&mut self, range: impl RangeBounds<K>, result: T, wakes: &mut Wakes) {
-        let mut dropped = alloc::vec::Vec::new();
-        for (key, p) in self.0.range_mut(range) {
-            match p {
-                Pending::Waiting(w) => {
-                    let mut w = w.take();
-                    *p = Pending::Done(result.clone());
-                    wakes.wake(&mut w);
-                }
-                Pending::Abandoned => dropped.push(*key),
-                Pending::Done(_) => {}
+        for (_, p) in self.0.range_mut(range) {
+            if let Pending::Waiting(w) = p {
+                let mut w = w.take();
+                *p = Pending::Done(result.clone());
+                wakes.wake(&mut w);
             }
-        }
-        for key in dropped {
-            self.0.remove(&key);
         }
     }
 
@@ -104,7 +101,7 @@ pub(crate) async fn answer<S, K: Ord + Copy, T: Answer + Clone>(
 }
 
 /// Forgets an awaited answer whose future is dropped.
-struct Guard<'a, S, K: Ord + Copy, T> {
+struct Guard<'a, S, K: Ord + Copy, T: Answer> {
     shared: &'a Shared<S>,
     key: K,
     part: fn(&mut S) -> (&mut Awaited<K, T>, bool),
@@ -131,18 +128,18 @@ impl<S, K: Ord + Copy, T: Answer + Clone> Guard<'_, S, K, T> {
     }
 }
 
-impl<S, K: Ord + Copy, T> Drop for Guard<'_, S, K, T> {
+impl<S, K: Ord + Copy, T: Answer> Drop for Guard<'_, S, K, T> {
     fn drop(&mut self) {
         if !self.done {
             let (key, part) = (self.key, self.part);
             self.shared.with(|s, _| {
                 let awaited = &mut part(s).0.0;
                 match awaited.get_mut(&key) {
-                    Some(Pending::Done(_)) => {
+                    Some(p @ Pending::Waiting(_)) if T::DISCARDS_LATE => *p = Pending::Abandoned,
+                    Some(Pending::Abandoned) | None => {}
+                    Some(_) => {
                         awaited.remove(&key);
                     }
-                    Some(p) => *p = Pending::Abandoned,
-                    None => {}
                 }
             });
         }

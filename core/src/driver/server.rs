@@ -294,6 +294,11 @@ impl State {
                 tracing::debug!(%session, ?reason, "session closed");
                 ended = true;
             }
+            // Another server took the session over: its last event here.
+            SessionEvent::Fenced { epoch } => {
+                tracing::info!(%session, epoch, "session fenced");
+                ended = true;
+            }
             _ => {}
         }
         if ended {
