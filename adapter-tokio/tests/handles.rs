@@ -716,3 +716,40 @@ async fn at_most_once_sends_on_an_idle_connection_go_out_at_once_not_at_the_next
         assert_eq!(got, payload);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_waits_through_a_blackhole_and_the_resume_after_it() {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
+    assert!(client.connected().await);
+    proxy.apply(
+        steadfast_tokio::chaos::Target::All,
+        steadfast_tokio::chaos::Fault::Blackhole,
+    );
+    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    for n in 0..MESSAGES {
+        client.send(0, Mode::Ordered, numbered(n)).await.unwrap();
+    }
+    let mut flush = std::pin::pin!(client.flush());
+    assert!(
+        polled_once(flush.as_mut()).await.is_pending(),
+        "no ack can come through a blackhole"
+    );
+    // The client's idle timeout finds the path dead; it resumes on a new connection, which the
+    // proxy lets through, and resends what the server lacks.
+    tokio::time::timeout(Duration::from_secs(20), flush)
+        .await
+        .expect("flushed within 20 s")
+        .expect("the session lives");
+    assert!(
+        client.counters().resumes >= 1,
+        "the flush outlived its connection"
+    );
+    let (got, _) = receive_in_batches(&server, MESSAGES).await;
+    assert_eq!(got, (0..MESSAGES).map(numbered).collect::<Vec<_>>());
+}
