@@ -469,6 +469,31 @@ async fn a_split_server_shut_down_mid_flood_acknowledges_only_what_its_applicati
     }
 }
 
+/// A server, and a client connected to it through a chaos proxy.
+async fn through_proxy() -> (
+    steadfast_tokio::ServerHandle,
+    steadfast_tokio::chaos::ChaosProxy,
+    steadfast_tokio::ClientHandle,
+) {
+    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap();
+    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
+        .await
+        .unwrap();
+    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
+    assert!(client.connected().await);
+    (server, proxy, client)
+}
+
+/// Silences every connection through `proxy`; new ones go through.
+fn blackhole(proxy: &steadfast_tokio::chaos::ChaosProxy) {
+    proxy.apply(
+        steadfast_tokio::chaos::Target::All,
+        steadfast_tokio::chaos::Fault::Blackhole,
+    );
+}
+
 /// Polls `future` once, in this task.
 async fn polled_once<F: std::future::Future>(future: Pin<&mut F>) -> std::task::Poll<F::Output> {
     let mut future = Some(future);
@@ -524,18 +549,8 @@ async fn a_flush_then_a_close_loses_nothing_and_hands_nothing_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_waiting_on_a_silent_path_ends_when_the_session_does() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
-    assert!(client.connected().await);
-    proxy.apply(
-        steadfast_tokio::chaos::Target::All,
-        steadfast_tokio::chaos::Fault::Blackhole,
-    );
+    let (_server, proxy, client) = through_proxy().await;
+    blackhole(&proxy);
     client
         .send(0, Mode::Ordered, Bytes::from_static(b"lost in the hole"))
         .await
@@ -573,22 +588,13 @@ async fn a_flush_waiting_on_a_silent_path_ends_when_the_session_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_flush_waiting_on_a_silent_path_ends_when_the_server_closes_the_session() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
+    let (server, proxy, client) = through_proxy().await;
     client
         .send(0, Mode::Ordered, Bytes::from_static(b"hello"))
         .await
         .unwrap();
     let (_, session) = receive_in_batches(&server, 1).await;
-    proxy.apply(
-        steadfast_tokio::chaos::Target::All,
-        steadfast_tokio::chaos::Fault::Blackhole,
-    );
+    blackhole(&proxy);
     server
         .send(
             session,
@@ -719,18 +725,8 @@ async fn at_most_once_sends_on_an_idle_connection_go_out_at_once_not_at_the_next
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_waits_through_a_blackhole_and_the_resume_after_it() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![proxy.local_addr()])).unwrap();
-    assert!(client.connected().await);
-    proxy.apply(
-        steadfast_tokio::chaos::Target::All,
-        steadfast_tokio::chaos::Fault::Blackhole,
-    );
+    let (server, proxy, client) = through_proxy().await;
+    blackhole(&proxy);
     let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
     for n in 0..MESSAGES {
         client.send(0, Mode::Ordered, numbered(n)).await.unwrap();
