@@ -1,128 +1,24 @@
-//! Two servers sharing their sessions, as a cluster does, through a store kept in memory: a
-//! session taken over by the other server ends what its first server's application awaited.
+//! Two servers sharing their sessions, as a cluster does, through the core's reference store kept
+//! in memory: a session taken over by the other server ends what its first server's application
+//! awaited.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use steadfast_core::Seq;
 use steadfast_core::identity::SessionId;
-use steadfast_core::store::{
-    Identity, MemoryStore, Recovered, SessionStore, Store, StoreError, Stored,
-};
 use steadfast_tokio::chaos::{ChaosProxy, Fault, Target};
 use steadfast_tokio::{
     ClientOptions, FlushError, Listener, Mode, RequestError, ServerEvent, ServerHandle,
     ServerOptions, SessionEvent, Tokio,
 };
 
-/// The sessions of a cluster, each under the newest attach epoch claimed for it.
-#[derive(Clone, Default)]
-struct Shelf(Arc<Mutex<BTreeMap<SessionId, Kept>>>);
+// The core's reference store of a cluster's sessions, in memory.
+#[allow(dead_code)]
+#[path = "../../core/tests/util/cluster.rs"]
+mod cluster;
 
-struct Kept {
-    epoch: u64,
-    store: MemoryStore,
-}
-
-/// One server's store of one session, claimed at `epoch`: once another server claims a newer
-/// one, every write fails as fenced.
-struct Held {
-    shelf: Shelf,
-    session: SessionId,
-    epoch: u64,
-}
-
-impl Held {
-    fn write(
-        &mut self,
-        f: impl FnOnce(&mut MemoryStore) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut shelf = self.shelf.0.lock().unwrap();
-        let kept = shelf
-            .get_mut(&self.session)
-            .ok_or(StoreError::Fenced { epoch: 0 })?;
-        if kept.epoch > self.epoch {
-            return Err(StoreError::Fenced { epoch: kept.epoch });
-        }
-        f(&mut kept.store)
-    }
-}
-
-impl Store for Held {
-    fn recover(&mut self) -> Result<Recovered, StoreError> {
-        let shelf = self.shelf.0.lock().unwrap();
-        Ok(shelf
-            .get(&self.session)
-            .map(|k| k.store.snapshot().clone())
-            .unwrap_or_default())
-    }
-    fn identity(&mut self, identity: Identity) -> Result<(), StoreError> {
-        let mut shelf = self.shelf.0.lock().unwrap();
-        let kept = shelf.entry(identity.session).or_insert(Kept {
-            epoch: identity.epoch,
-            store: MemoryStore::new(),
-        });
-        if kept.epoch > identity.epoch {
-            return Err(StoreError::Fenced { epoch: kept.epoch });
-        }
-        kept.epoch = identity.epoch;
-        self.epoch = identity.epoch;
-        kept.store.identity(identity)
-    }
-    fn sent(&mut self, message: &Stored) -> Result<(), StoreError> {
-        self.write(|s| s.sent(message))
-    }
-    fn acknowledged(&mut self, below: Seq) -> Result<(), StoreError> {
-        self.write(|s| s.acknowledged(below))
-    }
-    fn arrived(&mut self, message: &Stored) -> Result<(), StoreError> {
-        self.write(|s| s.arrived(message))
-    }
-    fn consumed(&mut self, seq: Seq) -> Result<(), StoreError> {
-        self.write(|s| s.consumed(seq))
-    }
-    fn flush(&mut self) -> Result<(), StoreError> {
-        self.write(|_| Ok(()))
-    }
-    fn clear(&mut self) -> Result<(), StoreError> {
-        self.write(|s| s.clear())
-    }
-}
-
-impl SessionStore for Shelf {
-    fn create(&mut self, identity: Identity) -> Result<Box<dyn Store>, StoreError> {
-        let mut held = Held {
-            shelf: self.clone(),
-            session: identity.session,
-            epoch: identity.epoch,
-        };
-        held.identity(identity)?;
-        Ok(Box::new(held))
-    }
-
-    fn load(
-        &mut self,
-        session: SessionId,
-    ) -> Result<Option<(Box<dyn Store>, Recovered)>, StoreError> {
-        let shelf = self.0.lock().unwrap();
-        Ok(shelf.get(&session).map(|kept| {
-            let held = Held {
-                shelf: self.clone(),
-                session,
-                epoch: kept.epoch,
-            };
-            (
-                Box::new(held) as Box<dyn Store>,
-                kept.store.snapshot().clone(),
-            )
-        }))
-    }
-}
-
-/// A server on the cluster's shelf.
-async fn server_on(shelf: &Shelf) -> ServerHandle {
+/// A server of the cluster whose sessions `shelf` holds.
+async fn server_on(shelf: cluster::Shared) -> ServerHandle {
     let mut options = ServerOptions::new();
     options.config.retention = Duration::from_secs(60);
     let listener = Listener::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -131,7 +27,7 @@ async fn server_on(shelf: &Shelf) -> ServerHandle {
         listener,
         options,
         Box::new(rand_core::UnwrapErr(rand_core::OsRng)),
-        Box::new(shelf.clone()),
+        Box::new(shelf),
     )
     .unwrap();
     tokio::spawn(driver);
@@ -160,8 +56,9 @@ async fn until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_taken_over_by_another_server_ends_the_flush_and_request_awaited_on_the_first() {
-    let shelf = Shelf::default();
-    let (a, b) = (server_on(&shelf).await, server_on(&shelf).await);
+    let shelf = cluster::Shared::default();
+    let a = server_on(shelf.for_server(1)).await;
+    let b = server_on(shelf.for_server(2)).await;
     let to_a = ChaosProxy::start(a.local_addr()).await.unwrap();
     let client =
         steadfast_tokio::connect(ClientOptions::new(vec![to_a.local_addr(), b.local_addr()]))
