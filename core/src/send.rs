@@ -273,8 +273,10 @@ pub struct Sender {
     /// How many later transmissions must be acknowledged before a gap counts as a loss: 3, as in
     /// TCP and QUIC, widened when the path proves to reorder.
     reorder_threshold: u64,
-    /// The newest acknowledged transmission's send-order number: anything sent before it may be lost.
-    largest_acked_order: Option<u64>,
+    /// One past the newest acknowledged transmission's send-order number (0: none yet): anything
+    /// sent before that one may be lost. A count, not an `Option`, to keep a session's memory
+    /// within its bound.
+    acked_order_end: u64,
     /// The cumulative acknowledgement point when the queue was drained at the channel's end,
     /// after which `base` stands past the messages handed back.
     drained_base: Seq,
@@ -320,7 +322,7 @@ impl Sender {
             loss_at: None,
             next_order: 0,
             reorder_threshold: INITIAL_REORDER_THRESHOLD,
-            largest_acked_order: None,
+            acked_order_end: 0,
             drained_base: 0,
             transport: config.transport,
             conflation: Conflation::default(),
@@ -563,8 +565,7 @@ impl Sender {
         }
         if let Some((order, sent_at)) = newest {
             self.rtt.on_sample(now - sent_at, ack_delay);
-            self.largest_acked_order =
-                Some(self.largest_acked_order.map_or(order, |o| o.max(order)));
+            self.acked_order_end = self.acked_order_end.max(order + 1);
             if self.transport == Transport::Datagram {
                 out.declared_lost = self.detect_losses(now);
             }
@@ -582,7 +583,7 @@ impl Sender {
     /// transmissions or by the loss delay; arms the loss timer for the rest.
     fn detect_losses(&mut self, now: Instant) -> u64 {
         self.loss_at = None;
-        let Some(largest) = self.largest_acked_order else {
+        let Some(largest) = self.acked_order_end.checked_sub(1) else {
             return 0;
         };
         let loss_delay = self.rtt.loss_delay();
