@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use super::batch::Run;
 use super::direct::Direct;
 use super::inbox::Inbox;
-use super::requests::{self, Awaited};
+use super::requests::{self, Awaited, Flushes};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
@@ -80,6 +80,7 @@ pub(crate) struct State {
     /// Senders waiting for room in the send queue.
     capacity: Vec<Waker>,
     requests: Awaited<Seq>,
+    flushes: Flushes<()>,
     driver: Option<Waker>,
     /// The deadline the driver sleeps until: a send that makes the core want an earlier one must
     /// wake it, even when it wrote its frames itself.
@@ -117,7 +118,10 @@ impl State {
                 SessionEvent::Disconnected { cause } => {
                     tracing::info!(?cause, "session disconnected; will resume");
                 }
-                SessionEvent::Acknowledged { .. } => wakes.wake_all(&mut self.capacity),
+                SessionEvent::Acknowledged { below } => {
+                    wakes.wake_all(&mut self.capacity);
+                    self.flushes.acknowledged((), *below, wakes);
+                }
                 SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
                     if self.requests.awaits(to) =>
                 {
@@ -191,6 +195,7 @@ impl State {
     fn end(&mut self, wakes: &mut Wakes) {
         self.over = true;
         self.requests.end(.., wakes);
+        self.flushes.end_all(wakes);
         wakes.wake_all(&mut self.capacity);
         wakes.wake_all(&mut self.closed_waiters);
         wakes.wake_all(&mut self.connected_waiters);
@@ -458,22 +463,10 @@ impl ClientHandle {
     /// # Ok(()) }
     /// ```
     pub async fn flush(&self) -> Result<(), FlushError> {
-        let end = self.shared.with(|s, _| s.client.channel().sender().end());
-        core::future::poll_fn(|cx| {
-            self.shared.with(|s, _| {
-                let channel = s.client.channel();
-                if channel.acknowledged_below() >= end {
-                    Poll::Ready(Ok(()))
-                } else if s.over || channel.is_closed() {
-                    Poll::Ready(Err(FlushError::SessionEnded))
-                } else {
-                    // Woken by each ack that moves the cumulative point, and at the session's end.
-                    register_in(&mut s.capacity, cx.waker());
-                    Poll::Pending
-                }
-            })
-        })
-        .await
+        let key = self
+            .shared
+            .with(|s, _| s.flushes.start((), s.client.channel(), s.over))?;
+        requests::flushed(&self.shared, key, |s| (&mut s.flushes.awaited, s.over)).await
     }
 
     /// Closes the session: the server is told; [`SessionEvent::Closed`] follows.
@@ -481,7 +474,7 @@ impl ClientHandle {
         self.command(|s| s.client.close(code, reason));
         // The close handed back what was unacknowledged: a flush waiting has its answer now,
         // though the session's last event waits for the server's reply.
-        self.shared.with(|s, wakes| wakes.wake_all(&mut s.capacity));
+        self.shared.with(|s, wakes| s.flushes.end((), wakes));
     }
 
     /// Waits until the session is over (closed or lost).
@@ -611,6 +604,7 @@ fn start<R: Runtime>(
         inbox: inbox.clone(),
         capacity: Vec::new(),
         requests: Awaited::new(),
+        flushes: Flushes::new(),
         driver: None,
         armed: None,
         direct: Direct::default(),

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use super::shared::{Shared, Wakes, register};
 use super::{FlushError, RequestError};
+use crate::{Channel, Seq};
 
 /// An answer the application awaits, and the one it gets if its session ends first.
 pub(crate) trait Answer {
@@ -82,6 +83,82 @@ impl<K: Ord + Copy, T: Answer + Clone> Awaited<K, T> {
     /// Ends everything awaited in `range`, whose session ended.
     pub(crate) fn end(&mut self, range: impl RangeBounds<K>, wakes: &mut Wakes) {
         self.settle(range, T::ended(), wakes);
+    }
+}
+
+/// Flushes the application awaits, each settled in the order of its session's events: by the ack
+/// that reaches the point it waits for, or by the session's end. `P` names the session where a
+/// state holds several (a server's part), `()` where it holds one (a client's).
+pub(crate) struct Flushes<P> {
+    pub(crate) awaited: AwaitedFlushes<P>,
+    started: u64,
+}
+
+/// An awaited flush: its session, the sequence number all below which it waits to see
+/// acknowledged, and a number of its own (flushes of one session may wait for the same point).
+pub(crate) type FlushKey<P> = (P, Seq, u64);
+
+pub(crate) type AwaitedFlushes<P> = Awaited<FlushKey<P>, Result<(), FlushError>>;
+
+impl<P: Ord + Copy> Flushes<P> {
+    pub(crate) fn new() -> Self {
+        Flushes {
+            awaited: Awaited::new(),
+            started: 0,
+        }
+    }
+
+    /// Starts a flush of `session`, whose channel is `channel`: `Ok(None)` if the peer has
+    /// acknowledged all it was sent already, `SessionEnded` if the channel (or the state, `over`)
+    /// has ended short of that, else the key to await with [`flushed`].
+    pub(crate) fn start(
+        &mut self,
+        session: P,
+        channel: &Channel,
+        over: bool,
+    ) -> Result<Option<FlushKey<P>>, FlushError> {
+        let end = channel.sender().end();
+        if channel.acknowledged_below() >= end {
+            return Ok(None);
+        }
+        if over || channel.is_closed() {
+            return Err(FlushError::SessionEnded);
+        }
+        self.started += 1;
+        let key = (session, end, self.started);
+        self.awaited.expect(key);
+        Ok(Some(key))
+    }
+
+    /// The peer acknowledged every message of `session` below `below`.
+    pub(crate) fn acknowledged(&mut self, session: P, below: Seq, wakes: &mut Wakes) {
+        let reached = (session, 0, 0)..=(session, below, u64::MAX);
+        self.awaited.settle(reached, Ok(()), wakes);
+    }
+
+    /// `session`'s channel ended, handing back what was unacknowledged: its flushes still
+    /// waiting never will be.
+    pub(crate) fn end(&mut self, session: P, wakes: &mut Wakes) {
+        let all = (session, 0, 0)..=(session, Seq::MAX, u64::MAX);
+        self.awaited.end(all, wakes);
+    }
+
+    /// Every session ended.
+    pub(crate) fn end_all(&mut self, wakes: &mut Wakes) {
+        self.awaited.end(.., wakes);
+    }
+}
+
+/// Awaits the flush that [`Flushes::start`] began (none: already done), in the state `S` whose
+/// [`Flushes`] and "is over" flag `part` finds.
+pub(crate) async fn flushed<S, P: Ord + Copy>(
+    shared: &Shared<S>,
+    key: Option<FlushKey<P>>,
+    part: fn(&mut S) -> (&mut AwaitedFlushes<P>, bool),
+) -> Result<(), FlushError> {
+    match key {
+        Some(key) => answer(shared, key, part).await,
+        None => Ok(()),
     }
 }
 

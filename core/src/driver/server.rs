@@ -15,7 +15,7 @@ use super::arming::Arming;
 use super::batch::Run;
 use super::direct::Direct;
 use super::inbox::Inbox;
-use super::requests::{self, Awaited};
+use super::requests::{self, Awaited, Flushes};
 use super::shared::{Recycler, Shared, Wakes, register, register_in};
 use super::sync::Arc;
 use super::{
@@ -138,10 +138,7 @@ pub(crate) struct State {
     inbox: Arc<Inbox<ServerEvent>>,
     capacity: Vec<Waker>,
     requests: Awaited<(SessionId, Seq)>,
-    /// Flushes awaited, by session, the sequence number all below which they wait to see
-    /// acknowledged, and a number of their own.
-    flushes: Awaited<FlushKey, Result<(), FlushError>>,
-    flush_ids: u64,
+    flushes: Flushes<SessionId>,
     /// The accept-and-timer task, and when its timer is set for.
     driver: Option<Waker>,
     arming: Arming,
@@ -266,8 +263,7 @@ impl State {
             }
             SessionEvent::Acknowledged { below } => {
                 wakes.wake_all(&mut self.capacity);
-                let acked = (session, 0, 0)..=(session, *below, u64::MAX);
-                self.flushes.settle(acked, Ok(()), wakes);
+                self.flushes.acknowledged(session, *below, wakes);
             }
             SessionEvent::Reply { to, .. } | SessionEvent::RequestTimedOut { seq: to }
                 if self.requests.awaits(&(session, *to)) =>
@@ -309,7 +305,7 @@ impl State {
 
     fn end_requests(&mut self, session: SessionId, wakes: &mut Wakes) {
         self.requests.end((session, 0)..=(session, Seq::MAX), wakes);
-        self.end_flushes(session, wakes);
+        self.flushes.end(session, wakes);
         wakes.wake_all(&mut self.capacity);
     }
 
@@ -351,20 +347,9 @@ impl State {
         wakes.wake_all(&mut self.openers);
         wakes.wake_all(&mut self.capacity);
         self.requests.end(.., wakes);
-        self.flushes.end(.., wakes);
-    }
-
-    /// `session`'s flushes still waiting will not see their messages acknowledged: its channel
-    /// has ended, handing them back.
-    fn end_flushes(&mut self, session: SessionId, wakes: &mut Wakes) {
-        let all = (session, 0, 0)..=(session, Seq::MAX, u64::MAX);
-        self.flushes.end(all, wakes);
+        self.flushes.end_all(wakes);
     }
 }
-
-/// An awaited flush: its session, the sequence number all below which it waits to see
-/// acknowledged, and a number of its own (flushes of one session may wait for the same point).
-type FlushKey = (SessionId, Seq, u64);
 
 /// The application's side of a server: cheap to clone, usable from any thread. Dropping the last
 /// handle shuts the server down.
@@ -469,24 +454,9 @@ impl ServerHandle {
         let part = self.holding(session);
         let key = part.with(|s, _| {
             let channel = s.server.channel(session).ok_or(FlushError::SessionEnded)?;
-            let end = channel.sender().end();
-            if channel.acknowledged_below() >= end {
-                return Ok(None);
-            }
-            if channel.is_closed() || s.shutdown {
-                return Err(FlushError::SessionEnded);
-            }
-            s.flush_ids += 1;
-            let key = (session, end, s.flush_ids);
-            s.flushes.expect(key);
-            Ok(Some(key))
+            s.flushes.start(session, channel, s.shutdown)
         })?;
-        match key {
-            // Settled in the order of the session's events: by the ack that reaches `end`, or
-            // by the session's end.
-            Some(key) => requests::answer(part, key, |s| (&mut s.flushes, s.shutdown)).await,
-            None => Ok(()),
-        }
+        requests::flushed(part, key, |s| (&mut s.flushes.awaited, s.shutdown)).await
     }
 
     /// Sends `payload` to `session`, waiting for room while its queue is full (backpressure).
@@ -641,7 +611,7 @@ impl ServerHandle {
             s.server.close_session(session, code, reason);
             // The close handed back what was unacknowledged: no flush waiting can succeed now,
             // though the session's last event waits for the client's reply.
-            s.end_flushes(session, wakes);
+            s.flushes.end(session, wakes);
             s.flush(wakes, true);
         });
     }
@@ -830,8 +800,7 @@ fn serve<R: Runtime>(
         inbox: inbox.clone(),
         capacity: Vec::new(),
         requests: Awaited::new(),
-        flushes: Awaited::new(),
-        flush_ids: 0,
+        flushes: Flushes::new(),
         driver: None,
         arming: Arming::new(options.config.channel.max_ack_delay),
         authenticator: options.authenticator.clone(),
