@@ -12,6 +12,29 @@ mod common;
 
 const MESSAGES: u64 = 1000;
 
+/// Message `n`'s payload: its number.
+fn numbered(n: u64) -> Bytes {
+    Bytes::copy_from_slice(&n.to_be_bytes())
+}
+
+/// A server on a free loopback port.
+async fn listening() -> steadfast_tokio::ServerHandle {
+    steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
+        .await
+        .unwrap()
+}
+
+/// A server, and a client of it with the options `configure` makes.
+async fn client_of_a_server(
+    configure: impl FnOnce(&mut ClientOptions),
+) -> (steadfast_tokio::ServerHandle, steadfast_tokio::ClientHandle) {
+    let server = listening().await;
+    let mut options = ClientOptions::new(vec![server.local_addr()]);
+    configure(&mut options);
+    let client = steadfast_tokio::connect(options).unwrap();
+    (server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_blocking() {
     let mut server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
@@ -25,7 +48,7 @@ async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_b
     let thread = std::thread::spawn(move || {
         let mut refused = 0;
         for n in 0..MESSAGES {
-            let payload = Bytes::copy_from_slice(&n.to_be_bytes());
+            let payload = numbered(n);
             // A try first shows the queue really is full at times; the blocking send then waits.
             if let Err(e) = sender.try_send(0, Mode::Ordered, payload.clone()) {
                 refused += 1;
@@ -70,12 +93,7 @@ async fn a_plain_thread_pushes_a_thousand_messages_through_a_queue_of_eight_by_b
 async fn sends_into_an_in_flight_window_of_two_all_arrive_in_order() {
     // The window is full at most sends: each one waits for the driver to write it once an ack
     // opens the window, the sending thread writing nothing.
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let mut options = ClientOptions::new(vec![server.local_addr()]);
-    options.config.channel.max_in_flight = 2;
-    let client = steadfast_tokio::connect(options).unwrap();
+    let (server, client) = client_of_a_server(|o| o.config.channel.max_in_flight = 2).await;
     assert!(client.connected().await);
     // A clone sends: the last handle dropped would close the session, handing back what is still
     // unacknowledged.
@@ -84,7 +102,7 @@ async fn sends_into_an_in_flight_window_of_two_all_arrive_in_order() {
         async move {
             let mut most_waiting = 0;
             for n in 0..MESSAGES {
-                let payload = Bytes::copy_from_slice(&n.to_be_bytes());
+                let payload = numbered(n);
                 client.send(0, Mode::Ordered, payload).await.unwrap();
                 most_waiting =
                     most_waiting.max(client.inspect(|c| c.channel().sender().queued_messages()));
@@ -93,9 +111,7 @@ async fn sends_into_an_in_flight_window_of_two_all_arrive_in_order() {
         }
     });
     let (got, _) = receive_in_batches(&server, MESSAGES).await;
-    let expected: Vec<Bytes> = (0..MESSAGES)
-        .map(|n| Bytes::copy_from_slice(&n.to_be_bytes()))
-        .collect();
+    let expected: Vec<Bytes> = (0..MESSAGES).map(numbered).collect();
     assert_eq!(got, expected, "every message, in order, exactly once");
     let most_waiting = sender.await.unwrap();
     assert!(
@@ -134,13 +150,7 @@ async fn receive_in_batches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_sends_and_events_keep_order_and_wait_for_room_in_a_queue_of_eight() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let mut options = ClientOptions::new(vec![server.local_addr()]);
-    options.config.channel.max_queued_messages = 8;
-    let client = steadfast_tokio::connect(options).unwrap();
-    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    let (server, client) = client_of_a_server(|o| o.config.channel.max_queued_messages = 8).await;
 
     // Client to server: one batch far larger than the queue, so it must wait for room.
     let mut batch: std::collections::VecDeque<Bytes> = (0..MESSAGES).map(numbered).collect();
@@ -187,10 +197,7 @@ async fn batches_of_sends_and_events_keep_order_and_wait_for_room_in_a_queue_of_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_stops_at_the_payload_refused_and_keeps_the_rest_unsent() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    let (_server, client) = client_of_a_server(|_| {}).await;
     assert!(client.connected().await);
     client.close(steadfast_tokio::core::CLOSE_NORMAL, Bytes::new());
     client.closed().await;
@@ -475,9 +482,7 @@ async fn through_proxy() -> (
     steadfast_tokio::chaos::ChaosProxy,
     steadfast_tokio::ClientHandle,
 ) {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
+    let server = listening().await;
     let proxy = steadfast_tokio::chaos::ChaosProxy::start(server.local_addr())
         .await
         .unwrap();
@@ -525,11 +530,7 @@ async fn client_until_end(client: &steadfast_tokio::ClientHandle) -> (Vec<Bytes>
 async fn a_flush_then_a_close_loses_nothing_and_hands_nothing_back() {
     // Without the flush, a close made at once hands back every message not yet acknowledged,
     // and the server never gets them.
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
-    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    let (server, client) = client_of_a_server(|_| {}).await;
     for n in 0..MESSAGES {
         client.send(0, Mode::Ordered, numbered(n)).await.unwrap();
     }
@@ -627,16 +628,12 @@ async fn a_server_flush_waiting_on_a_silent_path_ends_when_the_server_closes_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_flush_returns_once_the_client_holds_every_message_sent_before_it() {
-    let server = steadfast_tokio::listen("127.0.0.1:0".parse().unwrap(), ServerOptions::new())
-        .await
-        .unwrap();
-    let client = steadfast_tokio::connect(ClientOptions::new(vec![server.local_addr()])).unwrap();
+    let (server, client) = client_of_a_server(|_| {}).await;
     client
         .send(0, Mode::Ordered, Bytes::from_static(b"hello"))
         .await
         .unwrap();
     let (_, session) = receive_in_batches(&server, 1).await;
-    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
     for n in 0..MESSAGES {
         server
             .send(session, 0, Mode::Ordered, numbered(n))
@@ -727,7 +724,6 @@ async fn at_most_once_sends_on_an_idle_connection_go_out_at_once_not_at_the_next
 async fn a_flush_waits_through_a_blackhole_and_the_resume_after_it() {
     let (server, proxy, client) = through_proxy().await;
     blackhole(&proxy);
-    let numbered = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
     for n in 0..MESSAGES {
         client.send(0, Mode::Ordered, numbered(n)).await.unwrap();
     }
